@@ -1,0 +1,128 @@
+"""Which implementation runs an op: one table of backends, their probes, and the choice.
+
+A backend is a module exposing some of the 2-D op functions (`act_mul_scale`,
+`gated_up_proj`; signatures in sgm_ext.reference). The choice goes by the tensors' device
+and by what loads here; SGM_EXT_BACKEND=<name> forces one (an error, never a silent
+fallback, if it cannot serve the call).
+"""
+import importlib
+import os
+import threading
+from typing import NamedTuple, Optional
+
+ENV_VAR = "SGM_EXT_BACKEND"
+OPS = ("act_mul_scale", "gated_up_proj")
+
+# Preference by device type: the first available backend that has the op runs it.
+PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+DEFAULT_PREFERENCE = ("torch",)
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+class BackendInfo(NamedTuple):
+    available: bool
+    reason: Optional[str]  # why not, when not available
+    ops: tuple  # the ops it implements
+    devices: tuple  # device types it can run on here
+
+
+def _load_torch():
+    return importlib.import_module("sgm_ext.reference"), ("cpu", "cuda", "mps", "xpu")
+
+
+def _load_triton():
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        raise BackendUnavailable(f"triton is not importable ({e})") from None
+    kernels = importlib.import_module("sgm_ext.kernels")
+    import torch
+
+    devices = ("cuda",) if torch.cuda.is_available() else ()
+    if kernels.INTERPRET:
+        devices += ("cpu",)
+    if not devices:
+        raise BackendUnavailable(
+            "no CUDA device (set TRITON_INTERPRET=1 before importing sgm_ext to run the "
+            "Triton kernels on CPU tensors under the interpreter)")
+    return kernels, devices
+
+
+def _load_compiled(device_type):
+    def load():
+        try:
+            compiled = importlib.import_module("sgm_ext.compiled")
+        except ImportError as e:
+            raise BackendUnavailable(f"the compiled library sgm_ext._C is not built ({e})") from None
+        return compiled.backend(device_type)
+    return load
+
+
+_LOADERS = {
+    "cuda": _load_compiled("cuda"),
+    "triton": _load_triton,
+    "cpu": _load_compiled("cpu"),
+    "torch": _load_torch,
+}
+_loaded = {}  # name -> (module, devices) or BackendUnavailable
+_lock = threading.Lock()
+
+
+def _load(name):
+    with _lock:
+        if name not in _loaded:
+            try:
+                _loaded[name] = _LOADERS[name]()
+            except BackendUnavailable as e:
+                _loaded[name] = e
+        return _loaded[name]
+
+
+def backends():
+    """{name: BackendInfo} for every backend sgm-ext knows, in preference order."""
+    info = {}
+    for name in _LOADERS:
+        got = _load(name)
+        if isinstance(got, BackendUnavailable):
+            info[name] = BackendInfo(False, str(got), (), ())
+        else:
+            module, devices = got
+            ops = tuple(op for op in OPS if hasattr(module, op))
+            info[name] = BackendInfo(True, None, ops, devices)
+    return info
+
+
+def select(op, device_type):
+    """The function that runs `op` on tensors of `device_type`."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        if forced not in _LOADERS:
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; known: {', '.join(_LOADERS)}")
+        got = _load(forced)
+        if isinstance(got, BackendUnavailable):
+            raise RuntimeError(f"{ENV_VAR}={forced}: backend unavailable: {got}")
+        module, devices = got
+        if device_type not in devices:
+            raise RuntimeError(f"{ENV_VAR}={forced}: backend cannot run on {device_type} tensors "
+                               f"(here it runs on: {', '.join(devices) or 'nothing'})")
+        if not hasattr(module, op):
+            raise RuntimeError(f"{ENV_VAR}={forced}: backend has no {op}")
+        return getattr(module, op)
+    for name in PREFERENCE.get(device_type, DEFAULT_PREFERENCE):
+        got = _load(name)
+        if not isinstance(got, BackendUnavailable) and device_type in got[1] and hasattr(got[0], op):
+            return getattr(got[0], op)
+    raise RuntimeError(f"no sgm-ext backend runs {op} on {device_type} tensors")
+
+
+def selected(op, device_type):
+    """The name of the backend `select` picks (for reports and tests)."""
+    fn = select(op, device_type)
+    for name in _LOADERS:
+        got = _load(name)
+        if not isinstance(got, BackendUnavailable) and getattr(got[0], op, None) is fn:
+            return name
+    raise AssertionError("selected function belongs to no backend")
