@@ -5,6 +5,7 @@ from . import ops  # noqa: E402  (registers the sgm_ext:: custom ops)
 from .activations import ACTIVATIONS, canonical_activation  # noqa: E402
 from .backends import backends  # noqa: E402
 from .ops import act_mul_scale, act_mul_scale_packed, act_scale, gated_up_proj  # noqa: E402
+from .scales import ScaleSet, load_scales  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "act_mul_scale", "act_mul_scale_packed", "act_scale", "backends",
-           "canonical_activation", "gated_up_proj", "ops", "__version__"]
+           "canonical_activation", "gated_up_proj", "load_scales", "ops", "ScaleSet", "__version__"]

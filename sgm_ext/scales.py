@@ -1,0 +1,121 @@
+"""ScaleSet: per-neuron suppression factors keyed by site, and their file format.
+
+A site is a module path in the model: a Linear's outputs (`model.language_model.layers.3.
+mlp.up_proj`) or an MLP's path plus `.mid` for the product act(gate) * up. The file is
+safetensors (one float32 1-D tensor per site) with string metadata; loading never unpickles.
+"""
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = "1"
+METADATA_KEYS = ("format_version", "model_type", "config_fingerprint", "method", "pooling",
+                 "threshold", "top_k", "data_fingerprint", "sgm_ext_version")
+
+
+class ScaleSet:
+    """site name -> 1-D float32 tensor of scales, plus string metadata."""
+
+    def __init__(self, scales, metadata=None):
+        self.scales = {}
+        for site, value in dict(scales).items():
+            if not isinstance(site, str) or not site:
+                raise ValueError(f"scale site names must be non-empty strings, got {site!r}")
+            t = torch.as_tensor(value)
+            if t.dim() != 1:
+                raise ValueError(f"scales[{site!r}] must be 1-D (one value per neuron), "
+                                 f"got shape {tuple(t.shape)}")
+            self.scales[site] = t.detach().to("cpu", torch.float32).contiguous()
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+
+    def __len__(self):
+        return len(self.scales)
+
+    def __iter__(self):
+        return iter(self.scales)
+
+    def __contains__(self, site):
+        return site in self.scales
+
+    def __getitem__(self, site):
+        return self.scales[site]
+
+    def items(self):
+        return self.scales.items()
+
+    def __repr__(self):
+        n = sum(t.numel() for t in self.scales.values())
+        damped = sum(int((t != 1).sum()) for t in self.scales.values())
+        return f"ScaleSet({len(self)} sites, {n} neurons, {damped} damped)"
+
+    def validate(self, allow_amplify=False):
+        """Raise ValueError naming the first illegal entry: not finite, < 0, or > 1."""
+        for site, t in self.scales.items():
+            bad = ~torch.isfinite(t)
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()}: scales must be finite")
+            if (t < 0).any():
+                i = int((t < 0).nonzero()[0])
+                raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()}: scales must be >= 0")
+            if not allow_amplify and (t > 1).any():
+                i = int((t > 1).nonzero()[0])
+                raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()} > 1 (amplification); "
+                                 "pass allow_amplify=True if that is intended")
+        return self
+
+    def save(self, path):
+        """Write a safetensors file atomically (a failed write leaves an old file intact)."""
+        from . import __version__
+
+        meta = {"format_version": FORMAT_VERSION, "sgm_ext_version": __version__, **self.metadata}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(dict(self.scales), tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            version = meta.get("format_version")
+            if version != FORMAT_VERSION:
+                raise ValueError(f"{path}: scale file format version {version!r}, this sgm-ext "
+                                 f"reads {FORMAT_VERSION!r}")
+            return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+
+
+def load_scales(path):
+    return ScaleSet.load(path)
+
+
+def _sizes(config, prefix=""):
+    """The size fields of a HF config and its sub-configs, flattened."""
+    out = {}
+    d = config if isinstance(config, dict) else config.to_dict()
+    for key, value in sorted(d.items()):
+        if isinstance(value, dict):
+            out.update(_sizes(value, f"{prefix}{key}."))
+        elif key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "vocab_size", "num_attention_heads", "num_key_value_heads"):
+            out[prefix + key] = value
+    return out
+
+
+def config_fingerprint(config):
+    """A short hash of a model config's sizes: scale files made for another model differ."""
+    blob = json.dumps(_sizes(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
