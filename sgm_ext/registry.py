@@ -1,0 +1,235 @@
+"""Where the neurons of an MLP live: one declarative table of MLP classes, and the site names.
+
+A row says, for one Hugging Face MLP class, which layout its forward computes and under
+which attribute names the pieces sit:
+- "gated":     down(act(gate(x)) * up(x))        roles gate, up, down
+- "packed":    down(act(g) * u), [g | u] = gate_up(x)   roles gate_up, down (Phi-3)
+- "non_gated": fc2(act(fc1(x)))                   roles fc1, fc2 (CLIP / SigLIP towers)
+and which attribute holds the activation module. Classes not in the table are recognised
+by the generic rule: a module with gate_proj / up_proj / down_proj linear sub-modules and an
+act_fn computes the gated layout (it is how HF writes every Llama-family MLP).
+
+Site names (the keys of a ScaleSet): a Linear's outputs are named by the Linear's module path
+(`model.layers.3.mlp.up_proj`), the product act(gate) * up (act(fc1) for non-gated) by the
+MLP's path plus ".mid". For the packed layout the gate_up Linear is one site of 2 I values,
+gate half first, as the Linear's outputs are laid out.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from .activations import canonical_activation
+
+
+class Layout(NamedTuple):
+    kind: str  # "gated" | "packed" | "non_gated"
+    roles: dict  # role -> attribute name of the sub-module
+    act_attr: str  # attribute holding the activation module (or function)
+
+
+GATED = Layout("gated", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn")
+GATED_ACTIVATION_FN = GATED._replace(act_attr="activation_fn")
+PACKED = Layout("packed", {"gate_up": "gate_up_proj", "down": "down_proj"}, "activation_fn")
+NON_GATED = Layout("non_gated", {"fc1": "fc1", "fc2": "fc2"}, "activation_fn")
+
+# MLP class name -> layout. Copies of a class under another model's module (Qwen2-VL's and
+# Qwen2.5-VL's own Qwen2MLP) share the name and so the row.
+REGISTRY = {
+    # language models (gated)
+    "LlamaMLP": GATED,
+    "MistralMLP": GATED,
+    "Qwen2MLP": GATED,
+    "Qwen3MLP": GATED,
+    "Qwen3VLTextMLP": GATED,
+    "GemmaMLP": GATED,
+    "Gemma2MLP": GATED,
+    "Gemma3MLP": GATED,
+    "MllamaTextMLP": GATED,
+    "Llama4TextMLP": GATED_ACTIVATION_FN,
+    "Phi3MLP": PACKED,
+    # vision towers
+    "Qwen2_5_VLMLP": GATED,  # Qwen2.5-VL vision blocks (gated, with biases)
+    "VisionMlp": NON_GATED._replace(act_attr="act"),  # Qwen2-VL vision blocks
+    "Qwen3VLVisionMLP": Layout("non_gated", {"fc1": "linear_fc1", "fc2": "linear_fc2"}, "act_fn"),
+    "CLIPMLP": NON_GATED,
+    "SiglipMLP": NON_GATED,
+    "Siglip2MLP": NON_GATED,
+    "InternVLVisionMLP": NON_GATED,
+    "Idefics2VisionMLP": NON_GATED,
+    "Idefics3VisionMLP": NON_GATED,
+    "SmolVLMVisionMLP": NON_GATED,
+    "MllamaVisionMLP": NON_GATED,
+    "Llama4VisionMLP": NON_GATED,
+}
+
+# Site kinds per layout, in the order they act in the forward.
+SITE_KINDS = {
+    "gated": ("gate", "up", "mid", "down"),
+    "packed": ("gate_up", "mid", "down"),
+    "non_gated": ("fc1", "mid"),
+}
+MID = "mid"
+
+# Activation module class name -> canonical activation (transformers.activations and torch.nn).
+_ACTIVATION_CLASSES = {
+    "SiLUActivation": "silu",
+    "SiLU": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh",
+    "QuickGELUActivation": "quick_gelu",
+    "ReLU": "relu",
+}
+
+
+class MLPInfo(NamedTuple):
+    """One MLP of a model, as find_mlps reports it."""
+    path: str  # module path of the MLP in the model
+    class_name: str
+    layout: str  # "gated" | "packed" | "non_gated"
+    roles: dict  # role -> attribute name (gate/up/down, gate_up/down, fc1/fc2)
+    act_attr: str
+    act: str  # canonical activation name
+    intermediate_size: int  # I: neurons at the mid site
+    hidden_size: int  # outputs of the down / fc2 Linear
+
+    def site(self, kind):
+        """The site name of one site kind of this MLP ("gate", "up", "mid", "down", ...)."""
+        if kind not in SITE_KINDS[self.layout]:
+            raise ValueError(f"{self.path} ({self.class_name}, {self.layout}) has no {kind!r} "
+                             f"site; its sites: {', '.join(SITE_KINDS[self.layout])}")
+        if kind == MID:
+            return mid_site(self.path)
+        return linear_site(self.path, self.roles[kind])
+
+    def sites(self):
+        """{site name: site kind} for every site of this MLP."""
+        return {self.site(kind): kind for kind in SITE_KINDS[self.layout]}
+
+    def site_size(self, kind):
+        """How many values a scale for this site kind has."""
+        if kind == "down":
+            return self.hidden_size
+        if kind == "gate_up":
+            return 2 * self.intermediate_size
+        return self.intermediate_size
+
+
+def linear_site(mlp_path, attr):
+    """Site name of a sub-Linear's outputs: the Linear's module path."""
+    return f"{mlp_path}.{attr}" if mlp_path else attr
+
+
+def mid_site(mlp_path):
+    """Site name of the MLP's product act(gate) * up (non-gated: act(fc1))."""
+    return f"{mlp_path}.{MID}" if mlp_path else MID
+
+
+def supported_classes():
+    """The MLP class names of the registry table (the generic rule covers more)."""
+    return tuple(REGISTRY)
+
+
+def out_features(module):
+    """Output width of a linear-like module: nn.Linear, quantized Linear, PEFT LoRA Linear."""
+    n = getattr(module, "out_features", None)
+    if isinstance(n, int):
+        return n
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[0])
+    return None
+
+
+def activation_name(fn):
+    """Canonical activation of an activation module or function, or None if not known."""
+    if isinstance(fn, torch.nn.GELU):
+        return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
+    name = _ACTIVATION_CLASSES.get(type(fn).__name__)
+    if name is None and callable(fn) and getattr(fn, "__module__", "").startswith("torch"):
+        name = {"silu": "silu", "gelu": "gelu", "relu": "relu"}.get(getattr(fn, "__name__", ""))
+    return name
+
+
+def layout_of(module):
+    """The registry row for a module, the generic rule's row, or None (not an MLP we know)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in REGISTRY:
+            return REGISTRY[cls.__name__]
+    if all(out_features(getattr(module, a, None)) for a in GATED.roles.values()) \
+            and hasattr(module, "act_fn"):
+        return GATED
+    return None
+
+
+def describe(module, path, layout=None):
+    """MLPInfo for `module` at `path`; ValueError naming the class when it cannot be used."""
+    layout = layout or layout_of(module)
+    cls = type(module).__name__
+    if layout is None:
+        raise ValueError(f"{path or '<model>'} is a {cls}, an MLP class the sgm-ext registry does "
+                         f"not know (supported: {', '.join(supported_classes())}, and any module "
+                         "with gate_proj / up_proj / down_proj Linears and an act_fn)")
+    subs = {}
+    for role, attr in layout.roles.items():
+        sub = getattr(module, attr, None)
+        if out_features(sub) is None:
+            raise ValueError(f"{path}: {cls}.{attr} is {type(sub).__name__}, not a linear layer")
+        subs[role] = sub
+    fn = getattr(module, layout.act_attr, None)
+    act = activation_name(fn)
+    if act is None:
+        act = _config_activation(module)
+    if act is None:
+        raise ValueError(f"{path}: {cls}.{layout.act_attr} is {type(fn).__name__}, an activation "
+                         f"sgm-ext does not implement (it has {', '.join(_supported_acts())})")
+    if layout.kind == "gated":
+        inter, hidden = out_features(subs["gate"]), out_features(subs["down"])
+    elif layout.kind == "packed":
+        inter, hidden = out_features(subs["gate_up"]) // 2, out_features(subs["down"])
+    else:
+        inter, hidden = out_features(subs["fc1"]), out_features(subs["fc2"])
+    return MLPInfo(path, cls, layout.kind, dict(layout.roles), layout.act_attr, act, inter, hidden)
+
+
+def _config_activation(module):
+    """Fallback: the activation a module's config names (hidden_act / hidden_activation)."""
+    config = getattr(module, "config", None)
+    for key in ("hidden_act", "hidden_activation"):
+        name = getattr(config, key, None)
+        if isinstance(name, str):
+            try:
+                return canonical_activation(name)
+            except ValueError:
+                return None
+    return None
+
+
+def _supported_acts():
+    return sorted(set(_ACTIVATION_CLASSES) | {"GELU", "torch silu/gelu/relu functions"})
+
+
+def find_mlps(model):
+    """{module path: MLPInfo} for every MLP of the model the registry recognises.
+
+    Modules nested inside a recognised MLP are not searched (an MLP's Linears are not MLPs).
+    A recognised MLP whose activation or sub-modules cannot be used raises ValueError.
+    """
+    found = {}
+    inside = None  # prefix of the last MLP found: named_modules lists its children right after it
+    for path, module in model.named_modules():
+        if inside is not None and path.startswith(inside):
+            continue
+        layout = layout_of(module)
+        if layout is not None:
+            found[path] = describe(module, path, layout)
+            inside = path + "." if path else ""
+    return found
+
+
+def site_index(mlps):
+    """{site name: (MLPInfo, site kind)} over all MLPs of find_mlps."""
+    return {site: (info, kind) for info in mlps.values() for site, kind in info.sites().items()}

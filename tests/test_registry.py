@@ -1,0 +1,94 @@
+"""The MLP registry: find_mlps, site names, the generic rule, errors naming the class."""
+import pytest
+import torch
+from torch import nn
+
+from sgm_ext import registry
+from sgm_ext.registry import describe, find_mlps
+
+
+def _llama(layers=2, bias=False):
+    import transformers as T
+
+    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                        mlp_bias=bias)
+    return T.LlamaForCausalLM(cfg)
+
+
+def test_find_mlps_llama_sites_and_sizes():
+    m = _llama()
+    mlps = find_mlps(m)
+    assert list(mlps) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    info = mlps["model.layers.1.mlp"]
+    assert (info.class_name, info.layout, info.act) == ("LlamaMLP", "gated", "silu")
+    assert (info.intermediate_size, info.hidden_size) == (48, 32)
+    assert info.sites() == {"model.layers.1.mlp.gate_proj": "gate",
+                            "model.layers.1.mlp.up_proj": "up",
+                            "model.layers.1.mlp.mid": "mid",
+                            "model.layers.1.mlp.down_proj": "down"}
+    # Every Linear site is a real module path in the model.
+    names = dict(m.named_modules())
+    for site, kind in info.sites().items():
+        if kind != "mid":
+            assert isinstance(names[site], nn.Linear)
+    assert [info.site_size(k) for k in ("gate", "up", "mid", "down")] == [48, 48, 48, 32]
+
+
+def test_phi3_packed_and_clip_non_gated():
+    import transformers as T
+
+    phi = T.Phi3ForCausalLM(T.Phi3Config(hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=64, pad_token_id=0,
+                                         eos_token_id=1, bos_token_id=1))
+    (info,) = find_mlps(phi).values()
+    assert info.layout == "packed" and info.intermediate_size == 24
+    assert info.site("gate_up") == "model.layers.0.mlp.gate_up_proj"
+    assert info.site_size("gate_up") == 48
+    with pytest.raises(ValueError, match="has no 'gate' site"):
+        info.site("gate")
+
+    clip = T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=32, intermediate_size=40,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                image_size=28, patch_size=14))
+    (info,) = find_mlps(clip).values()
+    assert (info.class_name, info.layout, info.act) == ("CLIPMLP", "non_gated", "quick_gelu")
+    assert list(info.sites().values()) == ["fc1", "mid"]
+
+
+class _CustomGated(nn.Module):
+    """Not in the table: the generic rule must recognise it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 12), nn.Linear(8, 12), \
+            nn.Linear(12, 8)
+        self.act_fn = nn.GELU(approximate="tanh")
+
+
+def test_generic_rule_and_nesting():
+    outer = nn.ModuleDict({"block": nn.ModuleDict({"ffn": _CustomGated()})})
+    mlps = find_mlps(outer)
+    assert list(mlps) == ["block.ffn"]
+    assert mlps["block.ffn"].act == "gelu_tanh" and mlps["block.ffn"].layout == "gated"
+
+
+def test_unknown_class_and_activation_errors_name_them():
+    class WeirdMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="WeirdMLP.*does not know"):
+        describe(WeirdMLP(), "x.mlp")
+
+    m = _CustomGated()
+    m.act_fn = nn.Tanh()
+    with pytest.raises(ValueError, match=r"_CustomGated\.act_fn is Tanh"):
+        find_mlps(nn.ModuleDict({"ffn": m}))
+
+
+@pytest.mark.parametrize("fn,name", [(nn.SiLU(), "silu"), (nn.GELU(), "gelu"),
+                                     (nn.ReLU(), "relu"), (torch.nn.functional.silu, "silu")])
+def test_activation_name(fn, name):
+    assert registry.activation_name(fn) == name
