@@ -9,6 +9,6 @@ import os
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 from .elementwise import act_mul_scale  # noqa: E402
-from .gated_up_proj import gated_up_proj  # noqa: E402
+from .gated_gemm import gated_up_proj  # noqa: E402
 
 __all__ = ["INTERPRET", "act_mul_scale", "gated_up_proj"]

@@ -35,14 +35,21 @@ def gated_up_proj_kernel(
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
-    g_ptrs = w_gate_ptr + cols[None, :].to(tl.int64) * stride_gn + ks[:, None] * stride_gk
-    u_ptrs = w_up_ptr + cols[None, :].to(tl.int64) * stride_un + ks[:, None] * stride_uk
+    # 64-bit tile origins (R * H may pass 2**31), 32-bit offsets inside the tile: int64
+    # offsets would hide the contiguity the compiler needs for wide, asynchronous loads.
+    x_ptrs = (x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
+              + tl.arange(0, BLOCK_M)[:, None] * stride_xm + ks[None, :] * stride_xk)
+    g_ptrs = (w_gate_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_gn
+              + tl.arange(0, BLOCK_N)[None, :] * stride_gn + ks[:, None] * stride_gk)
+    u_ptrs = (w_up_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_un
+              + tl.arange(0, BLOCK_N)[None, :] * stride_un + ks[:, None] * stride_uk)
 
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # k * BLOCK_K (not a stepped range variable) keeps the mask's alignment visible to the
+        # compiler, which then vectorises the loads and pipelines them through shared memory.
+        k_ok = ks < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
