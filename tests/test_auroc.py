@@ -1,0 +1,62 @@
+"""AUROC parity with sklearn.metrics.roc_auc_score (the reference), ties included."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from sgm_ext.auroc import auroc
+
+
+def _sklearn(scores, labels):
+    s = scores.double().numpy()
+    return np.array([roc_auc_score(labels.numpy(), s[:, j]) for j in range(s.shape[1])])
+
+
+def _tied_scores(n, m, dtype, gen):
+    """Few distinct values (many ties), constant columns, -0.0 beside +0.0, large magnitudes."""
+    x = torch.randint(-3, 4, (n, m), generator=gen).to(dtype) * 0.5
+    x[:, 0] = 7.0  # constant neuron
+    x[:, 1] = 0.0
+    x[::2, 1] = -0.0  # equal to +0.0: one tie group
+    x[:, 2] = torch.randn(n, generator=gen).to(dtype) * 1e4  # continuous
+    x[:, 3] = -x[:, 2]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_pos", [1, 3, 150])
+def test_auroc_equals_sklearn_with_ties(dtype, n_pos):
+    gen = torch.Generator().manual_seed(n_pos)
+    n, m = 301, 37
+    x = _tied_scores(n, m, dtype, gen)
+    labels = torch.zeros(n, dtype=torch.int64)
+    labels[torch.randperm(n, generator=gen)[:n_pos]] = 1
+    # small blocks: several blocks of neurons, run on worker threads
+    got = auroc(x, labels, block_elements=5 * n, threads=2)
+    assert got.dtype == torch.float64 and got.shape == (m,)
+    np.testing.assert_allclose(got.numpy(), _sklearn(x, labels), rtol=0, atol=1e-9)
+    assert got[0] == 0.5  # constant neuron
+
+
+def test_auroc_continuous_non_contiguous_input():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 513, generator=gen)
+    x = base.t()  # [513, 64] non-contiguous view: 513 samples, 64 neurons
+    labels = torch.rand(513, generator=gen) < 0.3
+    before = base.clone()
+    got = auroc(x, labels, block_elements=1000)
+    assert torch.equal(base, before)  # the caller's tensor is not written
+    np.testing.assert_allclose(got.numpy(), _sklearn(x, labels.long()), rtol=0, atol=1e-9)
+
+
+def test_auroc_rejects_bad_input():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="both classes"):
+        auroc(x, torch.ones(10))
+    with pytest.raises(ValueError, match=r"labels\[2\] is 2"):
+        auroc(x, torch.tensor([0, 1, 2, 0, 1, 0, 1, 0, 1, 0]))
+    with pytest.raises(ValueError, match=r"expected \[9, neurons\]"):
+        auroc(x, torch.tensor([0, 1] * 4 + [0]))
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"site\[3, 2\] is nan"):
+        auroc(x, torch.tensor([0, 1] * 5), name="site")
