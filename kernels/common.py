@@ -25,12 +25,13 @@ def activation(x, ACT: tl.constexpr):
 
 @triton.jit
 def suppress(h, scale, strength, HAS_SCALE: tl.constexpr, STRENGTH_MODE: tl.constexpr):
-    """h * s_eff with s_eff = 1 - strength (1 - scale); no strength: s_eff = scale exactly."""
+    """h * s_eff, s_eff = 1 - strength (1 - scale) evaluated as strength * scale + (1 - strength):
+    exact at strength 0 and 1, as in sgm_ext.reference.effective_scale."""
     if HAS_SCALE:
         if STRENGTH_MODE == 0:
             h = h * scale
         else:
-            h = h * (1.0 - strength * (1.0 - scale))
+            h = h * (strength * scale + (1.0 - strength))
     return h
 
 

@@ -17,16 +17,20 @@ def compute_dtype(dtype):
 def effective_scale(scale, strength, strength_value):
     """s_eff = 1 - strength (1 - scale), shaped to broadcast over [R, I] (None: no scaling).
 
-    strength: per-row tensor [R] or None; strength_value: a float or None. With no strength
-    s_eff is the scale itself, bit for bit (no 1 - (1 - s) round trip).
+    strength: per-row tensor [R] or None; strength_value: a float or None. Evaluated as
+    strength * scale + (1 - strength), which is exact at both ends (strength 0 gives 1,
+    strength 1 gives the scale bit for bit) in every backend. A float strength goes through
+    the same fp32 arithmetic as a per-row one, so both give identical bits.
     """
     if scale is None:
         return None
     if strength is not None:
-        return 1.0 - strength[:, None] * (1.0 - scale)
-    if strength_value is not None:
-        return 1.0 - strength_value * (1.0 - scale)
-    return scale
+        st = strength[:, None]
+    elif strength_value is not None:
+        st = torch.tensor(strength_value, dtype=scale.dtype, device=scale.device)
+    else:
+        return scale
+    return st * scale + (1.0 - st)
 
 
 def _scaled_product(g, u, scale, gate_scale, strength, strength_value, act):

@@ -1,6 +1,27 @@
 import os
+import random
+import zlib
+
+import pytest
+import torch
 
 # The Triton kernels run on CPU tensors under the interpreter; triton.jit reads this when the
 # kernel modules are imported, so it must be set before anything imports sgm_ext.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("SGM_EXT_BACKEND", None)
+
+# Fresh random inputs every run; the seed is printed so a failure can be replayed with
+# SGM_EXT_TEST_SEED=<seed>.
+SEED = int(os.environ.get("SGM_EXT_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def pytest_report_header(config):
+    return f"sgm-ext test seed: {SEED} (replay with SGM_EXT_TEST_SEED={SEED})"
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the session seed and the test's name."""
+    g = torch.Generator()
+    g.manual_seed((SEED + zlib.crc32(request.node.nodeid.encode())) % 2**63)
+    return g
