@@ -9,3 +9,8 @@ from .scales import ScaleSet, load_scales  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "act_mul_scale", "act_mul_scale_packed", "act_scale", "backends",
            "canonical_activation", "gated_up_proj", "load_scales", "ops", "ScaleSet", "__version__"]
+
+from . import interop  # noqa: E402
+from .patch import PatchHandle, patch, patched, supported_architectures, unpatch  # noqa: E402
+
+__all__ += ["interop", "PatchHandle", "patch", "patched", "supported_architectures", "unpatch"]

@@ -170,8 +170,8 @@ def describe(module, path, layout=None):
     layout = layout or layout_of(module)
     cls = type(module).__name__
     if layout is None:
-        raise ValueError(f"{path or '<model>'} is a {cls}, an MLP class the sgm-ext registry does "
-                         f"not know (supported: {', '.join(supported_classes())}, and any module "
+        raise ValueError(f"{path or '<model>'} is a {cls}, not an MLP class the sgm-ext registry "
+                         f"knows (supported: {', '.join(supported_classes())}, and any module "
                          "with gate_proj / up_proj / down_proj Linears and an act_fn)")
     subs = {}
     for role, attr in layout.roles.items():

@@ -1,0 +1,564 @@
+"""Apply a ScaleSet to a model: `patch(model, scales, mode=...)`.
+
+Three ways to do the same math, s_eff = 1 - strength (1 - scale) on each site:
+- "fused": the MLP's forward is swapped for one that calls the MLP's own sub-modules (so
+  quantized Linears, PEFT LoRA layers and accelerate hooks keep working) and sgm_ext.ops for
+  the activation x product x scale; on CUDA, plain fp16 / bf16 Linears without bias take
+  ops.gated_up_proj (both projections and the epilogue in one kernel).
+- "fold": the scales are multiplied into the weights (rows of the Linear a site is the output
+  of, columns of the down / fc2 Linear for `mid`); the touched slices are saved first and
+  copied back on unpatch, so restoring is bit-exact.
+- "hook": forward hooks on the sub-modules that multiply their outputs, as AurA does it; the
+  reference the other two are tested against.
+
+Everything is validated before the model is touched: on any error the model is unchanged
+and the message names the offending entry. The forward swap keeps parameters and state_dict
+keys as they are (an instance attribute shadows the class's forward; unpatch deletes it).
+"""
+import contextlib
+import difflib
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import ops
+from .registry import REGISTRY, describe, find_mlps, site_index
+from .scales import ScaleSet, config_fingerprint, load_scales
+
+MODES = ("fused", "fold", "hook")
+_HANDLE_ATTR = "_sgm_ext_patch"  # on the patched model (root) and on every patched MLP
+_GEMM_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def supported_architectures():
+    """{MLP class name: layout} of the registry table. Any other module with gate_proj /
+    up_proj / down_proj Linears and an act_fn is covered by the generic gated rule."""
+    return {name: layout.kind for name, layout in REGISTRY.items()}
+
+
+# ---------------------------------------------------------------- strength and s_eff
+
+def _check_strength(strength):
+    """A float in [0, 1], or a 1-D float32 tensor of them (one per sequence; [B] or [B, 1])."""
+    if isinstance(strength, torch.Tensor):
+        if strength.dim() == 2 and strength.shape[1] == 1:
+            strength = strength[:, 0]
+        if strength.dim() != 1 or strength.numel() == 0 or not strength.is_floating_point():
+            raise ValueError(f"a strength tensor must be float with shape [B] or [B, 1] (one "
+                             f"per sequence), got {strength.dtype} {tuple(strength.shape)}")
+        bad = ~(torch.isfinite(strength) & (strength >= 0) & (strength <= 1))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"strength[{i}] is {strength[i].item()}: strengths lie in [0, 1]")
+        return strength.detach().to(torch.float32)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise TypeError(f"strength must be a float or a tensor, got {type(strength).__name__}")
+    value = float(strength)
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise ValueError(f"strength is {value}: it lies in [0, 1] (0: no change, 1: full scales)")
+    return value
+
+
+def _effective(scale, strength):
+    """s_eff = 1 - strength (1 - scale) in float32; strength 1 gives the scale bit for bit.
+
+    strength: a float, or a tensor already shaped to broadcast against the scale's last dim.
+    """
+    if isinstance(strength, float) and strength == 1.0:
+        return scale
+    return 1.0 - strength * (1.0 - scale)
+
+
+def _rows(strength, x, where):
+    """Per-sequence strength [B] -> [B, 1, ..., 1] against x [B, ...]; the batch must match."""
+    if x.dim() < 2 or x.shape[0] != strength.shape[0]:
+        raise ValueError(f"{where}: per-sequence strength has {strength.shape[0]} entries but "
+                         f"the activations there have shape {tuple(x.shape)}; it needs the "
+                         "batch as the first dimension (put scales on the language model only, "
+                         "or use a float strength)")
+    return strength.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+
+
+# ---------------------------------------------------------------- resolving scales to MLPs
+
+class _Target(NamedTuple):
+    info: object  # registry.MLPInfo
+    module: nn.Module
+    scales: dict  # site kind -> float32 CPU tensor
+
+
+def _as_scaleset(scales):
+    if isinstance(scales, ScaleSet):
+        return scales
+    if isinstance(scales, (str, os.PathLike)):
+        return load_scales(scales)
+    if isinstance(scales, Mapping):
+        return ScaleSet(scales)
+    raise TypeError(f"scales must be a ScaleSet, a dict or a path, got {type(scales).__name__}")
+
+
+def _unwrap(model):
+    """A PEFT PeftModel is patched through the model it wraps (site names stay the same)."""
+    get = getattr(model, "get_base_model", None)
+    if callable(get) and hasattr(model, "peft_config"):
+        return get()
+    return model
+
+
+def _site_error(site, modules, mlps):
+    parent, _, _ = site.rpartition(".")
+    if parent in mlps:
+        info = mlps[parent]
+        return ValueError(f"unknown site {site!r}: {parent} is a {info.class_name} whose sites "
+                          f"are {', '.join(info.sites())}")
+    if parent in modules:
+        describe(modules[parent], parent)  # raises, naming the class the registry does not know
+    close = difflib.get_close_matches(site, [s for i in mlps.values() for s in i.sites()], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown site {site!r}: no such module in the model{hint}")
+
+
+def _resolve(root, scales):
+    """Group the scales by MLP: [_Target], checking every site resolves and every size."""
+    mlps = find_mlps(root)
+    index = site_index(mlps)
+    modules = dict(root.named_modules())
+    by_mlp = {}
+    for site, value in scales.items():
+        if site not in index:
+            raise _site_error(site, modules, mlps)
+        info, kind = index[site]
+        want = info.site_size(kind)
+        if value.numel() != want:
+            raise ValueError(f"scales[{site!r}] has {value.numel()} values, the model's {kind} "
+                             f"site there has {want} ({info.class_name})")
+        by_mlp.setdefault(info.path, {})[kind] = value
+    return [_Target(mlps[p], modules[p], s) for p, s in by_mlp.items()]
+
+
+def _check_fingerprint(root, scales):
+    want = scales.metadata.get("config_fingerprint")
+    config = getattr(root, "config", None)
+    if not want or config is None:
+        return
+    have = config_fingerprint(config)
+    if want != have:
+        made_for = scales.metadata.get("model_type", "another model")
+        raise ValueError(f"the scales were made for a model with config fingerprint {want} "
+                         f"({made_for}); this model's is {have} "
+                         f"({getattr(config, 'model_type', '?')})")
+
+
+# ---------------------------------------------------------------- fused and hook modes
+
+class _Scaled:
+    """The scales of one MLP, their s_eff per device for the handle's float strength."""
+
+    def __init__(self, handle, target):
+        self.handle = handle
+        self.info = target.info
+        self.module = target.module
+        self.scales = target.scales
+        self._cache = {}
+
+    def invalidate(self):
+        self._cache.clear()
+
+    def raw(self, device):
+        """The scales themselves on `device` (per-sequence strength applies them per row)."""
+        key = ("raw", device)
+        if key not in self._cache:
+            self._cache[key] = {k: s.to(device) for k, s in self.scales.items()}
+        return self._cache[key]
+
+    def effective(self, device):
+        """{kind: s_eff [n] float32} for the float strength, plus "prod": up x mid combined."""
+        key = ("eff", device)
+        if key not in self._cache:
+            lam = self.handle.strength
+            eff = {k: _effective(s, lam).to(device) for k, s in self.scales.items()}
+            if "up" in eff or "mid" in eff:
+                eff["prod"] = eff["up"] * eff["mid"] if "up" in eff and "mid" in eff else \
+                    eff.get("up", eff.get("mid"))
+            self._cache[key] = eff
+        return self._cache[key]
+
+    def factor(self, kind, like):
+        """s_eff of one site to multiply `like` by (in like's dtype), or None."""
+        if kind not in self.scales:
+            return None
+        lam = self.handle.strength
+        if isinstance(lam, float):
+            return self.effective(like.device)[kind].to(like.dtype)
+        s = self.raw(like.device)[kind]
+        return _effective(s, _rows(lam, like, self.info.path)).to(like.dtype)
+
+
+def _mul(x, factor):
+    return x if factor is None else x * factor
+
+
+def _use_gated_up_proj(gate, up, x):
+    """On CUDA, plain fp16 / bf16 nn.Linear gate and up without bias or hooks: one fused GEMM."""
+    return (x.device.type == "cuda" and x.dtype in _GEMM_DTYPES
+            and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype
+                    and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
+                    for m in (gate, up)))
+
+
+class _Fused(_Scaled):
+    """The swapped-in MLP forward."""
+
+    def __init__(self, handle, target, original):
+        super().__init__(handle, target)
+        self.original = original  # the forward it replaces (called at strength 0)
+
+    def __call__(self, x):
+        lam = self.handle.strength
+        if isinstance(lam, float) and lam == 0.0:
+            return self.original(x)  # strength 0 is the unpatched model, exactly
+        return getattr(self, "_" + self.info.layout)(x, lam)
+
+    def _sub(self, role):
+        return getattr(self.module, self.info.roles[role])
+
+    def _elementwise_args(self, like, lam):
+        """(scale, gate_scale, strength, up pre-factor) for the op on [..., I] activations.
+
+        A float strength is folded into the s_eff vectors, up x mid into one. A per-sequence
+        strength goes to the op with one scale; a second product-side scale (up beside mid)
+        is applied to `up` first.
+        """
+        if isinstance(lam, float):
+            eff = self.effective(like.device)
+            return eff.get("prod"), eff.get("gate"), None, None
+        raw = self.raw(like.device)
+        scale = raw.get("mid", raw.get("up"))
+        up_factor = self.factor("up", like) if "mid" in raw else None
+        strength = None if scale is None else _rows(lam, like, self.info.path)[..., 0]
+        return scale, None, strength, up_factor
+
+    def _gated(self, x, lam):
+        gate, up = self._sub("gate"), self._sub("up")
+        per_row_gate = not isinstance(lam, float) and "gate" in self.scales
+        if not per_row_gate and _use_gated_up_proj(gate, up, x):
+            scale, gate_scale, strength, up_factor = self._elementwise_args(x, lam)
+            if up_factor is None:
+                h = ops.gated_up_proj(x, gate.weight, up.weight, scale, act=self.info.act,
+                                      gate_scale=gate_scale, strength=strength)
+                return _mul(self._sub("down")(h), self.factor("down", x))
+        g, u = gate(x), up(x)
+        scale, gate_scale, strength, up_factor = self._elementwise_args(g, lam)
+        if per_row_gate:
+            g = g * self.factor("gate", g)
+        h = ops.act_mul_scale(g, _mul(u, up_factor), scale, act=self.info.act,
+                              gate_scale=gate_scale, strength=strength)
+        y = self._sub("down")(h)
+        return _mul(y, self.factor("down", y))
+
+    def _packed(self, x, lam):
+        gu = self._sub("gate_up")(x)
+        n = gu.shape[-1] // 2
+        if isinstance(lam, float):
+            eff = self.effective(gu.device)
+            gate_scale = scale = None
+            if "gate_up" in eff:
+                gate_scale, scale = eff["gate_up"][:n], eff["gate_up"][n:]
+            if "mid" in eff:
+                scale = eff["mid"] if scale is None else scale * eff["mid"]
+            h = ops.act_mul_scale_packed(gu, scale, act=self.info.act, gate_scale=gate_scale)
+        else:
+            gu = _mul(gu, self.factor("gate_up", gu))
+            mid = self.raw(gu.device).get("mid")
+            strength = None if mid is None else _rows(lam, gu, self.info.path)[..., 0]
+            h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, strength=strength)
+        y = self._sub("down")(h)
+        return _mul(y, self.factor("down", y))
+
+    def _non_gated(self, x, lam):
+        a = self._sub("fc1")(x)
+        a = _mul(a, self.factor("fc1", a))
+        if isinstance(lam, float):
+            h = ops.act_scale(a, self.effective(a.device).get("mid"), act=self.info.act)
+        else:
+            mid = self.raw(a.device).get("mid")
+            strength = None if mid is None else _rows(lam, a, self.info.path)[..., 0]
+            h = ops.act_scale(a, mid, act=self.info.act, strength=strength)
+        return self._sub("fc2")(h)
+
+
+class _OutputHook:
+    """Forward hook: output * s_eff of one site (AurA's way)."""
+
+    def __init__(self, scaled, kind):
+        self.scaled, self.kind = scaled, kind
+
+    def __call__(self, module, args, output):
+        return output * self.scaled.factor(self.kind, output)
+
+
+class _InputHook:
+    """Forward pre-hook on down / fc2: the `mid` site is that Linear's input."""
+
+    def __init__(self, scaled):
+        self.scaled = scaled
+
+    def __call__(self, module, args):
+        return (args[0] * self.scaled.factor("mid", args[0]), *args[1:])
+
+
+_OUTPUT_ROLE = {"gate": "gate", "up": "up", "down": "down", "gate_up": "gate_up", "fc1": "fc1"}
+_MID_ROLE = {"gated": "down", "packed": "down", "non_gated": "fc2"}
+
+
+# ---------------------------------------------------------------- fold mode
+
+def _lora_parts(lin):
+    """A PEFT LoRA Linear: (base Linear, [lora_A Linears], [lora_B Linears]); else None."""
+    if not (hasattr(lin, "base_layer") and hasattr(lin, "lora_A") and hasattr(lin, "lora_B")):
+        return None
+    return lin.base_layer, list(lin.lora_A.values()), list(lin.lora_B.values())
+
+
+def _plain_weight(lin, where):
+    w = getattr(lin, "weight", None)
+    if type(lin) is not nn.Linear or not isinstance(w, nn.Parameter) \
+            or not w.is_floating_point() or w.device.type == "meta":
+        raise ValueError(f"fold mode cannot fold scales into {where}: it is a "
+                         f"{type(lin).__name__} without a plain float weight (quantized, packed "
+                         "or offloaded weights); use mode='fused' or mode='hook'")
+    return w
+
+
+def _fold_params(lin, axis, where):
+    """[(tensor, dim)] to multiply for scaling a linear-like module's outputs (axis "rows")
+    or its inputs (axis "cols"). LoRA: base and lora_B rows, or base and lora_A columns."""
+    lora = _lora_parts(lin)
+    if lora is not None:
+        if len(getattr(lin, "lora_magnitude_vector", ())):
+            raise ValueError(f"fold mode cannot fold scales into {where}: DoRA's weight "
+                             "normalisation does not commute with scaling; use mode='fused'")
+        base, a_layers, b_layers = lora
+        for i, extra in enumerate(a_layers + b_layers):
+            _plain_weight(extra, f"{where} (LoRA adapter {i})")
+        return _fold_params(base, axis, where) + (
+            [(b.weight, 0) for b in b_layers] + [(b.bias, 0) for b in b_layers if b.bias is not None]
+            if axis == "rows" else [(a.weight, 1) for a in a_layers])
+    w = _plain_weight(lin, where)
+    if axis == "cols":
+        return [(w, 1)]
+    return [(w, 0)] + ([(lin.bias, 0)] if lin.bias is not None else [])
+
+
+def _fold_plan(target, strength):
+    """[(tensor, dim, index, factors)] for one MLP: the slices fold mode multiplies."""
+    info, m = target.info, target.module
+    eff = {k: _effective(s, strength) for k, s in target.scales.items()}
+    edits = []  # (role, axis, s_eff)
+    for kind, e in eff.items():
+        if kind == "mid":
+            edits.append((_MID_ROLE[info.layout], "cols", e))
+        else:
+            edits.append((_OUTPUT_ROLE[kind], "rows", e))
+    plan = []
+    for role, axis, e in edits:
+        idx = (e != 1.0).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        lin = getattr(m, info.roles[role])
+        where = f"{info.path}.{info.roles[role]}"
+        for tensor, dim in _fold_params(lin, axis, where):
+            plan.append((tensor, dim, idx, e[idx]))
+    return plan
+
+
+def _apply_fold(plan):
+    """Save every touched slice, then multiply; returns what restores them."""
+    saved = [(t, dim, idx, t.detach().index_select(dim, idx.to(t.device)).clone())
+             for t, dim, idx, _ in plan]
+    with torch.no_grad():
+        for t, dim, idx, factors in plan:
+            i = idx.to(t.device)
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            part = t.index_select(dim, i).float() * factors.to(t.device).view(shape)
+            t.index_copy_(dim, i, part.to(t.dtype))
+    return saved
+
+
+def _undo_fold(saved):
+    with torch.no_grad():
+        for t, dim, idx, original in reversed(saved):
+            t.index_copy_(dim, idx.to(t.device), original)
+
+
+# ---------------------------------------------------------------- the handle
+
+class PatchHandle:
+    """A patched model: change the strength, or remove the patch (also as a context manager)."""
+
+    def __init__(self, model, root, targets, mode, strength):
+        self.model, self.mode = model, mode
+        self.sites = tuple(t.info.site(k) for t in targets for k in t.scales)
+        self._root, self._targets, self._strength = root, targets, strength
+        self._undo = []  # callables, run in reverse order by remove()
+        self._scaled = []
+        self._folded = None
+        self.active = False
+
+    @property
+    def strength(self):
+        return self._strength
+
+    def _apply(self):
+        if self.mode == "fold":
+            self._folded = _apply_fold(self._plan(self._strength))
+            self._undo.append(lambda: _undo_fold(self._folded))
+        for t in self._targets:
+            if self.mode == "fused":
+                self._swap_forward(t)
+            elif self.mode == "hook":
+                self._add_hooks(t)
+            _set_marker(t.module, self)
+            self._undo.append(lambda m=t.module: _clear_marker(m))
+        _set_marker(self._root, self)
+        self.active = True
+
+    def _plan(self, strength):
+        return [edit for t in self._targets for edit in _fold_plan(t, strength)]
+
+    def _swap_forward(self, target):
+        m = target.module
+        # accelerate's hooks replace `forward` with a wrapper that calls `_old_forward`: swap
+        # that, so the hook (device placement, offload) keeps running around the fused forward.
+        attr = "_old_forward" if hasattr(m, "_hf_hook") and "_old_forward" in m.__dict__ \
+            else "forward"
+        had = attr in m.__dict__
+        previous = m.__dict__.get(attr)
+        original = previous if had else type(m).forward.__get__(m)
+        fused = _Fused(self, target, original)
+        self._scaled.append(fused)
+        m.__dict__[attr] = fused
+
+        def restore():
+            if had:
+                m.__dict__[attr] = previous
+            else:
+                del m.__dict__[attr]
+        self._undo.append(restore)
+
+    def _add_hooks(self, target):
+        scaled = _Scaled(self, target)
+        self._scaled.append(scaled)
+        info, m = target.info, target.module
+        for kind in target.scales:
+            if kind == "mid":
+                sub = getattr(m, info.roles[_MID_ROLE[info.layout]])
+                h = sub.register_forward_pre_hook(_InputHook(scaled))
+            else:
+                sub = getattr(m, info.roles[_OUTPUT_ROLE[kind]])
+                h = sub.register_forward_hook(_OutputHook(scaled, kind))
+            self._undo.append(h.remove)
+
+    def set_strength(self, strength):
+        """A float in [0, 1], or a tensor [B] / [B, 1]: one strength per sequence of the next
+        batches (fused and hook modes)."""
+        if not self.active:
+            raise RuntimeError("this patch has been removed")
+        strength = _check_strength(strength)
+        if self.mode == "fold":
+            if not isinstance(strength, float):
+                raise ValueError("fold mode bakes one strength into the weights; per-sequence "
+                                 "strength needs mode='fused' or mode='hook'")
+            plan = self._plan(strength)  # raises before anything changes
+            _undo_fold(self._folded)
+            self._folded = _apply_fold(plan)
+        self._strength = strength
+        for s in self._scaled:
+            s.invalidate()
+        return self
+
+    def remove(self):
+        """Restore the model exactly: original forwards, no hooks, the saved weight slices."""
+        if not self.active:
+            return
+        while self._undo:
+            self._undo.pop()()
+        _clear_marker(self._root)
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self):
+        state = "active" if self.active else "removed"
+        return f"PatchHandle({self.mode}, {len(self.sites)} sites, strength={self._strength}, {state})"
+
+
+def _set_marker(module, handle):
+    module.__dict__[_HANDLE_ATTR] = handle
+
+
+def _clear_marker(module):
+    module.__dict__.pop(_HANDLE_ATTR, None)
+
+
+# ---------------------------------------------------------------- public API
+
+def patch(model, scales, *, mode="fused", strength=1.0, allow_amplify=False):
+    """Apply per-neuron scales to a model; returns a PatchHandle.
+
+    scales: a ScaleSet, a dict {site: 1-D tensor} or a path to a scale file. mode: "fused",
+    "fold" or "hook". strength: a float in [0, 1] or one per sequence ([B] / [B, 1] tensor).
+    Scales above 1 (amplification) need allow_amplify=True.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    strength = _check_strength(strength)
+    if mode == "fold" and not isinstance(strength, float):
+        raise ValueError("fold mode bakes one strength into the weights; per-sequence "
+                         "strength needs mode='fused' or mode='hook'")
+    scales = _as_scaleset(scales)
+    if len(scales) == 0:
+        raise ValueError("the scale set is empty: nothing to patch")
+    scales.validate(allow_amplify=allow_amplify)
+    root = _unwrap(model)
+    existing = root.__dict__.get(_HANDLE_ATTR)
+    if existing is not None:
+        raise ValueError(f"the model is already patched ({existing!r}); call "
+                         "sgm_ext.unpatch(model) first")
+    _check_fingerprint(root, scales)
+    targets = _resolve(root, scales)
+    for t in targets:
+        if _HANDLE_ATTR in t.module.__dict__:
+            raise ValueError(f"{t.info.path} is already patched (through another module); "
+                             "unpatch that first")
+    handle = PatchHandle(model, root, targets, mode, strength)
+    if mode == "fold":
+        handle._plan(strength)  # every Linear foldable? raises before anything changes
+    handle._apply()
+    return handle
+
+
+def unpatch(model):
+    """Remove the patch of a model that sgm_ext.patch patched."""
+    handle = _unwrap(model).__dict__.get(_HANDLE_ATTR)
+    if handle is None:
+        raise ValueError("the model is not patched by sgm-ext")
+    handle.remove()
+
+
+@contextlib.contextmanager
+def patched(model, scales, **kwargs):
+    """`with patched(model, scales, mode=..., strength=...) as handle:` patch, then unpatch."""
+    handle = patch(model, scales, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.remove()
