@@ -1,0 +1,170 @@
+"""Labelled profiling data: JSONL / CSV files or iterables of rows, checked before any forward.
+
+A row has `text` (non-empty), `label` (1 / 0, true / false, "toxic" / "non-toxic"), and
+optionally `image` (a path, relative to the data file, or a PIL image) and `response` (an
+assistant reply: the chat is then user text + assistant response, and pooling can be limited
+to the response). Rows are numbered from 1 in the order they come (a file's header and blank
+lines are not rows); a bad row stops the read with its number, or with skip_bad_rows=True is
+left out and counted.
+"""
+import csv
+import hashlib
+import json
+import os
+from typing import Any, NamedTuple, Optional
+
+LABELS = {"1": 1, "0": 0, "true": 1, "false": 0, "toxic": 1, "non-toxic": 0, "non_toxic": 0,
+          "nontoxic": 0, "not toxic": 0}
+
+
+class BadRowError(ValueError):
+    """A data row that cannot be profiled; the message names the row."""
+
+
+class Row(NamedTuple):
+    number: int  # 1-based position among the data rows
+    text: str
+    label: int  # 1 toxic, 0 non-toxic
+    image: Any = None  # None, an absolute path, or a PIL image
+    response: Optional[str] = None
+
+
+class Dataset(NamedTuple):
+    rows: list
+    skipped: list  # [(row number, reason)] of the rows left out by skip_bad_rows
+    source: str
+
+    def fingerprint(self):
+        """Hash of the rows' contents (image bytes included): equal data, equal fingerprint."""
+        h = hashlib.sha256()
+        for row in self.rows:
+            h.update(json.dumps([row.text, row.label, row.response]).encode())
+            h.update(_image_digest(row.image))
+        return h.hexdigest()[:16]
+
+
+def _image_digest(image):
+    if image is None:
+        return b"-"
+    if isinstance(image, str):
+        with open(image, "rb") as f:
+            return hashlib.sha256(f.read()).digest()
+    return hashlib.sha256(image.tobytes() + str((image.mode, image.size)).encode()).digest()
+
+
+def parse_label(value):
+    """1 / 0 from the accepted label spellings; ValueError otherwise."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in LABELS:
+        return LABELS[value.strip().lower()]
+    raise ValueError(f"unknown label {value!r} (expected 1 / 0 or 'toxic' / 'non-toxic')")
+
+
+def _check_image(image, base_dir):
+    """An absolute path of a readable image, or the PIL image itself; ValueError otherwise."""
+    if image is None or (isinstance(image, str) and not image.strip()):
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        path = os.path.join(base_dir, os.fspath(image))
+        if not os.path.isfile(path):
+            raise ValueError(f"image {os.fspath(image)!r} not found (looked for {path})")
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:  # reads the header only
+                im.size
+        except Exception as e:
+            raise ValueError(f"image {os.fspath(image)!r} is not a readable image ({e})") from None
+        return os.path.abspath(path)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
+        return image
+    raise ValueError(f"image must be a path or a PIL image, got {type(image).__name__}")
+
+
+def check_row(record, number, base_dir="."):
+    """Row from one raw record (a dict); ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a row must be an object with text and label, got {type(record).__name__}")
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty text" if text is None or isinstance(text, str)
+                         else f"text must be a string, got {type(text).__name__}")
+    if "label" not in record or record["label"] in (None, ""):
+        raise ValueError("missing label")
+    label = parse_label(record["label"])
+    response = record.get("response") or None
+    if response is not None and not isinstance(response, str):
+        raise ValueError(f"response must be a string, got {type(response).__name__}")
+    return Row(number, text, label, _check_image(record.get("image"), base_dir), response)
+
+
+def _records(data):
+    """(row number, where, record or the error reading it) for a path or an iterable."""
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        ext = os.path.splitext(path)[1].lower()
+        if ext in (".jsonl", ".json", ".ndjson"):
+            yield from _jsonl(path)
+        elif ext in (".csv", ".tsv"):
+            yield from _csv(path, "\t" if ext == ".tsv" else ",")
+        else:
+            raise ValueError(f"{path}: unknown data file type {ext!r} (use .jsonl or .csv)")
+    else:
+        for i, record in enumerate(data, 1):
+            yield i, f"row {i}", record
+
+
+def _jsonl(path):
+    number = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            number += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                record = ValueError(f"not valid JSON ({e.msg})")
+            yield number, f"{path} row {number} (line {line_no})", record
+
+
+def _csv(path, delimiter):
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        missing = {"text", "label"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: the header has no {' / '.join(sorted(missing))} column "
+                             f"(columns: {reader.fieldnames})")
+        for number, record in enumerate(reader, 1):
+            yield number, f"{path} row {number} (line {reader.line_num})", record
+
+
+def load_rows(data, *, skip_bad_rows=False, max_samples=None):
+    """Dataset of checked rows from a JSONL / CSV path or an iterable of dicts.
+
+    A bad row (empty text, unknown or missing label, missing or unreadable image, broken
+    JSON) raises BadRowError naming it, or with skip_bad_rows is left out and recorded in
+    Dataset.skipped. max_samples keeps the first N good rows.
+    """
+    is_path = isinstance(data, (str, os.PathLike))
+    base_dir = os.path.dirname(os.path.abspath(os.fspath(data))) if is_path else "."
+    rows, skipped = [], []
+    for number, where, record in _records(data):
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+        try:
+            if isinstance(record, Exception):
+                raise record
+            rows.append(check_row(record, number, base_dir))
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise BadRowError(f"{where}: {e} (pass skip_bad_rows / --skip-bad-rows to skip "
+                                  "bad rows)") from None
+            skipped.append((number, str(e)))
+    if not rows:
+        raise ValueError(f"{os.fspath(data) if is_path else 'data'}: no usable rows"
+                         + (f" ({len(skipped)} bad rows skipped)" if skipped else ""))
+    return Dataset(rows, skipped, os.fspath(data) if is_path else "<rows>")

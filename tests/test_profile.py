@@ -1,0 +1,288 @@
+"""The profiler on tiny real transformers models: planted experts, pooling and masks,
+modalities, spilling, resume, expertise files and scale methods."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor)
+
+import sgm_ext
+from sgm_ext import profile as P
+from _profile_models import (VOCAB, planted_llama, planted_rows, planted_sites, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_llama(), tokenizer(), planted_rows()
+
+
+def _full_mid(model, layers_path, layer, inputs):
+    """The whole mid activation [1, T, I] of one layer for one unpadded input (reference)."""
+    got = {}
+    down = layers_path[layer].mlp.down_proj
+    h = down.register_forward_pre_hook(lambda m, args: got.update(x=args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    return got["x"].double()
+
+
+# ------------------------------------------------------------------ planted experts
+
+def test_planted_experts_recovered_and_scaled(planted):
+    model, tok, rows = planted
+    responses = P.collect(model, rows, processor=tok, batch_size=8)
+    assert len(responses) == len(rows)
+    exp = P.expertise(responses)
+    # the AUROC of each site's neurons is sklearn's on the collected responses
+    y = responses.labels.numpy()
+    for site in exp.auroc:
+        ref = [roc_auc_score(y, responses[site][:, j].double().numpy()) for j in range(64)]
+        np.testing.assert_allclose(exp.auroc[site].numpy(), ref, rtol=0, atol=1e-9)
+    scales = exp.to_scales(method="aura", threshold=0.8)
+    found = {site: set((t < 1).nonzero().flatten().tolist()) for site, t in scales.items()}
+    for site, truth in planted_sites().items():
+        hit = len(found[site] & truth)
+        assert hit / max(len(found[site]), 1) >= 0.9, (site, found[site], truth)  # precision
+        assert hit / len(truth) >= 0.9, (site, found[site], truth)  # recall
+        a = exp.auroc[site]
+        expert = a > 0.8
+        expected = torch.where(expert, 1 - 2 * (a - 0.5), torch.ones_like(a)).float()
+        torch.testing.assert_close(scales[site], expected, rtol=0, atol=1e-7)
+    half = exp.to_scales(method="aura", threshold=0.8, strength=0.5)
+    for site in scales:
+        torch.testing.assert_close(half[site], 1 - 0.5 * (1 - scales[site]), rtol=0, atol=1e-7)
+
+    # Patched with the scales, the last layer's MLP output is down_proj(mid * scale): the
+    # planted neurons' contribution is cut as the formula says.
+    site = "model.layers.1.mlp.mid"
+    mlp = model.model.layers[1].mlp
+    inputs = tok(rows[0]["text"], return_tensors="pt")
+    mid = _full_mid(model, model.model.layers, 1, inputs).float()
+    expected = mlp.down_proj(mid * scales[site])
+    out = {}
+    h = mlp.register_forward_hook(lambda m, a, o: out.update(y=o.detach().clone()))
+    try:
+        with sgm_ext.patched(model, scales, mode="hook"), torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    torch.testing.assert_close(out["y"], expected, rtol=1e-5, atol=1e-5)
+    assert (mlp.down_proj(mid) - expected).abs().max() > 1e-2  # the scales did change it
+
+
+def test_bf16_model_recovers_planted_experts(planted):
+    model = planted_llama().to(torch.bfloat16)
+    _, tok, rows = planted
+    exp = P.run(model, rows, processor=tok, batch_size=16)
+    chosen = exp.experts(threshold=0.8)
+    for site, truth in planted_sites().items():
+        assert set(chosen[site].nonzero().flatten().tolist()) == truth
+
+
+# ------------------------------------------------------------------ pooling and masks
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_pooling_masks_padding(planted, padding_side):
+    model, tok, rows = planted
+    rows = rows[:7]  # lengths differ: every batch of 3 is padded
+    site = "model.layers.1.mlp.mid"
+    refs = []
+    for row in rows:
+        mid = _full_mid(model, model.model.layers, 1, tok(row["text"], return_tensors="pt"))[0]
+        refs.append({"mean": mid.mean(0), "max": mid.max(0).values, "last": mid[-1]})
+    for pooling in P.POOLINGS:
+        r = P.collect(model, rows, processor=tok, sites=[site], pooling=pooling, batch_size=3,
+                      padding_side=padding_side)
+        expected = torch.stack([ref[pooling] for ref in refs]).float()
+        torch.testing.assert_close(r[site], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_site_kinds_and_names(planted):
+    model, tok, rows = planted
+    r = P.collect(model, rows[:4], processor=tok, sites=("gate", "down", "model.layers.0.mlp.up_proj"))
+    assert r.neurons == {"model.layers.0.mlp.gate_proj": 64, "model.layers.1.mlp.gate_proj": 64,
+                         "model.layers.0.mlp.down_proj": 32, "model.layers.1.mlp.down_proj": 32,
+                         "model.layers.0.mlp.up_proj": 64}
+    inputs = tok(rows[0]["text"], return_tensors="pt")
+    with torch.no_grad():
+        x = model.model.embed_tokens(inputs["input_ids"])
+        up = model.model.layers[0].mlp.up_proj(model.model.layers[0].post_attention_layernorm(x))
+    torch.testing.assert_close(r["model.layers.0.mlp.up_proj"][0], up[0].mean(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown site 'neuron'"):
+        P.collect(model, rows, processor=tok, sites=("neuron",))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        P.collect(model, rows, processor=tok, pooling="median")
+    with pytest.raises(ValueError, match="modality must be one of"):
+        P.collect(model, rows, processor=tok, modality="audio")
+
+
+def test_response_modality_pools_the_reply_only(planted):
+    model, _, _ = planted
+    tok = tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> "
+                         "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
+    rows = [{"text": "word1 word2 tox1", "response": "word3 tox2 word4 word5", "label": 1},
+            {"text": "word7", "response": "word8 word9", "label": 0},
+            {"text": "word1 word3 word5 word7 word9", "response": "word11", "label": 0}]
+    site = "model.layers.0.mlp.mid"
+    r = P.collect(model, rows, processor=tok, sites=[site], modality="response", batch_size=3,
+                  padding_side="left")
+    for i, row in enumerate(rows):
+        # the template renders "user <text> </s> assistant <response> </s>": the tokens after
+        # the prompt are the response's words and the closing "</s>"
+        full = tok(f"user {row['text']} </s> assistant {row['response']} </s>",
+                   return_tensors="pt", add_special_tokens=False)
+        mid = _full_mid(model, model.model.layers, 0, full)[0]
+        n_reply = len(row["response"].split()) + 1
+        torch.testing.assert_close(r[site][i], mid[-n_reply:].mean(0).float(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="row 1: modality='response' needs a response"):
+        P.collect(model, [{"text": "word1", "label": 1}], processor=tok, modality="response")
+
+
+def _tiny_llava():
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=28, patch_size=14)
+    text = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(VOCAB))
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=VOCAB["<image>"],
+                         vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer(), patch_size=14,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)
+    return model, processor
+
+
+def test_image_and_text_modalities_on_llava(tmp_path):
+    model, processor = _tiny_llava()
+    colors = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (90, 90, 90)]
+    rows = []
+    for i, color in enumerate(colors):
+        Image.new("RGB", (30 + 7 * i, 28), color).save(tmp_path / f"im{i}.png")
+        rows.append({"text": " ".join(["word1", "tox2", "word3"][: i + 1]),
+                     "image": str(tmp_path / f"im{i}.png"), "label": i % 2})
+    rows.append({"text": "word5 word6", "label": 1})  # text-only row in the same batch
+    # only the language model's MLPs are profiled by default (the CLIP tower's are not)
+    assert P.resolve_sites(model).keys() == {"model.language_model.layers.0.mlp.mid",
+                                             "model.language_model.layers.1.mlp.mid"}
+    site = "model.language_model.layers.1.mlp.mid"
+    layers = model.model.language_model.layers
+    got = {m: P.collect(model, rows[:4] if m == "image" else rows, processor=processor,
+                        sites=[site], modality=m, batch_size=5 if m != "image" else 4)
+           for m in ("all", "image", "text")}
+    for i, row in enumerate(rows):
+        image = Image.open(row["image"]).convert("RGB") if "image" in row else None
+        text = ("<image>\n" if image else "") + row["text"]
+        enc = processor(text=[text], images=[image] if image else None, return_tensors="pt")
+        mid = _full_mid(model, layers, 1, enc)[0]
+        is_image = enc["input_ids"][0] == VOCAB["<image>"]
+        assert is_image.sum() == (4 if image else 0)
+        torch.testing.assert_close(got["all"][site][i], mid.mean(0).float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["text"][site][i], mid[~is_image].mean(0).float(),
+                                   rtol=1e-4, atol=1e-5)
+        if image:
+            torch.testing.assert_close(got["image"][site][i], mid[is_image].mean(0).float(),
+                                       rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="row 5 has no tokens to pool for modality='image'"):
+        P.collect(model, rows, processor=processor, sites=[site], modality="image")
+
+
+# ------------------------------------------------------------------ memory, resume
+
+def test_spill_to_disk_gives_the_same_responses(planted, tmp_path):
+    model, tok, rows = planted
+    plain = P.collect(model, rows, processor=tok, batch_size=8)
+    assert not plain.spilled
+    spill = tmp_path / "spill"
+    small = P.collect(model, rows, processor=tok, batch_size=8, ram_budget=4096, spill_dir=str(spill))
+    assert small.spilled and len(os.listdir(spill)) == 2  # one raw file per site
+    one_batch = 8 * (64 + 64) * 4
+    assert small._ram_bytes <= 4096 + one_batch  # never more than the budget plus a batch
+    for site in plain:
+        assert torch.equal(small[site], plain[site])
+    for name in os.listdir(spill):  # read back from the files: 48 rows x 64 float32 each
+        assert os.path.getsize(spill / name) == len(rows) * 64 * 4
+    assert torch.equal(P.expertise(small).auroc[site], P.expertise(plain).auroc[site])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_plain_run(planted, tmp_path):
+    model, tok, rows = planted
+    plain = P.collect(model, rows, processor=tok, batch_size=5)
+    ckpt = str(tmp_path / "ckpt")
+    calls = {"n": 0}
+
+    def stop_at_seventh(module, args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise _Interrupt()
+
+    h = model.model.register_forward_pre_hook(stop_at_seventh)
+    try:
+        with pytest.raises(_Interrupt):
+            P.collect(model, rows, processor=tok, batch_size=5, checkpoint_dir=ckpt,
+                      checkpoint_every=2)
+        calls["n"] = 0
+        resumed = P.collect(model, rows, processor=tok, batch_size=5, checkpoint_dir=ckpt,
+                            checkpoint_every=2)
+    finally:
+        h.remove()
+    # 10 batches: 6 ran, the last checkpoint was after 6, so the rerun does batches 7 to 10
+    assert calls["n"] == 4
+    assert resumed.labels.tolist() == plain.labels.tolist()
+    for site in plain:
+        assert torch.equal(resumed[site], plain[site])
+    with pytest.raises(ValueError, match="differs in: pooling"):
+        P.collect(model, rows, processor=tok, batch_size=5, checkpoint_dir=ckpt, pooling="max")
+
+
+# ------------------------------------------------------------------ expertise and scales
+
+def test_expertise_from_mapping_save_load_and_scale_methods(tmp_path):
+    auroc_values = {"a.mid": torch.tensor([0.9, 0.5, 0.7, 0.2], dtype=torch.float64),
+                    "b.mid": torch.tensor([0.95, 0.6], dtype=torch.float64)}
+    exp = P.Expertise(auroc_values, {"model_type": "llama", "pooling": "max"})
+    exp.save(tmp_path / "e.safetensors")
+    back = P.Expertise.load(tmp_path / "e.safetensors")
+    assert back.metadata == exp.metadata
+    for site in auroc_values:
+        assert torch.equal(back.auroc[site], auroc_values[site])
+
+    s = exp.to_scales()  # aura, threshold 0.5
+    torch.testing.assert_close(s["a.mid"], torch.tensor([0.2, 1.0, 0.6, 1.0]))
+    torch.testing.assert_close(s["b.mid"], torch.tensor([0.1, 0.8]))
+    assert s.metadata["method"] == "aura" and s.metadata["pooling"] == "max"
+    s = exp.to_scales(top_k=2)  # the two highest over both sites: b[0] and a[0]
+    torch.testing.assert_close(s["a.mid"], torch.tensor([0.2, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(s["b.mid"], torch.tensor([0.1, 1.0]))
+    s = exp.to_scales(method="det0", top_k=3, strength=0.5)
+    torch.testing.assert_close(s["a.mid"], torch.tensor([0.5, 1.0, 0.5, 1.0]))
+    torch.testing.assert_close(s["b.mid"], torch.tensor([0.5, 1.0]))
+    s = exp.to_scales(method="damp", alpha=0.25, threshold=0.65)
+    torch.testing.assert_close(s["a.mid"], torch.tensor([0.25, 1.0, 0.25, 1.0]))
+    assert exp.to_scales(strength=0.0)["a.mid"].eq(1).all()  # strength 0 is a no-op
+    for kwargs, msg in [({"method": "zero"}, "method must be one of"),
+                        ({"strength": 1.5}, "strength must be in"),
+                        ({"method": "damp"}, "needs alpha"),
+                        ({"alpha": 0.3}, "alpha is for method 'damp' only"),
+                        ({"top_k": -1}, "top_k must be")]:
+        with pytest.raises(ValueError, match=msg):
+            exp.to_scales(**kwargs)
+
+    x = {"s": torch.tensor([[1.0, 3.0], [2.0, 3.0], [3.0, 3.0]])}
+    e = P.expertise(x, torch.tensor([0, 1, 1]))
+    torch.testing.assert_close(e.auroc["s"], torch.tensor([1.0, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="labels are needed"):
+        P.expertise(x)
