@@ -1,0 +1,26 @@
+// The act_mul_scale_out op: argument checks shared by its CPU and CUDA kernels.
+#pragma once
+
+#include <optional>
+#include <vector>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "rows.h"
+
+namespace sgm_ext {
+
+Act parse_act(const std::string& name);
+
+// Checks the arguments of act_mul_scale_out (naming the bad one) and returns them as row
+// pointers; `keep` holds scale / gate_scale / strength converted to the compute dtype (a
+// no-op when they already are) for as long as the pointers are used.
+RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
+                            const std::optional<at::Tensor>& up,
+                            const std::optional<at::Tensor>& scale,
+                            const std::optional<at::Tensor>& gate_scale,
+                            const std::optional<at::Tensor>& strength,
+                            std::optional<double> strength_value, std::vector<at::Tensor>& keep);
+
+}  // namespace sgm_ext
