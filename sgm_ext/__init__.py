@@ -14,3 +14,8 @@ from . import interop  # noqa: E402
 from .patch import PatchHandle, patch, patched, supported_architectures, unpatch  # noqa: E402
 
 __all__ += ["interop", "PatchHandle", "patch", "patched", "supported_architectures", "unpatch"]
+
+from . import profile  # noqa: E402  (the profiler: collect, expertise, run)
+from .profile import Expertise, Responses  # noqa: E402
+
+__all__ += ["Expertise", "profile", "Responses"]

@@ -1,0 +1,101 @@
+"""`sgm-ext profile` / `inspect` on a saved tiny model; 2 processes under torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sgm_ext import profile as P
+from sgm_ext.cli import main
+from sgm_ext.scales import load_scales
+from _profile_models import planted_llama, planted_rows, planted_sites, tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model, tok = planted_llama(), tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = planted_rows()
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, model, tok, rows
+
+
+def test_profile_writes_scales_table_and_plot(saved, capsys):
+    root, model, tok, rows = saved
+    out = root / "scales.safetensors"
+    rc = main(["profile", "--model", str(root / "model"), "--data", str(root / "data.jsonl"),
+               "--out", str(out), "--threshold", "0.8", "--batch-size", "6", "--quiet",
+               "--expertise-out", str(root / "auroc.safetensors")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "total experts: 9 of 128" in text
+    assert "    1  mid            64        5     1.0000  model.layers.1.mlp.mid" in text
+    with open(root / "scales.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    scales = load_scales(out)
+    for site, truth in planted_sites().items():
+        assert set((scales[site] < 1).nonzero().flatten().tolist()) == truth
+    # the same numbers as the Python API on the same model and rows
+    api = P.run(model, rows, processor=tok, batch_size=6).to_scales(threshold=0.8)
+    for site in api.scales:
+        assert torch.equal(scales[site], api[site])
+    assert scales.metadata["threshold"] == "0.8" and scales.metadata["model_type"] == "llama"
+    assert P.Expertise.load(root / "auroc.safetensors").auroc.keys() == api.scales.keys()
+
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ScaleSet(2 sites, 128 neurons, 9 damped)" in text
+    assert "      64       5  0.0000" in text and "method: aura" in text
+
+
+def test_profile_bad_row_stops_or_is_skipped(saved, capsys):
+    root = saved[0]
+    data = root / "bad.csv"
+    data.write_text("text,label\nword1 tox1,toxic\nword2,0\nword3,maybe\nword4 word5,1\nword6,0\n")
+    args = ["profile", "--model", str(root / "model"), "--data", str(data),
+            "--out", str(root / "bad.safetensors"), "--quiet", "--no-plot"]
+    assert main(args) == 2
+    assert "row 3 (line 4): unknown label 'maybe'" in capsys.readouterr().err
+    assert not (root / "bad.safetensors").exists()
+    assert main(args + ["--skip-bad-rows"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 bad rows (first: row 3" in captured.err
+    assert "from 4 samples (2 toxic)" in captured.out
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_write_the_plain_run_scale_file(saved, tmp_path):
+    root = saved[0]
+    common = ["--model", str(root / "model"), "--data", str(root / "data.jsonl"),
+              "--batch-size", "5", "--threshold", "0.6", "--quiet", "--no-plot"]
+    single = tmp_path / "single.safetensors"
+    assert main(["profile", *common, "--out", str(single)]) == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    two = tmp_path / "two.safetensors"
+    proc = subprocess.run(
+        [torchrun, "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", "-m", "sgm_ext", "profile", *common, "--out", str(two),
+         "--checkpoint-dir", str(tmp_path / "ckpt")],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # 48 rows in batches of 5: 10 batches, dealt out 5 to each rank
+    for rank in (0, 1):
+        with open(tmp_path / "ckpt" / f"rank{rank}" / "state.json") as f:
+            assert json.load(f)["batches_done"] == 5
+    a, b = load_scales(single), load_scales(two)
+    assert a.scales.keys() == b.scales.keys() and a.metadata == b.metadata
+    for site in a.scales:
+        assert torch.equal(a[site], b[site])
+    assert sum(int((t < 1).sum()) for t in b.scales.values()) > 9  # threshold 0.6: noise too
