@@ -409,10 +409,15 @@ def _encode_batch(model, processor, rows, modality, padding_side):
 
 
 def _input_device(model):
+    """Where the inputs go: the input embedding's device; with accelerate offloading (weights
+    on "meta") the device its hook runs the module on."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
+    weight = getattr(emb, "weight", None)
+    device = weight.device if weight is not None else next(model.parameters()).device
+    if device.type == "meta":
+        device = torch.device(getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+                              or "cpu")
+    return device
 
 
 # ------------------------------------------------------------------------ collect

@@ -286,3 +286,20 @@ def test_expertise_from_mapping_save_load_and_scale_methods(tmp_path):
     torch.testing.assert_close(e.auroc["s"], torch.tensor([1.0, 0.5], dtype=torch.float64))
     with pytest.raises(ValueError, match="labels are needed"):
         P.expertise(x)
+
+
+def test_accelerate_offloaded_model_gives_the_same_responses(planted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, rows = planted
+    model.save_pretrained(tmp_path / "m")
+    # layer 1 and the embedding live on disk: accelerate hooks load them for each forward
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map,
+                                                     offload_folder=str(tmp_path / "off"))
+    assert offloaded.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+    got = P.collect(offloaded, rows[:10], processor=tok, batch_size=4)
+    ref = P.collect(model, rows[:10], processor=tok, batch_size=4)
+    for site in ref:
+        torch.testing.assert_close(got[site], ref[site], rtol=1e-6, atol=1e-6)
