@@ -17,8 +17,10 @@ import subprocess
 import sys
 import tempfile
 
-# Triton's interpreter replaces JIT functions; this report needs the real compiler.
-os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":
+    # Triton's interpreter replaces JIT functions; this report needs the real compiler. (When a
+    # test imports this module for its parsers, the caller's interpreter setting stays.)
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402

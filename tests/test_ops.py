@@ -289,8 +289,11 @@ def _opcheck_cases(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(dtype):
+def test_opcheck(backend, dtype):
+    has_gemm = "gated_up_proj" in sgm_ext.backends()[backend].ops
     for op, args in _opcheck_cases(dtype):
+        if op is torch.ops.sgm_ext.gated_up_proj.default and not has_gemm:
+            continue  # a forced backend without the op refuses it (tested below)
         torch.library.opcheck(op, args)
 
 
@@ -364,6 +367,11 @@ def test_forced_backend_errors(monkeypatch):
     monkeypatch.setenv("SGM_EXT_BACKEND", "cuda")  # no GPU here: unavailable, named in the error
     with pytest.raises(RuntimeError, match="SGM_EXT_BACKEND=cuda"):
         sgm_ext.act_mul_scale(g, g)
+    for name in CPU_BACKENDS:
+        if "gated_up_proj" not in sgm_ext.backends()[name].ops:
+            monkeypatch.setenv("SGM_EXT_BACKEND", name)
+            with pytest.raises(RuntimeError, match=f"SGM_EXT_BACKEND={name}: backend has no gated_up_proj"):
+                sgm_ext.gated_up_proj(g, torch.randn(3, 8), torch.randn(3, 8))
 
 
 def test_default_choice_on_cpu_never_picks_the_interpreter():
