@@ -280,7 +280,8 @@ def _opcheck_cases(dtype):
     ops = torch.ops.sgm_ext
     return [
         (ops.act_mul_scale.default, (g, u, s, st, None, None, "silu")),
-        (ops.act_mul_scale.default, (g, u, s, None, st, 0.5, "gelu")),
+        (ops.act_mul_scale.default, (g, u, s, None, st, None, "gelu")),
+        (ops.act_mul_scale.default, (g, u, s, None, None, 0.5, "relu")),
         (ops.act_mul_scale_packed.default,
          (torch.randn(2, 3, 12, dtype=dtype, requires_grad=True), s, None, None, None, "gelu_tanh")),
         (ops.act_scale.default, (g, s, torch.rand(6, requires_grad=True), None, "quick_gelu")),
