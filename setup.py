@@ -11,6 +11,7 @@ otherwise; SGM_EXT_NO_BUILD=1 gives a pure Python install. Build with
 """
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -59,7 +60,9 @@ def extension():
     from torch.utils import cpp_extension
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + ["csrc/cpu/act_mul_scale_default.cpp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):  # the AVX2 / AVX-512 variants
+        sources += ["csrc/cpu/act_mul_scale_avx2.cpp", "csrc/cpu/act_mul_scale_avx512.cpp"]
     cxx = ["-O3", "-std=c++20", "-fopenmp"]  # -fopenmp: at::parallel_for's threads
     # torch's headers include cuBLAS / cuSPARSE headers shipped by the nvidia wheels.
     include_dirs = [os.path.join(here, "csrc")]

@@ -52,11 +52,12 @@ SGM_HOST_DEVICE T activate(T x) {
   }
 }
 
-// s_eff = 1 - strength (1 - scale). Only called when a strength is given: without one the
-// kernels use the scale itself, bit for bit.
+// s_eff = 1 - strength (1 - scale), evaluated as strength * scale + (1 - strength) like
+// sgm_ext.reference.effective_scale: exact at both ends (strength 0 gives 1, strength 1 the
+// scale bit for bit). Without a strength the kernels use the scale itself.
 template <class T>
 SGM_HOST_DEVICE T effective_scale(T scale, T strength) {
-  return T(1.0) - strength * (T(1.0) - scale);
+  return strength * scale + (T(1.0) - strength);
 }
 
 // act(gate * gate_scale) * up * s_eff. Absent operands are passed as 1 (x * 1 == x exactly),

@@ -73,8 +73,6 @@ RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
   check_rows("out", out, out);
   check_rows("gate", gate, out);
   if (up.has_value()) check_rows("up", *up, out);
-  TORCH_CHECK(!(strength.has_value() && strength_value.has_value()),
-              "act_mul_scale_out: give strength (per row) or strength_value, not both");
   const int64_t rows = out.size(0), cols = out.size(1);
   RowArgs a{};
   a.out = out.data_ptr();
@@ -84,6 +82,7 @@ RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
   a.gate_scale = vector_arg("gate_scale", gate_scale, cols, out, keep);
   a.strength = vector_arg("strength", strength, rows, out, keep);
   a.strength_value = strength_value.value_or(1.0);
+  // As in sgm_ext.reference: a per-row strength, when given, wins over strength_value.
   a.strength_mode = strength.has_value() ? Strength::rows
       : strength_value.has_value() ? Strength::value : Strength::none;
   a.n_cols = cols;
