@@ -16,14 +16,19 @@ the general way: argsort, average ranks of runs. Counts and position sums are in
 below 2**53, so the float64 result is exact up to the final division.
 """
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-# Elements per block of neurons. A block's keys and temporaries take ~40 bytes an element, so
-# 2**21 keeps each worker near 100 MB however many neurons a site has.
-BLOCK_ELEMENTS = 1 << 21
+# Neurons go to the worker threads in blocks of BLOCK_ELEMENTS values; each thread keeps
+# scratch arrays of a block's size (~30 bytes an element, 2**20 -> ~30 MB a thread) and
+# reuses them: fresh large arrays cost a page fault per 4 KB, more than the work on them.
+BLOCK_ELEMENTS = 1 << 20
+# The [N, M] scores are transposed to one-neuron-a-row slabs of this many values (float32:
+# 128 MB) by torch; large slabs transpose several times faster than block-sized pieces.
+SLAB_ELEMENTS = 1 << 25
 
 
 def check_labels(labels):
@@ -44,28 +49,41 @@ def check_labels(labels):
     return y.numpy()
 
 
-def _u_float32(x, y, key):
-    """U of each row of x [c, N] float32 (one neuron a row) against y [N] int64 0/1.
+class _Scratch(threading.local):
+    """Per-thread work arrays for _u_float32, grown on demand and reused across blocks."""
+    shape = (0, 0)
 
-    `key` is a scratch int64 array of x's shape; x is overwritten."""
-    n = x.shape[1]
-    x += np.float32(0)  # -0.0 becomes +0.0: equal values must get equal keys
+    def get(self, rows, n):
+        if self.shape[0] < rows or self.shape[1] != n:
+            self.shape = (rows, n)
+            self.flip = np.empty((rows, n), np.int32)
+            self.key = np.empty((rows, n), np.int64)
+            self.is_pos = np.empty((rows, n), np.int64)
+            self.equal = np.empty((rows, n - 1), bool)
+        return (self.flip[:rows], self.key[:rows], self.is_pos[:rows], self.equal[:rows])
+
+
+def _u_float32(x, y, scratch):
+    """U of each row of x [c, N] float32 (one neuron a row) against y [N] int64 0/1.
+    x is overwritten; -0.0 must have been turned into +0.0 (equal values, equal keys)."""
+    rows, n = x.shape
+    flip, key, is_pos, equal = scratch.get(rows, n)
     bits = x.view(np.int32)
     # Flip the magnitude bits of negative floats: then signed integer order == float order.
-    flip = np.right_shift(bits, 31)
+    np.right_shift(bits, 31, out=flip)
     np.bitwise_and(flip, 0x7FFFFFFF, out=flip)
     np.bitwise_xor(bits, flip, out=bits)
-    key[...] = bits
-    np.left_shift(key, 1, out=key)
-    np.bitwise_or(key, y, out=key)
+    np.left_shift(bits, 1, out=key, dtype=np.int64)
+    np.bitwise_or(key, y, out=key)  # the label is the lowest bit: negatives first in a tie
     key.sort(axis=1)
-    is_pos = key & 1
+    np.bitwise_and(key, 1, out=is_pos)
     n_pos = int(y.sum())
     # A positive at position p has p - (#positives before it) negatives sorted before it: the
     # negatives below it and all the negatives equal to it.
     u = (is_pos @ np.arange(n, dtype=np.int64)).astype(np.float64) - n_pos * (n_pos - 1) / 2
     np.right_shift(key, 1, out=key)  # the value keys alone
-    tied = (key[:, 1:] == key[:, :-1]).any(axis=1)
+    np.equal(key[:, 1:], key[:, :-1], out=equal)
+    tied = equal.any(axis=1)
     if tied.any():
         u[tied] -= _tied_pairs(key[tied], is_pos[tied]) / 2
     return u
@@ -102,12 +120,13 @@ def _u_general(x, y):
     return r_pos - n_pos * (n_pos + 1) / 2
 
 
-def auroc(scores, labels, *, name="scores", block_elements=BLOCK_ELEMENTS, threads=None):
+def auroc(scores, labels, *, name="scores", block_elements=BLOCK_ELEMENTS,
+          slab_elements=SLAB_ELEMENTS, threads=None):
     """AUROC of every column of `scores` [N, M] (N samples, M neurons) -> float64 tensor [M].
 
-    `scores` may be any [N, M] tensor, a memory-mapped one included: it is read in blocks of
-    columns. NaN or infinite scores raise ValueError naming the first bad entry (`name` says
-    which tensor it is). A constant column gets 0.5.
+    `scores` may be any [N, M] tensor, a memory-mapped one included: it is read in slabs of
+    columns and never written. NaN or infinite scores raise ValueError naming the first bad
+    entry (`name` says which tensor it is). A constant column gets 0.5.
     """
     y = check_labels(labels).astype(np.int64)
     if scores.dim() != 2 or scores.shape[0] != y.size:
@@ -117,26 +136,31 @@ def auroc(scores, labels, *, name="scores", block_elements=BLOCK_ELEMENTS, threa
     n_pos = int(y.sum())
     fast = scores.dtype in (torch.float32, torch.float16, torch.bfloat16) or \
         not torch.is_floating_point(scores) and scores.dtype.itemsize <= 2
+    dtype = torch.float32 if fast else torch.float64
     step = max(1, block_elements // n)
+    slab_cols = max(step, slab_elements // n // step * step)
     out = np.empty(m, dtype=np.float64)
-
-    def block(a):
-        chunk = scores[:, a:a + step].to("cpu", torch.float32 if fast else torch.float64)
-        bad = ~torch.isfinite(chunk)
-        if bad.any():
-            row, col = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name}[{row}, {a + col}] is {chunk[row, col].item()}: responses "
-                             "must be finite")
-        x = np.array(chunk.numpy().T, order="C")  # one neuron a row; a copy, as the fast path writes it
-        u = _u_float32(x, y, np.empty(x.shape, np.int64)) if fast else _u_general(x, y)
-        out[a:a + step] = u / (n_pos * (n - n_pos))
-
+    scratch = _Scratch()
     threads = threads or min(torch.get_num_threads(), os.cpu_count() or 1)
-    starts = range(0, m, step)
-    if threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(block, starts))  # list() re-raises a block's error here
-    else:
-        for a in starts:
-            block(a)
+    with ThreadPoolExecutor(threads) as pool:
+        for a in range(0, m, slab_cols):
+            cols = scores[:, a:a + slab_cols]
+            slab = torch.empty((cols.shape[1], n), dtype=dtype)  # our copy: the blocks write it
+            slab.copy_(cols.t())
+            # A sum is finite when every value is (a cheap pass); look closer only when not,
+            # as large finite values can overflow it.
+            if not torch.isfinite(slab.sum()):
+                bad = ~torch.isfinite(slab)
+                if bad.any():
+                    col, row = (int(i) for i in bad.nonzero()[0])
+                    raise ValueError(f"{name}[{row}, {a + col}] is {slab[col, row].item()}: "
+                                     "responses must be finite")
+            slab += 0.0  # -0.0 becomes +0.0
+            x = slab.numpy()
+
+            def block(r, x=x, a=a):
+                u = _u_float32(x[r:r + step], y, scratch) if fast else _u_general(x[r:r + step], y)
+                out[a + r:a + r + step] = u / (n_pos * (n - n_pos))
+
+            list(pool.map(block, range(0, x.shape[0], step)))  # list(): a block's error raises
     return torch.from_numpy(out)

@@ -49,6 +49,13 @@ def test_auroc_continuous_non_contiguous_input():
     np.testing.assert_allclose(got.numpy(), _sklearn(x, labels.long()), rtol=0, atol=1e-9)
 
 
+def test_auroc_huge_finite_values_are_not_mistaken_for_bad_ones():
+    x = torch.full((6, 3), 3e38)  # their sum overflows to inf, each value is finite
+    x[1, 0] = -3e38
+    labels = torch.tensor([1, 0, 1, 0, 1, 0])
+    np.testing.assert_allclose(auroc(x, labels).numpy(), _sklearn(x, labels), rtol=0, atol=1e-9)
+
+
 def test_auroc_rejects_bad_input():
     x = torch.randn(10, 4)
     with pytest.raises(ValueError, match="both classes"):

@@ -1,0 +1,200 @@
+"""Benchmarks of the profiler (sgm_ext.profile, sgm_ext.auroc).
+
+    pytest bench/bench_profile.py --benchmark-only     # pytest-benchmark groups
+    python bench/bench_profile.py                      # interleaved runs, ratios, markdown
+
+AUROC: 100,000 neurons x 2,000 samples (float32 responses, half toxic). sgm-ext computes all
+neurons in one call; the baseline is what AurA does, sklearn.metrics.roc_auc_score once per
+neuron. sklearn is timed on a subset of neurons and its per-neuron time extrapolated to
+100,000 (a full run would take minutes); the values are compared on that subset.
+
+Collection: a small Llama (hidden 512, intermediate 1408, 4 layers, ~14M parameters) over
+64 samples of 48 words, batch 8. "forward" is plain forward passes over the same batches,
+already tokenized and padded, with logits for the last token only (what collect asks for);
+"collect" is sgm_ext.profile.collect end to end (tokenizing, hooks on every mid site, mean
+pooling, storing), "collect hooks only" the same forward passes with the pooling hooks but
+without collect's tokenizing and storing.
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sgm_ext import profile as P
+from sgm_ext.auroc import auroc
+
+NEURONS, SAMPLES, SKLEARN_SUBSET = 100_000, 2_000, 500
+N_TEXTS, WORDS, BATCH = 64, 48, 8
+
+
+# ------------------------------------------------------------------------ AUROC
+
+def auroc_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(SAMPLES, NEURONS, generator=g)
+    labels = torch.rand(SAMPLES, generator=g) < 0.5
+    return scores, labels
+
+
+def sklearn_per_neuron(scores, labels, neurons):
+    from sklearn.metrics import roc_auc_score
+
+    y = labels.numpy()
+    x = scores[:, :neurons].numpy()
+    return np.array([roc_auc_score(y, x[:, j]) for j in range(neurons)])
+
+
+@pytest.fixture(scope="module")
+def scores_labels():
+    return auroc_data()
+
+
+@pytest.mark.benchmark(group="auroc 100k neurons x 2k samples")
+def test_auroc_sgm_ext(benchmark, scores_labels):
+    scores, labels = scores_labels
+    benchmark.pedantic(auroc, args=(scores, labels), rounds=3, iterations=1)
+
+
+@pytest.mark.benchmark(group="auroc sklearn per neuron, 500 of the 100k neurons")
+def test_auroc_sklearn_subset(benchmark, scores_labels):
+    scores, labels = scores_labels
+    benchmark.pedantic(sklearn_per_neuron, args=(scores, labels, SKLEARN_SUBSET), rounds=3,
+                       iterations=1)
+
+
+# ------------------------------------------------------------------------ collection
+
+def small_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=2048,
+                         tie_word_embeddings=False, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]"] + [f"w{i}" for i in range(2000)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def texts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(N_TEXTS):
+        n = WORDS - int(torch.randint(0, 8, (1,), generator=g))  # some padding in each batch
+        words = torch.randint(0, 2000, (n,), generator=g).tolist()
+        rows.append({"text": " ".join(f"w{w}" for w in words), "label": i % 2})
+    return rows
+
+
+def encoded_batches(tok, rows):
+    return [tok([r["text"] for r in rows[i:i + BATCH]], padding=True, return_tensors="pt")
+            for i in range(0, len(rows), BATCH)]
+
+
+def plain_forward(model, batches):
+    with torch.inference_mode():
+        for b in batches:
+            model(**b, use_cache=False, logits_to_keep=1)
+
+
+def hooked_forward(model, batches):
+    sites = P.resolve_sites(model)
+    pooler = P._Pooler("mean")
+    with P._hooks(model, sites, pooler), torch.inference_mode():
+        for b in batches:
+            pooler.start(b["attention_mask"].bool())
+            model(**b, use_cache=False, logits_to_keep=1)
+
+
+def collect(model, tok, rows):
+    return P.collect(model, rows, processor=tok, batch_size=BATCH)
+
+
+@pytest.fixture(scope="module")
+def collection_setup():
+    model, tok, rows = small_llama(), word_tokenizer(), texts()
+    return model, tok, rows, encoded_batches(tok, rows)
+
+
+@pytest.mark.benchmark(group="collection: 64 samples, small Llama")
+def test_plain_forward(benchmark, collection_setup):
+    model, _, _, batches = collection_setup
+    benchmark.pedantic(plain_forward, args=(model, batches), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="collection: 64 samples, small Llama")
+def test_hooked_forward(benchmark, collection_setup):
+    model, _, _, batches = collection_setup
+    benchmark.pedantic(hooked_forward, args=(model, batches), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="collection: 64 samples, small Llama")
+def test_collect(benchmark, collection_setup):
+    model, tok, rows, _ = collection_setup
+    benchmark.pedantic(collect, args=(model, tok, rows), rounds=5, warmup_rounds=1)
+
+
+# ------------------------------------------------------------------------ side-by-side run
+
+def _median_times(fns, rounds):
+    """Run the functions interleaved round by round; median seconds of each."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--collection-rounds", type=int, default=7)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    scores, labels = auroc_data()
+    ours = auroc(scores, labels)
+    ref = sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)
+    diff = float(np.abs(ours[:SKLEARN_SUBSET].numpy() - ref).max())
+    t = _median_times({"sgm": lambda: auroc(scores, labels),
+                       "sklearn": lambda: sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)},
+                      args.rounds)
+    sk_full = t["sklearn"] / SKLEARN_SUBSET * NEURONS
+    print(f"\nAUROC {NEURONS} neurons x {SAMPLES} samples (median of {args.rounds}, interleaved)")
+    print("| implementation | time | vs sklearn |\n|---|---|---|")
+    print(f"| sklearn roc_auc_score per neuron ({SKLEARN_SUBSET} timed, x{NEURONS // SKLEARN_SUBSET}) "
+          f"| {sk_full:.1f} s | 1x |")
+    print(f"| sgm_ext.auroc (all neurons) | {t['sgm']:.2f} s | {sk_full / t['sgm']:.0f}x |")
+    print(f"max |difference| on the {SKLEARN_SUBSET} neurons: {diff:.2e}")
+
+    model, tok, rows = small_llama(), word_tokenizer(), texts()
+    batches = encoded_batches(tok, rows)
+    fns = {"forward": lambda: plain_forward(model, batches),
+           "hooks": lambda: hooked_forward(model, batches),
+           "collect": lambda: collect(model, tok, rows)}
+    _median_times(fns, 1)  # warm-up
+    t = _median_times(fns, args.collection_rounds)
+    print(f"\nCollection, {N_TEXTS} samples x ~{WORDS} tokens, batch {BATCH} "
+          f"(median of {args.collection_rounds}, interleaved)")
+    print("| run | time | vs plain forward |\n|---|---|---|")
+    for name, label in [("forward", "plain forward passes"),
+                        ("hooks", "forward + pooling hooks (4 mid sites)"),
+                        ("collect", "sgm_ext.profile.collect end to end")]:
+        print(f"| {label} | {t[name] * 1000:.0f} ms | {t[name] / t['forward']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
