@@ -128,9 +128,21 @@ def load_processor(path):
 
 
 def run_profile(args):
+    import torch.distributed as dist
+
+    joined = not dist.is_initialized()
+    rank, world, local_rank = _init_distributed()
+    joined = joined and dist.is_initialized()
+    try:
+        return _profile(args, rank, world, local_rank)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _profile(args, rank, world, local_rank):
     from .data import load_rows
 
-    rank, world, local_rank = _init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
     dataset = load_rows(args.data, skip_bad_rows=args.skip_bad_rows, max_samples=args.max_samples)
     if dataset.skipped:

@@ -350,6 +350,11 @@ def _image_token_id(model):
     return None
 
 
+# Processor outputs that are never one value per token, whatever their shape happens to be.
+_NOT_PER_TOKEN = {"pixel_values", "pixel_attention_mask", "image_grid_thw", "video_grid_thw",
+                  "image_sizes", "pixel_values_videos"}
+
+
 def _collate(encodings, pad_id, padding_side):
     """Pad the per-sample token tensors [1, T_i, ...] to one length; concatenate the others
     (pixel values, image grids), which rows without an image do not have."""
@@ -358,8 +363,8 @@ def _collate(encodings, pad_id, padding_side):
     batch = {}
     for key in dict.fromkeys(k for e in encodings for k in e):
         parts = [e.get(key) for e in encodings]
-        if key != "pixel_values" and all(torch.is_tensor(p) and p.dim() >= 2 and
-                                         p.shape[:2] == (1, n) for p, n in zip(parts, lengths)):
+        if key not in _NOT_PER_TOKEN and all(torch.is_tensor(p) and p.dim() >= 2 and
+                                             p.shape[:2] == (1, n) for p, n in zip(parts, lengths)):
             fill = pad_id if key == "input_ids" else 0
             padded = []
             for p, n in zip(parts, lengths):
@@ -656,7 +661,7 @@ class Expertise:
             factor = torch.where(chosen, value, torch.ones_like(a))
             scales[site] = (1.0 - strength * (1.0 - factor)).float()
         meta = {k: self.metadata.get(k, "") for k in ("model_type", "config_fingerprint",
-                                                      "pooling", "data_fingerprint")}
+                                                      "pooling", "modality", "data_fingerprint")}
         meta.update(method=method, threshold=threshold, top_k="" if top_k is None else top_k,
                     strength=strength)
         if alpha is not None:
