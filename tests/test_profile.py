@@ -303,3 +303,33 @@ def test_accelerate_offloaded_model_gives_the_same_responses(planted, tmp_path):
     ref = P.collect(model, rows[:10], processor=tok, batch_size=4)
     for site in ref:
         torch.testing.assert_close(got[site], ref[site], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Gemma", "Phi3"])
+def test_other_registry_architectures(planted, arch):
+    import transformers
+
+    _, tok, rows = planted
+    config = getattr(transformers, f"{arch}Config")(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    kinds = ("mid", "gate_up") if arch == "Phi3" else ("mid", "up")
+    r = P.collect(model, rows[:5], processor=tok, sites=kinds, batch_size=5, padding_side="left")
+    mlp = model.model.layers[1].mlp
+    second = "gate_up_proj" if arch == "Phi3" else "up_proj"
+    assert r.neurons["model.layers.1.mlp.mid"] == 48
+    assert r.neurons[f"model.layers.1.mlp.{second}"] == (96 if arch == "Phi3" else 48)
+    for i, row in enumerate(rows[:5]):
+        got = {}
+        hooks = [mlp.down_proj.register_forward_pre_hook(lambda m, a: got.update(mid=a[0][0])),
+                 getattr(mlp, second).register_forward_hook(lambda m, a, o: got.update(lin=o[0]))]
+        with torch.no_grad():
+            model(**tok(row["text"], return_tensors="pt"))
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(r["model.layers.1.mlp.mid"][i], got["mid"].mean(0),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r[f"model.layers.1.mlp.{second}"][i], got["lin"].mean(0),
+                                   rtol=1e-4, atol=1e-5)
