@@ -192,7 +192,10 @@ class _Scaled:
             return None
         lam = self.handle.strength
         if isinstance(lam, float):
-            return self.effective(like.device)[kind].to(like.dtype)
+            key = ("factor", kind, like.device, like.dtype)  # cast once, not per forward
+            if key not in self._cache:
+                self._cache[key] = self.effective(like.device)[kind].to(like.dtype)
+            return self._cache[key]
         s = self.raw(like.device)[kind]
         return _effective(s, _rows(lam, like, self.info.path)).to(like.dtype)
 
@@ -215,15 +218,19 @@ class _Fused(_Scaled):
     def __init__(self, handle, target, original):
         super().__init__(handle, target)
         self.original = original  # the forward it replaces (called at strength 0)
+        # Sub-modules looked up once: nn.Module.__getattr__ costs microseconds per call, which
+        # a decode step feels. Wrap (PEFT, quantize) before patching, not after.
+        self.subs = {role: getattr(target.module, attr) for role, attr in target.info.roles.items()}
+        self.impl = getattr(self, "_" + target.info.layout)
 
     def __call__(self, x):
         lam = self.handle.strength
         if isinstance(lam, float) and lam == 0.0:
             return self.original(x)  # strength 0 is the unpatched model, exactly
-        return getattr(self, "_" + self.info.layout)(x, lam)
+        return self.impl(x, lam)
 
     def _sub(self, role):
-        return getattr(self.module, self.info.roles[role])
+        return self.subs[role]
 
     def _elementwise_args(self, like, lam):
         """(scale, gate_scale, strength, up pre-factor) for the op on [..., I] activations.

@@ -305,6 +305,14 @@ def test_torch_compile_matches_eager():
         with torch.no_grad():
             got = compiled(**inputs).logits
     assert _rel(got, eager) < 1e-5
+    # The fused MLP alone compiles into one graph (no graph break around the custom op).
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    with sgm_ext.patched(model, scales, mode="fused", strength=torch.tensor([0.3, 1.0])):
+        eager = mlp(x)
+        torch._dynamo.reset()
+        got = torch.compile(mlp, fullgraph=True)(x)
+    assert _rel(got, eager) < 1e-5
 
 
 # ---------------------------------------------------------------- bad input

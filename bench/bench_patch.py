@@ -1,0 +1,219 @@
+"""Benchmarks of sgm_ext.patch: per MLP and end to end, every mode beside the unpatched model.
+
+    pytest bench/bench_patch.py --benchmark-only          # pytest-benchmark groups
+    python bench/bench_patch.py                           # interleaved end-to-end ratios and
+                                                          # dispatched ops per MLP forward
+
+Modes: "unpatched" (the HF module), "hook" (AurA-style forward hooks on gate, up and down),
+"fold" (scales in the weights), "fused" (sgm_ext op in a swapped forward). The scale set puts
+scales on the gate, up and down sites of every MLP (what the AurA hooks touch), 10% of the
+neurons damped. Per-MLP sizes are Llama-7B's (hidden 4096, intermediate 11008); the end-to-end
+model is a ~100M-parameter Llama decoding 64 tokens greedily.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sgm_ext
+from sgm_ext.registry import find_mlps
+
+MODES = ("unpatched", "hook", "fold", "fused")
+SITES = ("gate", "up", "down")
+H7B, I7B = 4096, 11008
+E2E = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+           num_key_value_heads=12, vocab_size=8192, tie_word_embeddings=False)
+PROMPT, NEW_TOKENS = 16, 64
+# One thread by default: on a shared 2-core machine two OpenMP threads slow a GEMV tenfold
+# whenever another process holds a core, which swamps every ratio.
+THREADS = int(os.environ.get("SGM_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+
+def scales_for(model, seed=0, sites=SITES):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for info in find_mlps(model).values():
+        for kind in sites:
+            n = info.site_size(kind)
+            s = torch.ones(n)
+            damp = torch.rand(n, generator=g) < 0.1
+            s[damp] = torch.rand(int(damp.sum()), generator=g)
+            out[info.site(kind)] = s
+    return out
+
+
+def patch_mode(model, scales, mode):
+    return None if mode == "unpatched" else sgm_ext.patch(model, scales, mode=mode)
+
+
+def llama_mlp(dtype, hidden=H7B, inter=I7B):
+    """A LlamaMLP inside a one-module wrapper, so that its site names are those of a model."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=inter)
+    torch.manual_seed(0)
+    mlp = T.models.llama.modeling_llama.LlamaMLP(cfg).to(dtype).eval()
+    return torch.nn.ModuleDict({"mlp": mlp})
+
+
+def e2e_model():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**E2E)).eval()
+    prompt = torch.randint(3, E2E["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    return model, prompt
+
+
+def decode(model, prompt):
+    with torch.inference_mode():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ops dispatched below autograd: on GPU each is (at least) one kernel launch;
+    a custom op (sgm_ext::*) counts once, as its fused kernel does."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_forward(mode, hidden=256, inter=688, tokens=1):
+    root = llama_mlp(torch.float32, hidden, inter)
+    scales = scales_for(root)
+    handle = patch_mode(root, scales, mode)
+    x = torch.randn(1, tokens, hidden)
+    with torch.inference_mode():
+        root["mlp"](x)  # warm the scale caches
+        with CountOps() as c:
+            root["mlp"](x)
+    if handle:
+        handle.remove()
+    return c.ops
+
+
+# ---------------------------------------------------------------- pytest-benchmark
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 512], ids=["decode", "prefill512"])
+@pytest.mark.parametrize("mode", MODES)
+def test_mlp(benchmark, mode, tokens, dtype):
+    benchmark.group = f"LlamaMLP 4096x11008 {tokens} tok {str(dtype)[6:]}"
+    root = llama_mlp(dtype)
+    handle = patch_mode(root, scales_for(root), mode)
+    x = torch.randn(1, tokens, H7B, dtype=dtype)
+    mlp = root["mlp"]
+    with torch.inference_mode():
+        rounds = 20 if tokens == 1 else 3
+        benchmark.pedantic(mlp, args=(x,), rounds=rounds, iterations=1, warmup_rounds=1)
+    if handle:
+        handle.remove()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_e2e_decode(benchmark, mode):
+    benchmark.group = f"Llama ~100M greedy decode {NEW_TOKENS} tokens"
+    model, prompt = e2e_model()
+    handle = patch_mode(model, scales_for(model), mode)
+    benchmark.pedantic(decode, args=(model, prompt), rounds=3, iterations=1, warmup_rounds=1)
+    if handle:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- interleaved script
+
+def _timed(fn, *args):
+    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time of a
+    one-thread run is what the work costs; the wall time also counts other processes."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+def interleaved_e2e(rounds):
+    """Tokens/s of every mode, rounds interleaved (A B C D A B C D ...) so that drift in the
+    machine's speed hits all modes alike; ratios of medians of CPU time (and of best wall)."""
+    model, prompt = e2e_model()
+    scales = scales_for(model)
+    wall = {m: [] for m in MODES}
+    cpu = {m: [] for m in MODES}
+    reference = None
+    for r in range(rounds + 1):
+        for mode in MODES:
+            handle = patch_mode(model, scales, mode)
+            w, c, out = _timed(decode, model, prompt)
+            if handle:
+                handle.remove()
+            if mode == "hook":
+                reference = out
+            elif mode in ("fold", "fused") and reference is not None:
+                assert torch.equal(out, reference), f"{mode} decoded other tokens than hook"
+            if r:  # round 0 warms up
+                wall[mode].append(w)
+                cpu[mode].append(c)
+    params = sum(p.numel() for p in model.parameters())
+    base_c, base_w = statistics.median(cpu["unpatched"]), min(wall["unpatched"])
+    print(f"\nLlama {params / 1e6:.1f}M params, greedy decode {NEW_TOKENS} tokens, batch 1, "
+          f"{torch.get_num_threads()} thread(s), {rounds} interleaved rounds")
+    print("| mode | tokens/s (CPU time, median) | ratio | tokens/s (wall, best) | ratio |")
+    print("|---|---|---|---|---|")
+    for mode in MODES:
+        c, w = statistics.median(cpu[mode]), min(wall[mode])
+        print(f"| {mode} | {NEW_TOKENS / c:.1f} | {base_c / c:.3f} | {NEW_TOKENS / w:.1f} | "
+              f"{base_w / w:.3f} |")
+
+
+def interleaved_mlp(rounds, tokens, dtype):
+    root = llama_mlp(dtype)
+    scales = scales_for(root)
+    x = torch.randn(1, tokens, H7B, dtype=dtype)
+    cpu = {m: [] for m in MODES}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for mode in MODES:
+                handle = patch_mode(root, scales, mode)
+                _, c, _ = _timed(root["mlp"], x)
+                if handle:
+                    handle.remove()
+                if r:
+                    cpu[mode].append(c)
+    med = {m: statistics.median(v) for m, v in cpu.items()}
+    cells = " | ".join(f"{med[m] * 1e3:.2f} ms ({med['unpatched'] / med[m]:.3f})" for m in MODES)
+    print(f"| {tokens} | {str(dtype)[6:]} | {cells} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip-mlp", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    args = p.parse_args(argv)
+    print("Dispatched ops per LlamaMLP forward (T = 1; sgm_ext::* counts once):")
+    print("| mode | ops | which |\n|---|---|---|")
+    for mode in MODES:
+        ops = ops_per_forward(mode)
+        print(f"| {mode} | {len(ops)} | {' '.join(ops)} |")
+    if not args.skip_mlp:
+        print("\nPer MLP, Llama-7B sizes (4096 x 11008), batch 1: median CPU time (ratio to unpatched)")
+        print("| tokens | dtype | " + " | ".join(MODES) + " |\n|---|---|" + "---|" * len(MODES))
+        for tokens, rounds in ((1, 20 * args.rounds), (512, args.rounds)):
+            for dtype in (torch.float32, torch.bfloat16):
+                interleaved_mlp(rounds, tokens, dtype)
+    if not args.skip_e2e:
+        interleaved_e2e(args.rounds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
