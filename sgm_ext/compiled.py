@@ -22,7 +22,7 @@ except Exception as e:  # ImportError when not built; OSError / undefined symbol
     _LOAD_ERROR = f"{type(e).__name__}: {e}"
     warnings.warn(f"sgm_ext._C could not be loaded ({_LOAD_ERROR}); the compiled cpu / cuda "
                   "backends are unavailable and sgm-ext falls back to the Triton / torch ones",
-                  RuntimeWarning, stacklevel=2)
+                  RuntimeWarning)
 
 
 def has_kernel(device_type):

@@ -23,9 +23,12 @@ inline namespace CPU_CAPABILITY {
 using at::vec::Vectorized;
 using fVec = Vectorized<float>;
 
-// The math policy of act_mul_scale.h for float vectors.
+// The math policy of act_mul_scale.h for float vectors. exp_u20: ATen's polynomial exp (at
+// most 20 ulp, inputs clamped to the finite range), several times cheaper than the 1-ulp
+// Sleef call; its error stays far inside the fp32 tolerance of the op (1e-5 relative) and
+// the kernel stays bound by memory, not by the exp.
 struct VecMath {
-  static fVec exp(const fVec& x) { return x.exp(); }
+  static fVec exp(const fVec& x) { return x.exp_u20(); }
   static fVec erf(const fVec& x) { return x.erf(); }
   static fVec relu(const fVec& x) { return at::vec::clamp_min(x, fVec(0.0f)); }
 };

@@ -1,0 +1,169 @@
+"""act_mul_scale on every backend that runs here, beside the eager chain F.silu(g) * u * s and
+the same chain under torch.compile.
+
+    pytest bench/bench_ops.py --benchmark-only     # pytest-benchmark, one group per shape
+    python bench/bench_ops.py [--quick]            # interleaved ratios as a markdown table
+
+Shapes [T, I]: T tokens in 1, 16, 512, 2048; I in 11008 (Llama-7B), 14336 (Llama-3-8B);
+fp32 and bf16. The scale is float32 for the op (its contract) and in the data type for the
+chains (what a user multiplies by). The backends run through the public op (dispatch, output
+allocation and all), forced one at a time with SGM_EXT_BACKEND. Each variant carries the bytes
+it moves (each input read once, each output written once) and its kernel launches.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sgm_ext
+
+TOKENS = (1, 16, 512, 2048)
+WIDTHS = (11008, 14336)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# One thread by default (SGM_BENCH_THREADS=0: torch's default): on a shared 2-core machine an
+# OpenMP region stalls a whole scheduler slice whenever another process holds a core, which
+# swamps every ratio; the kernels are bound by memory, not by cores.
+THREADS = int(os.environ.get("SGM_BENCH_THREADS", "1")) or torch.get_num_threads()
+torch.set_num_threads(THREADS)
+
+
+def chain(g, u, s):
+    return F.silu(g) * u * s
+
+
+compiled_chain = torch.compile(chain, dynamic=False)
+
+
+def backends_here():
+    """The backends that run act_mul_scale on DEVICE (the Triton interpreter excluded)."""
+    return [name for name, info in sgm_ext.backends().items()
+            if info.available and DEVICE in info.devices and "act_mul_scale" in info.ops
+            and not (name == "triton" and DEVICE == "cpu")]
+
+
+def variants():
+    return ["eager", "compiled"] + backends_here()
+
+
+def traffic(variant, t, i, dtype):
+    """(bytes moved, kernel launches) of one call: each input read once, each output written once."""
+    e = torch.empty((), dtype=dtype).element_size()
+    n = t * i
+    if variant == "eager":  # silu: g -> a; a * u -> b; b * s -> out
+        return 2 * n * e + 3 * n * e + (2 * n + i) * e, 3
+    if variant == "compiled":  # one generated loop: g, u, s in, out out
+        return (3 * n + i) * e, 1
+    return 3 * n * e + 4 * i, 1  # the op: g, u, float32 scale in, out out
+
+
+def inputs(t, i, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(t, i, generator=gen).to(DEVICE, dtype)
+    u = torch.randn(t, i, generator=gen).to(DEVICE, dtype)
+    s = torch.rand(i, generator=gen).to(DEVICE)
+    return g, u, s
+
+
+def runner(variant, g, u, s):
+    """A no-argument callable that runs `variant` once (and waits for the device)."""
+    s_data = s.to(g.dtype)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    if variant == "eager":
+        fn = lambda: chain(g, u, s_data)
+    elif variant == "compiled":
+        fn = lambda: compiled_chain(g, u, s_data)
+    else:
+        def fn():
+            old = os.environ.get("SGM_EXT_BACKEND")
+            os.environ["SGM_EXT_BACKEND"] = variant
+            try:
+                return sgm_ext.act_mul_scale(g, u, s)
+            finally:
+                if old is None:
+                    os.environ.pop("SGM_EXT_BACKEND")
+                else:
+                    os.environ["SGM_EXT_BACKEND"] = old
+
+    def run():
+        out = fn()
+        sync()
+        return out
+    return run
+
+
+# ------------------------------------------------------------------ pytest-benchmark
+
+@pytest.mark.parametrize("variant", variants())
+@pytest.mark.parametrize("i", WIDTHS)
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_act_mul_scale(benchmark, dtype, t, i, variant):
+    g, u, s = inputs(t, i, DTYPES[dtype])
+    run = runner(variant, g, u, s)
+    run()  # compile / warm up outside the timing
+    nbytes, launches = traffic(variant, t, i, DTYPES[dtype])
+    benchmark.group = f"act_mul_scale {dtype} [{t}, {i}] {DEVICE}"
+    benchmark.extra_info.update(bytes=nbytes, launches=launches, threads=THREADS)
+    benchmark(run)
+
+
+# ------------------------------------------------------------------ interleaved ratios
+
+def measure(runs, min_time=0.3, min_reps=5, max_reps=200):
+    """Median seconds per call of each runner, calls interleaved round-robin (noise hits all)."""
+    for run in runs.values():
+        run()
+        run()
+    times = {name: [] for name in runs}
+    start = time.perf_counter()
+    while True:
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+        reps = len(next(iter(times.values())))
+        if reps >= max_reps or (reps >= min_reps and time.perf_counter() - start > min_time):
+            return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(tokens=TOKENS, widths=WIDTHS):
+    names = variants()
+    head = ["dtype", "[T, I]"] + [f"{n} ms" for n in names] + \
+        [f"eager / {n}" for n in names[1:]] + [f"compiled / {n}" for n in names[2:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for dtype_name, dtype in DTYPES.items():
+        for t in tokens:
+            for i in widths:
+                g, u, s = inputs(t, i, dtype)
+                med = measure({n: runner(n, g, u, s) for n in names})
+                row = [dtype_name, f"[{t}, {i}]"] + [f"{med[n] * 1e3:.3g}" for n in names]
+                row += [f"{med['eager'] / med[n]:.2f}" for n in names[1:]]
+                row += [f"{med['compiled'] / med[n]:.2f}" for n in names[2:]]
+                lines.append("| " + " | ".join(row) + " |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def traffic_table(t=2048, i=11008):
+    lines = ["| variant | dtype | bytes moved at [%d, %d] | kernel launches |" % (t, i),
+             "|---|---|---|---|"]
+    for dtype_name, dtype in DTYPES.items():
+        for n in ("eager", "compiled", "op (any backend)"):
+            nbytes, launches = traffic(n.split()[0], t, i, dtype)
+            lines.append(f"| {n} | {dtype_name} | {nbytes / 1e6:.1f} MB | {launches} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only [2048, 11008]")
+    args = parser.parse_args()
+    print(f"device {DEVICE}, threads {THREADS}, torch {torch.__version__}")
+    print(table((2048,), (11008,)) if args.quick else table())
+    print()
+    print(traffic_table())
