@@ -67,7 +67,8 @@ def e2e_model():
 
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(**E2E)).eval()
-    prompt = torch.randint(3, E2E["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, E2E["vocab_size"], (1, PROMPT), generator=g)
     return model, prompt
 
 
@@ -206,7 +207,8 @@ def main(argv=None):
         ops = ops_per_forward(mode)
         print(f"| {mode} | {len(ops)} | {' '.join(ops)} |")
     if not args.skip_mlp:
-        print("\nPer MLP, Llama-7B sizes (4096 x 11008), batch 1: median CPU time (ratio to unpatched)")
+        print("\nPer MLP, Llama-7B sizes (4096 x 11008), batch 1: median CPU time "
+              "(ratio to unpatched)")
         print("| tokens | dtype | " + " | ".join(MODES) + " |\n|---|---|" + "---|" * len(MODES))
         for tokens, rounds in ((1, 20 * args.rounds), (512, args.rounds)):
             for dtype in (torch.float32, torch.bfloat16):

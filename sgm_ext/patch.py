@@ -72,14 +72,15 @@ def _effective(scale, strength):
     return 1.0 - strength * (1.0 - scale)
 
 
-def _rows(strength, x, where):
-    """Per-sequence strength [B] -> [B, 1, ..., 1] against x [B, ...]; the batch must match."""
+def _rows(handle, x, where):
+    """The handle's per-sequence strength [B] -> [B, 1, ..., 1] against x [B, ...]."""
+    strength = handle.strength_on(x.device)
     if x.dim() < 2 or x.shape[0] != strength.shape[0]:
         raise ValueError(f"{where}: per-sequence strength has {strength.shape[0]} entries but "
                          f"the activations there have shape {tuple(x.shape)}; it needs the "
                          "batch as the first dimension (put scales on the language model only, "
                          "or use a float strength)")
-    return strength.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    return strength.view(-1, *([1] * (x.dim() - 1)))
 
 
 # ---------------------------------------------------------------- resolving scales to MLPs
@@ -197,7 +198,7 @@ class _Scaled:
                 self._cache[key] = self.effective(like.device)[kind].to(like.dtype)
             return self._cache[key]
         s = self.raw(like.device)[kind]
-        return _effective(s, _rows(lam, like, self.info.path)).to(like.dtype)
+        return _effective(s, _rows(self.handle, like, self.info.path)).to(like.dtype)
 
 
 def _mul(x, factor):
@@ -223,7 +224,11 @@ class _Fused(_Scaled):
         self.subs = {role: getattr(target.module, attr) for role, attr in target.info.roles.items()}
         self.impl = getattr(self, "_" + target.info.layout)
 
-    def __call__(self, x):
+    def __call__(self, *args, **kwargs):
+        if len(args) + len(kwargs) != 1:
+            raise TypeError(f"{self.info.path}: the fused {self.info.class_name} forward takes "
+                            f"one input, got {len(args)} positional and {sorted(kwargs)} keyword")
+        x = args[0] if args else next(iter(kwargs.values()))
         lam = self.handle.strength
         if isinstance(lam, float) and lam == 0.0:
             return self.original(x)  # strength 0 is the unpatched model, exactly
@@ -245,7 +250,7 @@ class _Fused(_Scaled):
         raw = self.raw(like.device)
         scale = raw.get("mid", raw.get("up"))
         up_factor = self.factor("up", like) if "mid" in raw else None
-        strength = None if scale is None else _rows(lam, like, self.info.path)[..., 0]
+        strength = None if scale is None else _rows(self.handle, like, self.info.path)[..., 0]
         return scale, None, strength, up_factor
 
     def _gated(self, x, lam):
@@ -280,7 +285,7 @@ class _Fused(_Scaled):
         else:
             gu = _mul(gu, self.factor("gate_up", gu))
             mid = self.raw(gu.device).get("mid")
-            strength = None if mid is None else _rows(lam, gu, self.info.path)[..., 0]
+            strength = None if mid is None else _rows(self.handle, gu, self.info.path)[..., 0]
             h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, strength=strength)
         y = self._sub("down")(h)
         return _mul(y, self.factor("down", y))
@@ -292,7 +297,7 @@ class _Fused(_Scaled):
             h = ops.act_scale(a, self.effective(a.device).get("mid"), act=self.info.act)
         else:
             mid = self.raw(a.device).get("mid")
-            strength = None if mid is None else _rows(lam, a, self.info.path)[..., 0]
+            strength = None if mid is None else _rows(self.handle, a, self.info.path)[..., 0]
             h = ops.act_scale(a, mid, act=self.info.act, strength=strength)
         return self._sub("fc2")(h)
 
@@ -351,9 +356,10 @@ def _fold_params(lin, axis, where):
         base, a_layers, b_layers = lora
         for i, extra in enumerate(a_layers + b_layers):
             _plain_weight(extra, f"{where} (LoRA adapter {i})")
-        return _fold_params(base, axis, where) + (
-            [(b.weight, 0) for b in b_layers] + [(b.bias, 0) for b in b_layers if b.bias is not None]
-            if axis == "rows" else [(a.weight, 1) for a in a_layers])
+        if axis == "cols":
+            return _fold_params(base, axis, where) + [(a.weight, 1) for a in a_layers]
+        return _fold_params(base, axis, where) + [(b.weight, 0) for b in b_layers] + \
+            [(b.bias, 0) for b in b_layers if b.bias is not None]
     w = _plain_weight(lin, where)
     if axis == "cols":
         return [(w, 1)]
@@ -399,7 +405,7 @@ def _apply_fold(plan):
 def _undo_fold(saved):
     with torch.no_grad():
         for t, dim, idx, original in reversed(saved):
-            t.index_copy_(dim, idx.to(t.device), original)
+            t.index_copy_(dim, idx.to(t.device), original.to(t.device, t.dtype))
 
 
 # ---------------------------------------------------------------- the handle
@@ -414,11 +420,19 @@ class PatchHandle:
         self._undo = []  # callables, run in reverse order by remove()
         self._scaled = []
         self._folded = None
+        self._strength_devices = {}  # per-sequence strength copied to each device once
         self.active = False
 
     @property
     def strength(self):
         return self._strength
+
+    def strength_on(self, device):
+        """The per-sequence strength tensor on `device`."""
+        t = self._strength_devices.get(device)
+        if t is None:
+            t = self._strength_devices[device] = self._strength.to(device)
+        return t
 
     def _apply(self):
         if self.mode == "fold":
@@ -484,6 +498,7 @@ class PatchHandle:
             _undo_fold(self._folded)
             self._folded = _apply_fold(plan)
         self._strength = strength
+        self._strength_devices.clear()
         for s in self._scaled:
             s.invalidate()
         return self
@@ -505,7 +520,8 @@ class PatchHandle:
 
     def __repr__(self):
         state = "active" if self.active else "removed"
-        return f"PatchHandle({self.mode}, {len(self.sites)} sites, strength={self._strength}, {state})"
+        return (f"PatchHandle({self.mode}, {len(self.sites)} sites, "
+                f"strength={self._strength}, {state})")
 
 
 def _set_marker(module, handle):
@@ -536,16 +552,14 @@ def patch(model, scales, *, mode="fused", strength=1.0, allow_amplify=False):
         raise ValueError("the scale set is empty: nothing to patch")
     scales.validate(allow_amplify=allow_amplify)
     root = _unwrap(model)
-    existing = root.__dict__.get(_HANDLE_ATTR)
-    if existing is not None:
-        raise ValueError(f"the model is already patched ({existing!r}); call "
-                         "sgm_ext.unpatch(model) first")
+    for path, m in root.named_modules():
+        existing = m.__dict__.get(_HANDLE_ATTR)
+        if existing is not None:
+            where = f"the model's {path}" if path else "the model"
+            raise ValueError(f"{where} is already patched ({existing!r}); call "
+                             "unpatch / handle.remove() first")
     _check_fingerprint(root, scales)
     targets = _resolve(root, scales)
-    for t in targets:
-        if _HANDLE_ATTR in t.module.__dict__:
-            raise ValueError(f"{t.info.path} is already patched (through another module); "
-                             "unpatch that first")
     handle = PatchHandle(model, root, targets, mode, strength)
     if mode == "fold":
         handle._plan(strength)  # every Linear foldable? raises before anything changes

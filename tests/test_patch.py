@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sgm_ext
-patch_mod = importlib.import_module("sgm_ext.patch")  # the function sgm_ext.patch shadows the module
+patch_mod = importlib.import_module("sgm_ext.patch")  # sgm_ext.patch is the function
 from sgm_ext.registry import find_mlps
 from sgm_ext.scales import ScaleSet, config_fingerprint
 
@@ -335,9 +335,11 @@ def _bad_cases(model):
         ({**good, site: torch.tensor([1.0] * 40 + [float("nan")] * 8)}, {},
          r"up_proj'\]\[40\] is nan"),
         ({**good, site: torch.tensor([1.0] * 47 + [-0.5])}, {}, r"up_proj'\]\[47\] is -0\.5"),
-        ({**good, site: torch.tensor([1.0] * 47 + [1.5])}, {}, r"up_proj'\]\[47\] is 1\.5.*allow_amplify"),
+        ({**good, site: torch.tensor([1.0] * 47 + [1.5])}, {},
+         r"up_proj'\]\[47\] is 1\.5.*allow_amplify"),
         (fp, {}, r"made for a model with config fingerprint 0123456789abcdef \(llava\)"),
-        (good, {"mode": "fold", "strength": torch.tensor([0.5, 1.0])}, r"fold mode .* per-sequence"),
+        (good, {"mode": "fold", "strength": torch.tensor([0.5, 1.0])},
+         r"fold mode .* per-sequence"),
         (good, {"strength": 1.5}, r"strength is 1\.5"),
         (good, {"mode": "magic"}, r"mode 'magic'"),
         ({}, {}, r"empty"),
