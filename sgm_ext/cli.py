@@ -254,12 +254,15 @@ def run_inspect(args):
 
 # ------------------------------------------------------------------------ entry point
 
-SUBCOMMANDS = [add_profile, add_inspect]
+from .demo import add_demo  # noqa: E402
+from .evaluate import add_eval  # noqa: E402
+
+SUBCOMMANDS = [add_profile, add_inspect, add_eval, add_demo]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sgm-ext", description="Neuron-level detoxification "
-                                     "of (multimodal) LLMs: profile, inspect.")
+                                     "of (multimodal) LLMs: profile, inspect, eval, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
