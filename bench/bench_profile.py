@@ -16,6 +16,7 @@ pooling, storing), "collect hooks only" the same forward passes with the pooling
 without collect's tokenizing and storing.
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -148,14 +149,17 @@ def test_collect(benchmark, collection_setup):
 # ------------------------------------------------------------------------ side-by-side run
 
 def _median_times(fns, rounds):
-    """Run the functions interleaved round by round; median seconds of each."""
+    """Run the functions interleaved round by round; median (wall, CPU) seconds of each.
+    CPU time is the process's, all threads together: on a shared machine it shows the work
+    done where wall time also counts waiting for cores."""
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            w, c = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append((time.perf_counter() - w, time.process_time() - c))
+    return {name: tuple(statistics.median(t[i] for t in ts) for i in (0, 1))
+            for name, ts in times.items()}
 
 
 def main():
@@ -172,12 +176,17 @@ def main():
     t = _median_times({"sgm": lambda: auroc(scores, labels),
                        "sklearn": lambda: sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)},
                       args.rounds)
-    sk_full = t["sklearn"] / SKLEARN_SUBSET * NEURONS
-    print(f"\nAUROC {NEURONS} neurons x {SAMPLES} samples (median of {args.rounds}, interleaved)")
-    print("| implementation | time | vs sklearn |\n|---|---|---|")
-    print(f"| sklearn roc_auc_score per neuron ({SKLEARN_SUBSET} timed, x{NEURONS // SKLEARN_SUBSET}) "
-          f"| {sk_full:.1f} s | 1x |")
-    print(f"| sgm_ext.auroc (all neurons) | {t['sgm']:.2f} s | {sk_full / t['sgm']:.0f}x |")
+    scale = NEURONS / SKLEARN_SUBSET
+    sk_wall, sk_cpu = (v * scale for v in t["sklearn"])
+    our_wall, our_cpu = t["sgm"]
+    print(f"\nAUROC {NEURONS} neurons x {SAMPLES} samples (median of {args.rounds}, interleaved; "
+          f"load average before: {os.getloadavg()[0]:.1f})")
+    print("| implementation | wall | CPU (all threads) | wall vs sklearn | CPU vs sklearn |")
+    print("|---|---|---|---|---|")
+    print(f"| sklearn roc_auc_score per neuron ({SKLEARN_SUBSET} timed, x{scale:.0f}) "
+          f"| {sk_wall:.1f} s | {sk_cpu:.1f} s | 1x | 1x |")
+    print(f"| sgm_ext.auroc (all neurons) | {our_wall:.2f} s | {our_cpu:.2f} s "
+          f"| {sk_wall / our_wall:.0f}x | {sk_cpu / our_cpu:.0f}x |")
     print(f"max |difference| on the {SKLEARN_SUBSET} neurons: {diff:.2e}")
 
     model, tok, rows = small_llama(), word_tokenizer(), texts()
@@ -189,11 +198,12 @@ def main():
     t = _median_times(fns, args.collection_rounds)
     print(f"\nCollection, {N_TEXTS} samples x ~{WORDS} tokens, batch {BATCH} "
           f"(median of {args.collection_rounds}, interleaved)")
-    print("| run | time | vs plain forward |\n|---|---|---|")
+    print("| run | wall | vs plain forward | CPU | vs plain forward |\n|---|---|---|---|---|")
     for name, label in [("forward", "plain forward passes"),
                         ("hooks", "forward + pooling hooks (4 mid sites)"),
                         ("collect", "sgm_ext.profile.collect end to end")]:
-        print(f"| {label} | {t[name] * 1000:.0f} ms | {t[name] / t['forward']:.3f} |")
+        (w, c), (w0, c0) = t[name], t["forward"]
+        print(f"| {label} | {w * 1000:.0f} ms | {w / w0:.3f} | {c * 1000:.0f} ms | {c / c0:.3f} |")
 
 
 if __name__ == "__main__":

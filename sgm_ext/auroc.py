@@ -5,15 +5,15 @@ Rank (Mann-Whitney) form with ties counted one half (DESIGN.md section 2): per n
 which is (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg) with average ranks for ties, and what
 sklearn.metrics.roc_auc_score returns.
 
-Float32 scores (what the profiler stores) take the fast path: each value becomes an
-order-preserving integer key with the label as its lowest bit, so one plain sort of int64 keys
-per neuron (numpy's vectorized sort; no argsort, no gather) puts every tie group's negatives
-before its positives. Then, for a positive at sorted position p, p minus the positives before
-it counts the negatives below or equal to it, and the sum over positives needs only the sum of
-the positives' positions. Neurons with tied values subtract half their tied pairs, found from
-the run-lengths of equal keys. Float64 scores, which do not fit a key beside a label bit, go
-the general way: argsort, average ranks of runs. Counts and position sums are integers far
-below 2**53, so the float64 result is exact up to the final division.
+Float32 scores (what the profiler stores) take the fast path: each value becomes a float64
+key carrying the label in its lowest mantissa bit, so one plain sort per neuron (numpy's
+vectorized sort; no argsort, no gather) orders values and keeps the labels beside them.
+Then, for a positive at sorted position p, p minus the positives before it counts the
+negatives sorted before it, and the sum over positives needs only the sum of the positives'
+positions. Neurons where a positive equals a negative get a correction from the run-lengths
+of equal values. Float64 scores, which leave no spare bit, go the general way: argsort,
+average ranks of runs. Counts and position sums are integers far below 2**53, so the
+float64 result is exact up to the final division.
 """
 import os
 import threading
@@ -56,50 +56,52 @@ class _Scratch(threading.local):
     def get(self, rows, n):
         if self.shape[0] < rows or self.shape[1] != n:
             self.shape = (rows, n)
-            self.flip = np.empty((rows, n), np.int32)
-            self.key = np.empty((rows, n), np.int64)
+            self.key = np.empty((rows, n), np.float64)
             self.is_pos = np.empty((rows, n), np.int64)
             self.equal = np.empty((rows, n - 1), bool)
-        return (self.flip[:rows], self.key[:rows], self.is_pos[:rows], self.equal[:rows])
+        return self.key[:rows], self.is_pos[:rows], self.equal[:rows]
 
 
 def _u_float32(x, y, scratch):
-    """U of each row of x [c, N] float32 (one neuron a row) against y [N] int64 0/1.
-    x is overwritten; -0.0 must have been turned into +0.0 (equal values, equal keys)."""
+    """U of each row of x [c, N] float32 (finite, no -0.0; one neuron a row) against y [N]
+    int64 0/1.
+
+    Key: the value in float64 (exact) with the label in the lowest mantissa bit. Distinct
+    float32 values stay 2**29 float64 steps apart, so the bit only orders equal values: it
+    moves a positive away from zero, after its tied negatives when the value is >= 0 and
+    before them when it is < 0."""
     rows, n = x.shape
-    flip, key, is_pos, equal = scratch.get(rows, n)
-    bits = x.view(np.int32)
-    # Flip the magnitude bits of negative floats: then signed integer order == float order.
-    np.right_shift(bits, 31, out=flip)
-    np.bitwise_and(flip, 0x7FFFFFFF, out=flip)
-    np.bitwise_xor(bits, flip, out=bits)
-    np.left_shift(bits, 1, out=key, dtype=np.int64)
-    np.bitwise_or(key, y, out=key)  # the label is the lowest bit: negatives first in a tie
+    key, is_pos, equal = scratch.get(rows, n)
+    np.copyto(key, x)
+    bits = key.view(np.int64)
+    np.bitwise_or(bits, y, out=bits)
     key.sort(axis=1)
-    np.bitwise_and(key, 1, out=is_pos)
+    np.bitwise_and(bits, 1, out=is_pos)
     n_pos = int(y.sum())
-    # A positive at position p has p - (#positives before it) negatives sorted before it: the
-    # negatives below it and all the negatives equal to it.
+    # A positive at position p has p - (#positives before it) negatives sorted before it: all
+    # negatives below it, and those equal to it when they sort first.
     u = (is_pos @ np.arange(n, dtype=np.int64)).astype(np.float64) - n_pos * (n_pos - 1) / 2
-    np.right_shift(key, 1, out=key)  # the value keys alone
-    np.equal(key[:, 1:], key[:, :-1], out=equal)
+    np.right_shift(bits, 1, out=bits)  # drop the label: equal values, equal integers
+    np.equal(bits[:, 1:], bits[:, :-1], out=equal)
     tied = equal.any(axis=1)
     if tied.any():
-        u[tied] -= _tied_pairs(key[tied], is_pos[tied]) / 2
+        u[tied] -= _signed_tied_pairs(bits[tied], is_pos[tied], equal[tied]) / 2
     return u
 
 
-def _tied_pairs(value, is_pos):
-    """Per row: sum over tie groups of n_pos * n_neg in the group (rows sorted by value)."""
-    n = value.shape[1]
-    is_neg = 1 - is_pos
-    neg_before = np.cumsum(is_neg, axis=1) - is_neg
-    new_run = np.ones(value.shape, dtype=bool)
-    new_run[:, 1:] = value[:, 1:] != value[:, :-1]
-    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0), axis=1)
-    # The group's negatives all sort before its positives: each positive sees all of them.
-    in_run = neg_before - np.take_along_axis(neg_before, run_start, axis=1)
-    return (in_run * is_pos).sum(axis=1).astype(np.float64)
+def _signed_tied_pairs(value, is_pos, equal):
+    """Per row: sum over groups of equal values of n_pos * n_neg in the group, + for values
+    >= 0 (negatives sorted first: counted whole, so half is taken back) and - for values < 0
+    (positives first: not counted, half is added)."""
+    rows, n = value.shape
+    new_run = np.ones((rows, n), dtype=bool)
+    new_run[:, 1:] = ~equal
+    run = np.cumsum(new_run.ravel()) - 1  # a run id for every element, over all rows
+    size = np.bincount(run)
+    pos = np.bincount(run, weights=is_pos.ravel())
+    starts = np.flatnonzero(new_run.ravel())
+    sign = np.where(value.ravel()[starts] >= 0, 1.0, -1.0)
+    return np.bincount(starts // n, weights=sign * pos * (size - pos), minlength=rows)
 
 
 def _u_general(x, y):
@@ -155,7 +157,7 @@ def auroc(scores, labels, *, name="scores", block_elements=BLOCK_ELEMENTS,
                     col, row = (int(i) for i in bad.nonzero()[0])
                     raise ValueError(f"{name}[{row}, {a + col}] is {slab[col, row].item()}: "
                                      "responses must be finite")
-            slab += 0.0  # -0.0 becomes +0.0
+            slab += 0.0  # -0.0 becomes +0.0: one key for one value
             x = slab.numpy()
 
             def block(r, x=x, a=a):
