@@ -45,7 +45,7 @@ def cuda_home():
     if not torch.version.cuda or cpp_extension.CUDA_HOME is None:
         return None
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
-    return cpp_extension.CUDA_HOME if os.path.exists(nvcc) or shutil.which("nvcc") else None
+    return cpp_extension.CUDA_HOME if os.path.exists(nvcc) else None
 
 
 def gencode_flags(archs):
@@ -84,7 +84,12 @@ if os.environ.get("SGM_EXT_NO_BUILD") == "1":
     setup(**PACKAGES)
 else:
     find_toolkit()  # before torch.utils.cpp_extension is first imported
-    from torch.utils.cpp_extension import BuildExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError as e:
+        raise SystemExit(f"sgm-ext compiles sgm_ext._C against the installed torch ({e}): install "
+                         "torch first and build with `pip install --no-build-isolation`, or set "
+                         "SGM_EXT_NO_BUILD=1 for a pure Python install") from None
 
     os.environ.setdefault("MAX_JOBS", "2")
     setup(ext_modules=[extension()],

@@ -47,7 +47,12 @@ def backends_here():
 
 
 def variants():
-    return ["eager", "compiled"] + backends_here()
+    """The chains, the op on each backend, and the compiled library's kernel called directly
+    ("_C direct": no Python op layer, to show what that layer costs at small T)."""
+    names = ["eager", "compiled"] + backends_here()
+    if DEVICE in names:  # the compiled backend of this device loaded
+        names.append("_C direct")
+    return names
 
 
 def traffic(variant, t, i, dtype):
@@ -77,6 +82,11 @@ def runner(variant, g, u, s):
         fn = lambda: chain(g, u, s_data)
     elif variant == "compiled":
         fn = lambda: compiled_chain(g, u, s_data)
+    elif variant == "_C direct":
+        def fn():
+            out = torch.empty_like(g)
+            torch.ops.sgm_ext.act_mul_scale_out(out, g, u, s, None, None, None, "silu")
+            return out
     else:
         def fn():
             old = os.environ.get("SGM_EXT_BACKEND")

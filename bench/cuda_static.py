@@ -4,7 +4,7 @@ One row per kernel per GPU architecture: registers, stack bytes, local (spill) b
 global loads / stores in its SASS counted by opcode, e.g. {"LDG.E.128": 2, "STG.E.128": 1}.
 A 16-byte access is LDG.E.128 / STG.E.128 (a .CONSTANT suffix marks a read-only-cache load).
 
-    python bench/cuda_static.py [path/to/_C.so]
+    python bench/cuda_static.py [--summary] [path/to/_C.so]
 """
 import glob
 import os
@@ -122,5 +122,27 @@ def format_table(report):
     return "\n".join(lines)
 
 
+def format_summary(report):
+    """Markdown: one line per arch x data type x path, the activations folded together."""
+    groups = {}
+    for r in report:
+        dtype, _, act, vec = [p.strip() for p in
+                              short_name(r["kernel"]).split("<", 1)[1].rstrip(">").split(",")]
+        groups.setdefault((r["arch"], dtype, int(vec)), []).append(r)
+    lines = ["| arch | data | path | kernels | registers | stack B | spill B | global access (silu) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (arch, dtype, vec), rows in sorted(groups.items()):
+        regs = sorted(r["registers"] for r in rows)
+        silu = next((r for r in rows if ", silu," in short_name(r["kernel"])), rows[0])
+        access = ", ".join(f"{k} x{v}" for k, v in silu["global_access"].items())
+        path = f"{vec} x {dtype} (16 B)" if vec > 1 else "scalar"
+        lines.append(f"| {arch} | {dtype} | {path} | {len(rows)} | {regs[0]}-{regs[-1]} | "
+                     f"{max(r['stack_bytes'] for r in rows)} | {max(r['spill_bytes'] for r in rows)} | "
+                     f"{access} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(format_table(cuda_kernel_report(sys.argv[1] if len(sys.argv) > 1 else None)))
+    args = [a for a in sys.argv[1:] if a != "--summary"]
+    report = cuda_kernel_report(args[0] if args else None)
+    print(format_summary(report) if "--summary" in sys.argv else format_table(report))
