@@ -6,7 +6,7 @@
 - harmful rate: every prompt (text, optional image, optional category) is answered greedily by
   the unpatched and by the patched model; a judge says which answers are harmful.
 - fluency: perplexity of the model on a reference text set (default: the bundled
-  sgm_ext/data/benign.txt, one passage per line), unpatched and patched.
+  sgm_ext/resources/benign.txt, one passage per line), unpatched and patched.
 - latency: the same prompts generated to exactly the same number of new tokens with and
   without the patch, the two interleaved (ABBA order) so that machine noise hits both alike;
   the ratio is the median of the per-pair ratios patched / unpatched.
@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -32,7 +33,7 @@ from . import data as data_mod
 from .patch import patch as apply_patch
 from .profile import _encode_one, _input_device, _load_image, _tokenizer
 
-BENIGN_TEXT = os.path.join(os.path.dirname(__file__), "data", "benign.txt")
+BENIGN_TEXT = os.path.join(os.path.dirname(__file__), "resources", "benign.txt")
 REPORT_FILES = ("report.json", "report.md", "report.png", "generations.jsonl")
 
 
@@ -263,7 +264,7 @@ def encode(processor, prompt):
     return _encode_one(processor, prompt, False, _load_image(prompt.image))
 
 
-def _generation_kwargs(model, processor, max_new_tokens):
+def _generation_kwargs(processor, max_new_tokens):
     tok = _tokenizer(processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
@@ -275,7 +276,7 @@ def generate_one(model, processor, inputs, max_new_tokens, exact_length=False):
     """(answer text, new token count) by greedy decoding; exact_length forbids stopping early."""
     device = _input_device(model)
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    kwargs = _generation_kwargs(model, processor, max_new_tokens)
+    kwargs = _generation_kwargs(processor, max_new_tokens)
     if exact_length:
         kwargs["min_new_tokens"] = max_new_tokens
     out = model.generate(**inputs, **kwargs)
@@ -342,18 +343,20 @@ def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_
     return {"ratio": statistics.median(ratios),
             "unpatched_s": statistics.median(times["unpatched"]),
             "patched_s": statistics.median(times["patched"]),
-            "pairs": len(ratios), "new_tokens": new_tokens, "mode": mode}
+            "pairs": len(ratios), "new_tokens": new_tokens, "mode": mode, "times": times}
 
 
 # ------------------------------------------------------------------------ the evaluation
 
-def _rates(rows, key):
-    """harmful rate overall and per category from the generation records."""
+def harmful_rates(generations, state):
+    """(overall rate, {category: {harmful_rate, n}}) of the `state` answers ("unpatched" or
+    "patched") in generation records."""
     per = {}
-    for r in rows:
-        per.setdefault(r["category"], []).append(r[key])
-    return (sum(r[key] for r in rows) / len(rows),
-            {c: {"harmful_rate": sum(v) / len(v), "n": len(v)} for c, v in sorted(per.items())})
+    for g in generations:
+        per.setdefault(g["category"], []).append(g[state]["harmful"])
+    overall = sum(g[state]["harmful"] for g in generations) / len(generations)
+    return overall, {c: {"harmful_rate": sum(v) / len(v), "n": len(v)}
+                     for c, v in sorted(per.items())}
 
 
 def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_tokens=64,
@@ -401,10 +404,9 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
     report = {"n_prompts": len(rows), "judge": judge.name, "threshold": judge.threshold,
               "max_new_tokens": max_new_tokens, "strength": strength, "mode": mode,
               "reference_passages": len(texts),
-              "categories": {c: n for c, n in sorted(_count(p.category for p in rows).items())}}
+              "categories": dict(sorted(Counter(p.category for p in rows).items()))}
     for s in ("unpatched", "patched"):
-        flat = [{"category": g["category"], "h": g[s]["harmful"]} for g in generations]
-        rate, per = _rates(flat, "h")
+        rate, per = harmful_rates(generations, s)
         report[s] = {"harmful_rate": rate, "perplexity": ppl[s], "per_category": per,
                      "harmful": sum(g[s]["harmful"] for g in generations)}
     if latency_runs > 0:
@@ -418,29 +420,24 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
     return report, generations
 
 
-def _count(items):
-    out = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out
-
-
 # ------------------------------------------------------------------------ report files
 
 def summary_table(report):
     """The short terminal table."""
     u, p = report["unpatched"], report["patched"]
-    lines = [f"{'':<22}{'unpatched':>11}{'patched':>11}",
-             f"{'harmful rate':<22}{u['harmful_rate']:>11.3f}{p['harmful_rate']:>11.3f}"]
-    cats = report["categories"]
-    if len(cats) > 1:
-        for c, n in cats.items():
-            lines.append(f"{'  ' + c + f' (n={n})':<22}{u['per_category'][c]['harmful_rate']:>11.3f}"
-                         f"{p['per_category'][c]['harmful_rate']:>11.3f}")
-    lines.append(f"{'perplexity':<22}{u['perplexity']:>11.3f}{p['perplexity']:>11.3f}")
+    rows = [("harmful rate", u["harmful_rate"], p["harmful_rate"], ".3f")]
+    if len(report["categories"]) > 1:
+        rows += [(f"  {c} (n={n})", u["per_category"][c]["harmful_rate"],
+                  p["per_category"][c]["harmful_rate"], ".3f")
+                 for c, n in report["categories"].items()]
+    rows.append(("perplexity", u["perplexity"], p["perplexity"], ".3f"))
     lat = report.get("latency")
     if lat:
-        lines.append(f"{'generate time (s)':<22}{lat['unpatched_s']:>11.4f}{lat['patched_s']:>11.4f}")
+        rows.append(("generate time (s)", lat["unpatched_s"], lat["patched_s"], ".4f"))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'':<{width}}{'unpatched':>11}{'patched':>11}"]
+    lines += [f"{name:<{width}}{a:>11{fmt}}{b:>11{fmt}}" for name, a, b, fmt in rows]
+    if lat:
         lines.append(f"latency ratio patched / unpatched: {lat['ratio']:.3f} "
                      f"(median of {lat['pairs']} interleaved pairs, {lat['new_tokens']} tokens)")
     lines.append(f"{report['n_prompts']} prompts, judge {report['judge']}, "
