@@ -95,9 +95,20 @@ def backends():
     return info
 
 
+_choices = {}  # (op, device type, forced name) -> function; every op call looks here
+
+
 def select(op, device_type):
     """The function that runs `op` on tensors of `device_type`."""
     forced = os.environ.get(ENV_VAR)
+    key = (op, device_type, forced)
+    fn = _choices.get(key)
+    if fn is None:
+        fn = _choices[key] = _select(op, device_type, forced)
+    return fn
+
+
+def _select(op, device_type, forced):
     if forced:
         if forced not in _LOADERS:
             raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; known: {', '.join(_LOADERS)}")

@@ -44,14 +44,35 @@ def _vector_grad(d, like):
     return None if d is None else d.to(like.dtype)
 
 
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _needs_dispatcher(*tensors):
+    """Whether a call must go through the registered custom op rather than straight to its
+    implementation: when gradients flow, when torch.compile traces, or for tensor subclasses
+    and functorch-wrapped tensors. Plain inference skips the dispatcher's Python layers,
+    which cost several times the op itself at decode sizes."""
+    if torch.compiler.is_compiling():
+        return True
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)
+                              or _is_functorch_wrapped(t)):
+            return True
+    return False
+
+
 # ---------------------------------------------------------------- act_mul_scale
 
-@torch.library.custom_op("sgm_ext::act_mul_scale", mutates_args=())
-def _act_mul_scale(gate: Tensor, up: Tensor, scale: Optional[Tensor], gate_scale: Optional[Tensor],
+def _act_mul_scale_impl(gate: Tensor, up: Tensor, scale: Optional[Tensor], gate_scale: Optional[Tensor],
                    strength: Optional[Tensor], strength_value: Optional[float], act: str) -> Tensor:
     n = gate.shape[-1]
     return _run_elementwise(_rows(gate, n), _rows(up, n), scale, gate_scale, strength,
                             strength_value, act, _new_out(gate, n))
+
+
+_act_mul_scale = torch.library.custom_op("sgm_ext::act_mul_scale", _act_mul_scale_impl,
+                                      mutates_args=())
 
 
 @_act_mul_scale.register_fake
@@ -80,14 +101,17 @@ _act_mul_scale.register_autograd(_act_mul_scale_bwd, setup_context=_save_element
 
 # ---------------------------------------------------------------- packed [..., 2I] layout
 
-@torch.library.custom_op("sgm_ext::act_mul_scale_packed", mutates_args=())
-def _act_mul_scale_packed(gate_up: Tensor, scale: Optional[Tensor], gate_scale: Optional[Tensor],
+def _act_mul_scale_packed_impl(gate_up: Tensor, scale: Optional[Tensor], gate_scale: Optional[Tensor],
                           strength: Optional[Tensor], strength_value: Optional[float],
                           act: str) -> Tensor:
     n = gate_up.shape[-1] // 2
     rows = _rows(gate_up, 2 * n)
     return _run_elementwise(rows[:, :n], rows[:, n:], scale, gate_scale, strength,
                             strength_value, act, _new_out(gate_up, n))
+
+
+_act_mul_scale_packed = torch.library.custom_op("sgm_ext::act_mul_scale_packed",
+                                             _act_mul_scale_packed_impl, mutates_args=())
 
 
 @_act_mul_scale_packed.register_fake
@@ -112,12 +136,14 @@ _act_mul_scale_packed.register_autograd(_act_mul_scale_packed_bwd, setup_context
 
 # ---------------------------------------------------------------- non-gated act_scale
 
-@torch.library.custom_op("sgm_ext::act_scale", mutates_args=())
-def _act_scale(x: Tensor, scale: Optional[Tensor], strength: Optional[Tensor],
+def _act_scale_impl(x: Tensor, scale: Optional[Tensor], strength: Optional[Tensor],
                strength_value: Optional[float], act: str) -> Tensor:
     n = x.shape[-1]
     return _run_elementwise(_rows(x, n), None, scale, None, strength, strength_value, act,
                             _new_out(x, n))
+
+
+_act_scale = torch.library.custom_op("sgm_ext::act_scale", _act_scale_impl, mutates_args=())
 
 
 @_act_scale.register_fake
@@ -139,8 +165,7 @@ _act_scale.register_autograd(_act_scale_bwd, setup_context=_save_elementwise)
 
 # ---------------------------------------------------------------- gated_up_proj (GEMM + epilogue)
 
-@torch.library.custom_op("sgm_ext::gated_up_proj", mutates_args=())
-def _gated_up_proj(x: Tensor, w_gate: Tensor, w_up: Tensor, scale: Optional[Tensor],
+def _gated_up_proj_impl(x: Tensor, w_gate: Tensor, w_up: Tensor, scale: Optional[Tensor],
                    gate_scale: Optional[Tensor], strength: Optional[Tensor],
                    strength_value: Optional[float], act: str) -> Tensor:
     n = w_gate.shape[0]
@@ -149,6 +174,10 @@ def _gated_up_proj(x: Tensor, w_gate: Tensor, w_up: Tensor, scale: Optional[Tens
     fn(out.view(-1, n), x.reshape(-1, x.shape[-1]), w_gate, w_up, scale, gate_scale, strength,
        strength_value, act)
     return out
+
+
+_gated_up_proj = torch.library.custom_op("sgm_ext::gated_up_proj", _gated_up_proj_impl,
+                                      mutates_args=())
 
 
 @_gated_up_proj.register_fake
@@ -250,7 +279,8 @@ def act_mul_scale(gate, up, scale=None, *, act="silu", gate_scale=None, strength
     scale = _check_vector("scale", scale, n, gate)
     gate_scale = _check_vector("gate_scale", gate_scale, n, gate)
     st, sv = _strength_args(strength, scale, gate.shape[:-1], gate)
-    return _act_mul_scale(gate, up, scale, gate_scale, st, sv, act)
+    op = _act_mul_scale if _needs_dispatcher(gate, up, scale, gate_scale, st) else _act_mul_scale_impl
+    return op(gate, up, scale, gate_scale, st, sv, act)
 
 
 def act_mul_scale_packed(gate_up, scale=None, *, act="silu", gate_scale=None, strength=None):
@@ -263,7 +293,9 @@ def act_mul_scale_packed(gate_up, scale=None, *, act="silu", gate_scale=None, st
     scale = _check_vector("scale", scale, n, gate_up)
     gate_scale = _check_vector("gate_scale", gate_scale, n, gate_up)
     st, sv = _strength_args(strength, scale, gate_up.shape[:-1], gate_up)
-    return _act_mul_scale_packed(gate_up, scale, gate_scale, st, sv, act)
+    op = (_act_mul_scale_packed if _needs_dispatcher(gate_up, scale, gate_scale, st)
+          else _act_mul_scale_packed_impl)
+    return op(gate_up, scale, gate_scale, st, sv, act)
 
 
 def act_scale(x, scale=None, *, act, strength=None):
@@ -273,7 +305,8 @@ def act_scale(x, scale=None, *, act, strength=None):
     n = x.shape[-1]
     scale = _check_vector("scale", scale, n, x)
     st, sv = _strength_args(strength, scale, x.shape[:-1], x)
-    return _act_scale(x, scale, st, sv, act)
+    op = _act_scale if _needs_dispatcher(x, scale, st) else _act_scale_impl
+    return op(x, scale, st, sv, act)
 
 
 def gated_up_proj(x, w_gate, w_up, scale=None, *, act="silu", gate_scale=None, strength=None):
@@ -292,4 +325,6 @@ def gated_up_proj(x, w_gate, w_up, scale=None, *, act="silu", gate_scale=None, s
     scale = _check_vector("scale", scale, n, x)
     gate_scale = _check_vector("gate_scale", gate_scale, n, x)
     st, sv = _strength_args(strength, scale, x.shape[:-1], x)
-    return _gated_up_proj(x, w_gate, w_up, scale, gate_scale, st, sv, act)
+    op = (_gated_up_proj if _needs_dispatcher(x, w_gate, w_up, scale, gate_scale, st)
+          else _gated_up_proj_impl)
+    return op(x, w_gate, w_up, scale, gate_scale, st, sv, act)

@@ -379,3 +379,15 @@ def test_default_choice_on_cpu_never_picks_the_interpreter():
     expected_name = "cpu" if "cpu" in CPU_BACKENDS else "torch"
     assert selected("act_mul_scale", "cpu") == expected_name
     assert selected("gated_up_proj", "cpu") == "torch"
+
+
+def test_inference_fast_path_equals_the_registered_op(backend, gen):
+    # Without grad the public ops call their implementation directly; through the dispatcher
+    # (grad enabled on a requires-grad input) the result must be the same bits.
+    gate, up = torch.randn(3, 5, 40, generator=gen), torch.randn(3, 5, 40, generator=gen)
+    scale = rand_scale(40, gen)
+    with torch.no_grad():
+        fast = sgm_ext.act_mul_scale(gate, up, scale, strength=0.5)
+    via_op = sgm_ext.act_mul_scale(gate.requires_grad_(), up, scale, strength=0.5)
+    assert via_op.grad_fn is not None and fast.grad_fn is None
+    assert torch.equal(fast, via_op.detach())
