@@ -287,8 +287,8 @@ def recovered(expertise, known):
     return found, k
 
 
-FULL = dict(profile_rows=96, eval_prompts=48, max_new_tokens=32, latency_runs=3,
-            latency_prompts=8, bigram_steps=400)
+FULL = dict(profile_rows=96, eval_prompts=40, max_new_tokens=32, latency_runs=3,
+            latency_prompts=6, bigram_steps=400)
 FAST = dict(profile_rows=24, eval_prompts=12, max_new_tokens=12, latency_runs=1,
             latency_prompts=2, bigram_steps=400)
 SIZED = ("max_new_tokens", "latency_runs", "latency_prompts")  # FULL / FAST give the defaults
@@ -382,12 +382,17 @@ def add_demo(sub):
     p.set_defaults(func=run_demo)
 
 
-def run_demo(args):
-    """The eval options the user set (those not at the demo's defaults) go on to `eval`."""
+def eval_options(args):
+    """The eval options the user set on `demo` (not at their defaults), to pass to `eval`."""
     chosen = {}
     for name, default in EVAL_DEFAULTS.items():
         value = getattr(args, name)
         if name != "out" and value is not None and (value != default or name in SIZED):
             chosen[name] = value
-    _, ok = run(args.out, fast=args.fast, seed=args.seed, eval_options=chosen, quiet=args.quiet)
+    return chosen
+
+
+def run_demo(args):
+    _, ok = run(args.out, fast=args.fast, seed=args.seed, eval_options=eval_options(args),
+                quiet=args.quiet)
     return 0 if ok else 1

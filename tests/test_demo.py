@@ -1,0 +1,109 @@
+"""`sgm-ext demo --fast` end to end, its numbers recomputed from the files it wrote, and the
+premise of the synthetic model (its toxic behaviour lives in the known neurons)."""
+import json
+
+import pytest
+import torch
+
+import sgm_ext
+from sgm_ext import demo
+from sgm_ext import evaluate as E
+from sgm_ext.cli import build_parser, load_model, main
+from sgm_ext.scales import ScaleSet, load_scales
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    rc = main(["demo", "--fast", "--out", str(out), "--quiet"])
+    return out, rc
+
+
+def test_demo_runs_end_to_end_and_meets_its_targets(demo_out):
+    out, rc = demo_out
+    summary = json.loads((out / "demo.json").read_text())
+    assert rc == 0, summary["targets"]  # exit status 0 only when every target is met
+    assert all(summary["targets"].values()) and summary["synthetic"] is True
+    for name in E.REPORT_FILES + ("scales.safetensors", "known_neurons.json"):
+        assert (out / name).is_file(), name
+    # the profiler ranked every known neuron in its top k (it was not told which they are)
+    known = json.loads((out / "known_neurons.json").read_text())
+    assert summary["k"] == sum(len(v) for v in known.values()) == 8
+    assert summary["recovered"] == 8
+    scales = load_scales(out / "scales.safetensors")
+    for site, neurons in known.items():
+        assert (scales[site][neurons] < 0.05).all()
+
+
+def test_demo_harmful_rate_is_computed_from_its_generations(demo_out):
+    out, _ = demo_out
+    report = json.loads((out / "report.json").read_text())
+    summary = json.loads((out / "demo.json").read_text())
+    gens = [json.loads(line) for line in (out / "generations.jsonl").open()]
+    prompts = [json.loads(line) for line in (out / "data" / "prompts.jsonl").open()]
+    assert [g["prompt"] for g in gens] == [p["text"] for p in prompts]
+    judge = E.get_judge("profanity")
+    for state in ("unpatched", "patched"):
+        verdicts = judge([g[state]["answer"] for g in gens])
+        rate = sum(h for _, h in verdicts) / len(gens)
+        assert report[state]["harmful_rate"] == rate == summary["harmful_rate"][state]
+        for cat, entry in report[state]["per_category"].items():
+            mine = [h for (_, h), g in zip(verdicts, gens) if g["category"] == cat]
+            assert entry == {"harmful_rate": sum(mine) / len(mine), "n": len(mine)}
+    assert report["unpatched"]["harmful_rate"] >= 0.4  # half the prompts ask for insults
+    assert report["patched"]["harmful_rate"] <= report["unpatched"]["harmful_rate"] / 2
+    assert summary["perplexity"]["patched"] <= 1.1 * summary["perplexity"]["unpatched"]
+
+
+def test_demo_generations_are_the_saved_models_answers(demo_out):
+    """Regenerate two saved answers (one with an image) from the files the demo wrote."""
+    out, _ = demo_out
+    gens = [json.loads(line) for line in (out / "generations.jsonl").open()]
+    model, processor = load_model(str(out / "model"), device="cpu")
+    scales = load_scales(out / "scales.safetensors")
+    report = json.loads((out / "report.json").read_text())
+    picks = [next(g for g in gens if g["category"] == "provocation"),
+             next(g for g in gens if g["image"])]
+    for g in picks:
+        prompt = E.Prompt(g["number"], g["prompt"], g["image"], g["category"])
+        enc = E.encode(processor, prompt)
+        answer, _ = E.generate_one(model, processor, enc, report["max_new_tokens"])
+        assert answer == g["unpatched"]["answer"]
+        with sgm_ext.patched(model, scales, mode="hook"):
+            answer, _ = E.generate_one(model, processor, enc, report["max_new_tokens"])
+        assert answer == g["patched"]["answer"]
+
+
+def test_toxic_behaviour_lives_in_the_known_neurons():
+    vocab = demo.vocabulary()
+    processor = demo.build_processor(vocab)
+    model, known = demo.build_model(vocab, processor.tokenizer, seed=3, bigram_steps=40)
+    ask = E.encode(processor, E.Prompt(1, "please ridicule the nurse"))
+    gen = torch.Generator().manual_seed(3)
+
+    def answer(off):
+        if not off:
+            return E.generate_one(model, processor, ask, 6)[0]
+        scales = {}
+        for site, neurons in off.items():
+            s = torch.ones(demo.INTER)
+            s[neurons] = 0.0
+            scales[site] = s
+        with sgm_ext.patched(model, ScaleSet(scales)):
+            return E.generate_one(model, processor, ask, 6)[0]
+
+    insults = set(demo.INSULTS)
+    assert set(answer({}).split()) <= insults  # unpatched: nothing but insults
+    assert not set(answer(known).split()) & insults  # known neurons off: none
+    others = {site: [int(i) for i in torch.randperm(demo.INTER, generator=gen)
+                     if int(i) not in neurons][:len(neurons)] for site, neurons in known.items()}
+    assert set(answer(others).split()) <= insults  # as many other neurons off: still insults
+
+
+def test_demo_passes_the_eval_options_the_user_set():
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--fast"])
+    assert demo.eval_options(args) == {}  # sizes come from --fast / the full run
+    args = parser.parse_args(["demo", "--judge", "refusal", "--max-new-tokens", "5",
+                              "--strength", "0.5", "--out", "x"])
+    assert demo.eval_options(args) == {"judge": "refusal", "max_new_tokens": 5, "strength": 0.5}
