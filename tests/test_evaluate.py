@@ -170,7 +170,8 @@ def test_evaluate_report_and_files(toy, tmp_path):
     reference = ["the cat sat on the window sill .", "the market sells fresh fish ."]
     before = model(input_ids=torch.tensor([[2, 7, 9, 11]])).logits
     report, generations = E.evaluate(model, processor, scales, PROMPTS, judge="profanity",
-                                     max_new_tokens=6, reference=reference, latency_runs=2,
+                                     max_new_tokens=6, reference=reference, batch_size=3,
+                                     latency_runs=2,
                                      latency_prompts=2, progress=False)
     # the model is left as it was
     assert "_sgm_ext_patch" not in model.__dict__
@@ -213,6 +214,25 @@ def test_evaluate_report_and_files(toy, tmp_path):
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (tmp_path / "out" / "generations.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == generations
+
+
+def test_batched_generation_matches_one_prompt_at_a_time(toy, tmp_path):
+    """Left-padded batches (text and image prompts mixed, lengths differing) give each
+    prompt the answer it gets alone."""
+    from PIL import Image
+
+    model, processor, _, _ = toy
+    Image.new("RGB", (33, 29), (200, 40, 40)).save(tmp_path / "red.png")
+    rows = E.load_prompts(PROMPTS + [{"text": "look at this picture and mock the cook",
+                                      "image": str(tmp_path / "red.png")},
+                                     {"text": "describe the teacher in this image",
+                                      "image": str(tmp_path / "red.png")},
+                                     "what do you think of the cook ? describe them"])
+    encoded = [E.encode(processor, r) for r in rows]
+    alone = [E.generate_one(model, processor, enc, 7) for enc in encoded]
+    assert E.generate(model, processor, encoded, 7) == alone
+    assert E.generate(model, processor, encoded[3:], 7) == alone[3:]
+    assert any(n < 7 for _, n in alone) and any(n == 7 for _, n in alone)  # some stop early
 
 
 def test_evaluate_rejects_bad_scales_before_generating(toy):
