@@ -207,7 +207,7 @@ def _mul(x, factor):
 
 def _use_gated_up_proj(gate, up, x):
     """On CUDA, plain fp16 / bf16 nn.Linear gate and up without bias or hooks: one fused GEMM."""
-    return (x.device.type == "cuda" and x.dtype in _GEMM_DTYPES
+    return (x.is_cuda and x.dtype in _GEMM_DTYPES
             and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype
                     and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
                     for m in (gate, up)))

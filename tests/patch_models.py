@@ -1,8 +1,12 @@
 """Tiny random-weight models of the real transformers classes, with matching inputs.
 
 Each builder returns (model, inputs): `inputs` is a dict for model(**inputs) with a batch of
-two sequences (images included for the multimodal ones; pixel tensors of the shape the
-model's image processor produces, made by the real processor class where one builds offline).
+two sequences, one image each for the multimodal ones. Images go through the real image
+processor classes where they build offline with explicit sizes (LLaVA: CLIPImageProcessor;
+Qwen2-VL / Qwen2.5-VL: Qwen2VLImageProcessor; PaliGemma / Gemma 3: SiglipImageProcessor); the
+others (LLaVA-NeXT tiles, Idefics3, Mllama tiles, InternVL) get random pixel tensors of the
+shape their processors produce. No tokenizer: token ids are random, image placeholders are put
+where the model expects them.
 Sizes are small so that a forward takes milliseconds; vocabularies are small and the image
 token ids lie inside them.
 """
@@ -38,17 +42,26 @@ def _pixels(shape, seed):
     return torch.rand(shape, generator=_gen(seed)) * 2 - 1
 
 
-def _clip_pixels(seed, size=28):
-    """Two images through the real CLIPImageProcessor (resize, crop, normalise)."""
+def _images(seed, grow=8):
+    """B random RGB PIL images, each `grow` pixels taller and wider than the one before."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 36, 3), dtype=np.uint8))
-              for i in range(B)]
+    return [Image.fromarray(rng.integers(0, 255, (60 + grow * i, 50 + grow * i, 3),
+                                         dtype=np.uint8)) for i in range(B)]
+
+
+def _clip_pixels(seed, size=28):
+    """Images through the real CLIPImageProcessor (resize, crop, normalise)."""
     proc = T.CLIPImageProcessor(size={"shortest_edge": size},
                                 crop_size={"height": size, "width": size})
-    return proc(images=images, return_tensors="pt")["pixel_values"]
+    return proc(images=_images(seed), return_tensors="pt")["pixel_values"]
+
+
+def _siglip_pixels(seed, size=28):
+    proc = T.SiglipImageProcessor(size={"height": size, "width": size})
+    return proc(images=_images(seed), return_tensors="pt")["pixel_values"]
 
 
 def _with_mask(ids, **extra):
@@ -111,9 +124,13 @@ def _qwen_vl(config_cls, model_cls, vision, seed):
     cfg = config_cls(text_config=text, vision_config=vision, image_token_id=IMG,
                      video_token_id=91, vision_start_token_id=92, vision_end_token_id=93)
     model = model_cls(cfg)
-    grid = torch.tensor([[1, 4, 4]] * B)  # 16 patches, merged 2x2: 4 tokens per image
-    patch = 3 * 2 * 14 * 14
-    pixels = _pixels((16 * B, patch), seed)
+    # The real image processor, pinned to 56 x 56 pixels: 4 x 4 patches of 14, merged 2 x 2
+    # into 4 tokens per image; pixel_values [16 B, 3 * 2 * 14 * 14], image_grid_thw [B, 3].
+    proc = T.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14,
+                                   merge_size=2, temporal_patch_size=2)
+    out = proc(images=_images(seed, grow=0), return_tensors="pt")
+    pixels, grid = out["pixel_values"], out["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 4]] * B
     ids = _text_ids(5, seed, image_tokens=4, prefix=(92,))
     return model, _with_mask(ids, pixel_values=pixels, image_grid_thw=grid,
                              mm_token_type_ids=(ids == IMG).long())
@@ -147,7 +164,7 @@ def paligemma():
                             image_token_index=IMG, projection_dim=32, hidden_size=32)
     model = T.PaliGemmaForConditionalGeneration(cfg)
     ids = _text_ids(5, 10, image_tokens=4)
-    return model, _with_mask(ids, pixel_values=_pixels((B, 3, 28, 28), 10),
+    return model, _with_mask(ids, pixel_values=_siglip_pixels(10),
                              token_type_ids=(ids == IMG).long() * 0)
 
 
@@ -157,7 +174,7 @@ def gemma3():
                          image_token_index=IMG, boi_token_index=88, eoi_token_index=89)
     model = T.Gemma3ForConditionalGeneration(cfg)
     ids = _text_ids(5, 11, image_tokens=1)
-    return model, _with_mask(ids, pixel_values=_pixels((B, 3, 28, 28), 11),
+    return model, _with_mask(ids, pixel_values=_siglip_pixels(11),
                              token_type_ids=(ids == IMG).long())
 
 
