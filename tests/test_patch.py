@@ -145,6 +145,68 @@ def test_per_sequence_strength_equals_each_sequence_alone(name):
         assert _rel(batched, alone) < 1e-5, mode
 
 
+# ---------------------------------------------------------------- the math, written out
+
+def _one_mlp(layout):
+    """One MLP of a real transformers class with biases where the class has them, in a
+    ModuleDict so its sites are named "mlp.*"; and its float64 forward written out by hand."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if layout == "gated":
+        mlp = T.models.llama.modeling_llama.LlamaMLP(
+            T.LlamaConfig(hidden_size=16, intermediate_size=24, mlp_bias=True,
+                          num_attention_heads=2))
+    elif layout == "packed":
+        mlp = T.models.phi3.modeling_phi3.Phi3MLP(
+            T.Phi3Config(hidden_size=16, intermediate_size=24))
+    else:
+        mlp = T.models.clip.modeling_clip.CLIPMLP(
+            T.CLIPVisionConfig(hidden_size=16, intermediate_size=24, hidden_act="gelu",
+                               num_attention_heads=2))
+    return nn.ModuleDict({"mlp": mlp.eval()})
+
+
+def _formula(mlp, layout, s, x):
+    """y of the MLP with scales s[kind] (1-D) applied, in float64, from the weights."""
+    def lin(m, h):
+        y = h @ m.weight.double().T
+        return y if m.bias is None else y + m.bias.double()
+
+    one = lambda k, n: s[k].double() if k in s else torch.ones(n, dtype=torch.float64)  # noqa
+    x = x.double()
+    if layout == "gated":
+        g = lin(mlp.gate_proj, x) * one("gate", 24)
+        h = torch.nn.functional.silu(g) * lin(mlp.up_proj, x) * one("up", 24) * one("mid", 24)
+        return lin(mlp.down_proj, h) * one("down", 16)
+    if layout == "packed":
+        gu = lin(mlp.gate_up_proj, x) * one("gate_up", 48)
+        h = torch.nn.functional.silu(gu[..., :24]) * gu[..., 24:] * one("mid", 24)
+        return lin(mlp.down_proj, h) * one("down", 16)
+    a = lin(mlp.fc1, x) * one("fc1", 24)
+    return lin(mlp.fc2, torch.nn.functional.gelu(a) * one("mid", 24))
+
+
+@pytest.mark.parametrize("layout", ["gated", "packed", "non_gated"])
+def test_every_mode_computes_the_written_out_formula(layout):
+    root = _one_mlp(layout)
+    (info,) = find_mlps(root).values()
+    g = torch.Generator().manual_seed(1)
+    kinds = info.sites()
+    scales = {site: torch.rand(info.site_size(k), generator=g) for site, k in kinds.items()}
+    by_kind = {kinds[site]: v for site, v in scales.items()}
+    x = torch.randn(3, 5, 16, generator=g).transpose(0, 1)  # non-contiguous [5, 3, 16]
+    want = _formula(root["mlp"], layout, by_kind, x)
+    lam = 0.6
+    want_half = _formula(root["mlp"], layout, {k: 1 - lam * (1 - v) for k, v in by_kind.items()},
+                         x)
+    for mode in ("hook", "fused", "fold"):
+        with sgm_ext.patched(root, scales, mode=mode) as h, torch.no_grad():
+            assert _rel(root["mlp"](x).double(), want) < 1e-5, mode
+            h.set_strength(lam)
+            assert _rel(root["mlp"](x).double(), want_half) < 1e-5, mode
+
+
 # ---------------------------------------------------------------- strength semantics
 
 def test_strength_interpolates_per_site():
