@@ -176,14 +176,20 @@ class _Scaled:
         return self._cache[key]
 
     def effective(self, device):
-        """{kind: s_eff [n] float32} for the float strength, plus "prod": up x mid combined."""
+        """{kind: s_eff [n] float32} for the float strength, plus what the op takes:
+        "gate_scale" (gate, or the gate half of gate_up) and "prod" (up, or the up half of
+        gate_up, times mid): one vector each, computed once."""
         key = ("eff", device)
         if key not in self._cache:
             lam = self.handle.strength
             eff = {k: _effective(s, lam).to(device) for k, s in self.scales.items()}
-            if "up" in eff or "mid" in eff:
-                eff["prod"] = eff["up"] * eff["mid"] if "up" in eff and "mid" in eff else \
-                    eff.get("up", eff.get("mid"))
+            gate, up = eff.get("gate"), eff.get("up")
+            if "gate_up" in eff:
+                gate, up = (half.contiguous() for half in eff["gate_up"].chunk(2))
+            mid = eff.get("mid")
+            eff["gate_scale"] = gate
+            eff["prod"] = up * mid if up is not None and mid is not None else \
+                (up if up is not None else mid)
             self._cache[key] = eff
         return self._cache[key]
 
@@ -246,7 +252,7 @@ class _Fused(_Scaled):
         """
         if isinstance(lam, float):
             eff = self.effective(like.device)
-            return eff.get("prod"), eff.get("gate"), None, None
+            return eff["prod"], eff["gate_scale"], None, None
         raw = self.raw(like.device)
         scale = raw.get("mid", raw.get("up"))
         up_factor = self.factor("up", like) if "mid" in raw else None
@@ -261,7 +267,8 @@ class _Fused(_Scaled):
             if up_factor is None:
                 h = ops.gated_up_proj(x, gate.weight, up.weight, scale, act=self.info.act,
                                       gate_scale=gate_scale, strength=strength)
-                return _mul(self._sub("down")(h), self.factor("down", x))
+                y = self._sub("down")(h)
+                return _mul(y, self.factor("down", y))
         g, u = gate(x), up(x)
         scale, gate_scale, strength, up_factor = self._elementwise_args(g, lam)
         if per_row_gate:
@@ -273,15 +280,10 @@ class _Fused(_Scaled):
 
     def _packed(self, x, lam):
         gu = self._sub("gate_up")(x)
-        n = gu.shape[-1] // 2
         if isinstance(lam, float):
             eff = self.effective(gu.device)
-            gate_scale = scale = None
-            if "gate_up" in eff:
-                gate_scale, scale = eff["gate_up"][:n], eff["gate_up"][n:]
-            if "mid" in eff:
-                scale = eff["mid"] if scale is None else scale * eff["mid"]
-            h = ops.act_mul_scale_packed(gu, scale, act=self.info.act, gate_scale=gate_scale)
+            h = ops.act_mul_scale_packed(gu, eff["prod"], act=self.info.act,
+                                         gate_scale=eff["gate_scale"])
         else:
             gu = _mul(gu, self.factor("gate_up", gu))
             mid = self.raw(gu.device).get("mid")
@@ -322,7 +324,8 @@ class _InputHook:
         return (args[0] * self.scaled.factor("mid", args[0]), *args[1:])
 
 
-_OUTPUT_ROLE = {"gate": "gate", "up": "up", "down": "down", "gate_up": "gate_up", "fc1": "fc1"}
+# A site kind other than mid is the output of the sub-module of the same role; mid is the
+# input of the last Linear.
 _MID_ROLE = {"gated": "down", "packed": "down", "non_gated": "fc2"}
 
 
@@ -375,7 +378,7 @@ def _fold_plan(target, strength):
         if kind == "mid":
             edits.append((_MID_ROLE[info.layout], "cols", e))
         else:
-            edits.append((_OUTPUT_ROLE[kind], "rows", e))
+            edits.append((kind, "rows", e))
     plan = []
     for role, axis, e in edits:
         idx = (e != 1.0).nonzero().flatten()
@@ -480,7 +483,7 @@ class PatchHandle:
                 sub = getattr(m, info.roles[_MID_ROLE[info.layout]])
                 h = sub.register_forward_pre_hook(_InputHook(scaled))
             else:
-                sub = getattr(m, info.roles[_OUTPUT_ROLE[kind]])
+                sub = getattr(m, info.roles[kind])
                 h = sub.register_forward_hook(_OutputHook(scaled, kind))
             self._undo.append(h.remove)
 
