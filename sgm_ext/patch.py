@@ -400,7 +400,8 @@ def _apply_fold(plan):
             i = idx.to(t.device)
             shape = [1] * t.dim()
             shape[dim] = -1
-            part = t.index_select(dim, i).float() * factors.to(t.device).view(shape)
+            cd = torch.promote_types(t.dtype, torch.float32)  # fp32 math (fp64 stays fp64)
+            part = t.index_select(dim, i).to(cd) * factors.to(t.device, cd).view(shape)
             t.index_copy_(dim, i, part.to(t.dtype))
     return saved
 
