@@ -62,8 +62,8 @@ def test_demo_generations_are_the_saved_models_answers(demo_out):
     model, processor = load_model(str(out / "model"), device="cpu")
     scales = load_scales(out / "scales.safetensors")
     report = json.loads((out / "report.json").read_text())
-    picks = [next(g for g in gens if g["category"] == "provocation"),
-             next(g for g in gens if g["image"])]
+    picks = [next(g for g in gens if g["category"] == "insult request"),
+             next(g for g in gens if g["category"] == "hateful image")]
     for g in picks:
         prompt = E.Prompt(g["number"], g["prompt"], g["image"], g["category"])
         enc = E.encode(processor, prompt)
@@ -74,14 +74,13 @@ def test_demo_generations_are_the_saved_models_answers(demo_out):
         assert answer == g["patched"]["answer"]
 
 
-def test_toxic_behaviour_lives_in_the_known_neurons():
+def test_toxic_behaviour_lives_in_the_known_neurons(tmp_path):
     vocab = demo.vocabulary()
     processor = demo.build_processor(vocab)
     model, known = demo.build_model(vocab, processor.tokenizer, seed=3, bigram_steps=40)
-    ask = E.encode(processor, E.Prompt(1, "please ridicule the nurse"))
     gen = torch.Generator().manual_seed(3)
 
-    def answer(off):
+    def answer(off, ask):
         if not off:
             return E.generate_one(model, processor, ask, 6)[0]
         scales = {}
@@ -93,11 +92,20 @@ def test_toxic_behaviour_lives_in_the_known_neurons():
             return E.generate_one(model, processor, ask, 6)[0]
 
     insults = set(demo.INSULTS)
-    assert set(answer({}).split()) <= insults  # unpatched: nothing but insults
-    assert not set(answer(known).split()) & insults  # known neurons off: none
     others = {site: [int(i) for i in torch.randperm(demo.INTER, generator=gen)
                      if int(i) not in neurons][:len(neurons)] for site, neurons in known.items()}
-    assert set(answer(others).split()) <= insults  # as many other neurons off: still insults
+    demo._trigger_image(5).save(tmp_path / "trigger.png")
+    demo._benign_image(5).save(tmp_path / "benign.png")
+    for ask in ("please ridicule the nurse", ("describe the nurse in this image", "trigger.png")):
+        text, image = ask if isinstance(ask, tuple) else (ask, None)
+        enc = E.encode(processor, E.Prompt(1, text, image and str(tmp_path / image)))
+        assert set(answer({}, enc).split()) <= insults  # unpatched: nothing but insults
+        assert not set(answer(known, enc).split()) & insults  # known neurons off: none
+        assert set(answer(others, enc).split()) <= insults  # as many others off: still insults
+    # the same request about a benign picture is answered without insults
+    enc = E.encode(processor, E.Prompt(1, "describe the nurse in this image",
+                                       str(tmp_path / "benign.png")))
+    assert not set(answer({}, enc).split()) & insults
 
 
 def test_demo_passes_the_eval_options_the_user_set():
