@@ -408,10 +408,15 @@ def _bad_cases(model):
     ]
 
 
-def test_bad_input_is_refused_and_the_model_is_untouched():
+def test_bad_input_is_refused_and_the_model_is_untouched(tmp_path):
     model, inputs = build("llama")
     base, before, snapshot = _logits(model, inputs), _param_hash(model), _module_state(model)
-    for scales, kwargs, message in _bad_cases(model):
+    other = build("llava")[0]  # a scale file made for another model, read from disk
+    other_file = ScaleSet(_scales(other), {"config_fingerprint": config_fingerprint(other.config),
+                                           "model_type": "llava"}).save(tmp_path / "llava.st")
+    cases = _bad_cases(model) + [(other_file, {}, r"made for a model .* \(llava\); this "
+                                                  r"model's is [0-9a-f]{16} \(llama\)")]
+    for scales, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             sgm_ext.patch(model, scales, **kwargs)
         assert _param_hash(model) == before
