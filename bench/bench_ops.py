@@ -141,7 +141,7 @@ def measure(runs, min_time=0.3, min_reps=5, max_reps=200):
             return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def table(tokens=TOKENS, widths=WIDTHS):
+def table(tokens=TOKENS, widths=WIDTHS, min_time=0.3):
     names = variants()
     head = ["dtype", "[T, I]"] + [f"{n} ms" for n in names] + \
         [f"eager / {n}" for n in names[1:]] + [f"compiled / {n}" for n in names[2:]]
@@ -150,7 +150,7 @@ def table(tokens=TOKENS, widths=WIDTHS):
         for t in tokens:
             for i in widths:
                 g, u, s = inputs(t, i, dtype)
-                med = measure({n: runner(n, g, u, s) for n in names})
+                med = measure({n: runner(n, g, u, s) for n in names}, min_time=min_time)
                 row = [dtype_name, f"[{t}, {i}]"] + [f"{med[n] * 1e3:.3g}" for n in names]
                 row += [f"{med['eager'] / med[n]:.2f}" for n in names[1:]]
                 row += [f"{med['compiled'] / med[n]:.2f}" for n in names[2:]]
@@ -172,8 +172,10 @@ def traffic_table(t=2048, i=11008):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only [2048, 11008]")
+    parser.add_argument("--min-time", type=float, default=0.3,
+                        help="seconds of interleaved calls per shape (more: steadier medians)")
     args = parser.parse_args()
     print(f"device {DEVICE}, threads {THREADS}, torch {torch.__version__}")
-    print(table((2048,), (11008,)) if args.quick else table())
+    print(table((2048,), (11008,), args.min_time) if args.quick else table(min_time=args.min_time))
     print()
     print(traffic_table())
