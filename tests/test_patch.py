@@ -222,6 +222,29 @@ def test_strength_interpolates_per_site():
             assert _rel(_logits(model, inputs), ref) < 1e-5, mode
 
 
+def test_per_sequence_strength_on_a_vision_tower_with_the_batch_first():
+    """LLaVA's CLIP tower runs one image per sequence: [B, patches, dim], so per-sequence
+    strength applies there too."""
+    model, inputs = build("llava")
+    scales = _scales(model, seed=12)
+    assert any("vision_tower" in site for site in scales)
+    alone = []
+    with sgm_ext.patched(model, scales, mode="hook") as h:
+        for i, lam in enumerate((0.5, 0.0)):
+            h.set_strength(lam)
+            alone.append(_logits(model, _one(inputs, i)))
+    with sgm_ext.patched(model, scales, strength=torch.tensor([0.5, 0.0])):
+        assert _rel(_logits(model, inputs), torch.cat(alone)) < 1e-5
+
+
+def test_fused_forward_takes_one_input():
+    model, inputs = build("mistral")
+    with sgm_ext.patched(model, _scales(model)):
+        with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp: the fused MistralMLP "
+                                            r"forward takes one input"):
+            model.model.layers[0].mlp(torch.randn(1, 2, 32), torch.randn(1))
+
+
 def test_per_sequence_strength_needs_the_batch_first():
     model, inputs = build("qwen2_vl")  # vision activations are [patches, dim]: no batch dim
     with sgm_ext.patched(model, _scales(model), strength=torch.tensor([0.5, 1.0])):
