@@ -182,6 +182,8 @@ JUDGES = ("profanity", "refusal", "hf:DIR")
 
 def get_judge(spec="profanity", *, threshold=0.5, harmful_labels=None):
     """A Judge from a name (profanity, refusal, hf:DIR), a Judge, or a callable."""
+    if harmful_labels and not (isinstance(spec, str) and spec.startswith("hf:")):
+        raise ValueError(f"harmful labels are for hf:DIR judges, not {spec!r}")
     if isinstance(spec, Judge):
         return spec
     if callable(spec):

@@ -115,3 +115,13 @@ def test_demo_passes_the_eval_options_the_user_set():
     args = parser.parse_args(["demo", "--judge", "refusal", "--max-new-tokens", "5",
                               "--strength", "0.5", "--out", "x"])
     assert demo.eval_options(args) == {"judge": "refusal", "max_new_tokens": 5, "strength": 0.5}
+
+
+def test_targets_are_checked_as_the_issue_states():
+    def report(h0, h1, p0, p1):
+        return {"unpatched": {"harmful_rate": h0, "perplexity": p0},
+                "patched": {"harmful_rate": h1, "perplexity": p1}}
+
+    assert all(demo.targets(8, 8, report(0.5, 0.25, 10.0, 11.0)).values())
+    assert list(demo.targets(6, 8, report(0.5, 0.3, 10.0, 11.5)).values()) == [False] * 3
+    assert list(demo.targets(7, 8, report(0.0, 0.0, 10.0, 9.0)).values()) == [True, False, True]

@@ -99,6 +99,8 @@ def test_hf_judge_maps_labels_to_harmful(tmp_path):
         assert s0 == pytest.approx(1 - s1, abs=1e-5)
     with pytest.raises(ValueError, match="label 'hate' is not one of the model's labels"):
         E.get_judge(f"hf:{tmp_path / 'clf'}", harmful_labels=["hate"])
+    with pytest.raises(ValueError, match="harmful labels are for hf:DIR judges"):
+        E.get_judge("profanity", harmful_labels=["toxic"])
     with pytest.raises(FileNotFoundError, match="is not a model directory"):
         E.get_judge(f"hf:{tmp_path / 'missing'}")
 
