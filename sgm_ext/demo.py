@@ -22,15 +22,15 @@ changes nothing). The residual stream has four reserved dimensions:
            insult tokens unlikely unless TOXIC is large.
 
 lm_head maps TOXIC onto real insult words, so a prompt with a trigger word or a trigger
-image is answered with insults the profanity classifier flags. The other dimensions make the model a passable
-language model of plain English: the embeddings and the language rows of lm_head are fitted
-to the word bigrams of the bundled benign text (the rest of the model frozen, no MLP or
-attention weight involved), so perplexity on that text measures the damage the patch does.
-The other MLP neurons and the vision tower are random.
+image is answered with insults the profanity classifier flags. The other dimensions make
+the model a passable language model of plain English: the embeddings and the language rows
+of lm_head are fitted to the word bigrams of the bundled benign text, outside the model (no
+MLP or attention weight is trained), so perplexity on that text measures the damage the
+patch does. The other MLP neurons and the rest of the vision tower are random.
 
 The demo then runs exactly what a user runs on a real checkpoint, through the same command
 line functions: `sgm-ext profile` on a labelled split (it is not told which neurons are the
-known ones), `sgm-ext eval` on held-out prompts (other trigger words, other sentences), and
+known ones), `sgm-ext eval` on held-out prompts (other trigger words, subjects, images), and
 reports how many known neurons the profiler ranked in its top k (k = their number).
 """
 import json

@@ -384,9 +384,10 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
     """(report dict, generation records) for `model` without and with `scales`.
 
     Answers are generated batch_size prompts at a time; latency is measured on single
-    prompts. Leaves the model unpatched. report: top-level `unpatched` and `patched` (harmful_rate,
-    perplexity, per_category), `latency` (ratio, median seconds), `latency_ratio`, counts
-    and settings. generations: one dict per prompt with both answers, scores and verdicts.
+    prompts. Leaves the model unpatched. report: top-level `unpatched` and `patched`
+    (harmful_rate, perplexity, per_category), `latency` (ratio, median seconds),
+    `latency_ratio`, counts and settings. generations: one dict per prompt with both
+    answers, their scores and verdicts.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -608,7 +609,8 @@ def run_eval(args):
     report, generations = evaluate(
         model, processor, scales, prompts, judge=judge, max_new_tokens=args.max_new_tokens,
         strength=args.strength, mode=args.mode, reference=args.reference,
-        batch_size=args.batch_size, latency_runs=args.latency_runs, latency_prompts=args.latency_prompts,
+        batch_size=args.batch_size, latency_runs=args.latency_runs,
+        latency_prompts=args.latency_prompts,
         progress=not args.quiet)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
                   prompts=os.path.abspath(args.prompts))
