@@ -602,6 +602,8 @@ def run_eval(args):
     from .cli import load_model
     from .scales import load_scales
 
+    if not 0.0 <= args.strength <= 1.0:  # checked again by patch; here before a long load
+        raise ValueError(f"--strength is {args.strength}: strengths lie in [0, 1]")
     judge = judge_from_args(args)
     scales = load_scales(args.scales)
     prompts = load_prompts(args.prompts, args.max_prompts)
