@@ -149,7 +149,7 @@ def _timed(fn, *args):
     return time.perf_counter() - w, time.process_time() - c, out
 
 
-def interleaved_e2e(rounds):
+def interleaved_e2e(rounds, sites=SITES):
     """Greedy decode of 64 tokens by four copies of one model, one per mode, interleaved
     step by step (the order rotating each step): a slow second on the shared machine then
     hits every mode alike. Tokens/s from the summed step times, median over rounds; the
@@ -159,7 +159,7 @@ def interleaved_e2e(rounds):
     from transformers import DynamicCache
 
     base, prompt = e2e_model()
-    scales = scales_for(base)
+    scales = scales_for(base, sites=sites)
     models = {m: copy.deepcopy(base) for m in MODES}
     handles = [patch_mode(models[m], scales, m) for m in MODES]
     wall = {m: [] for m in MODES}
@@ -195,7 +195,7 @@ def interleaved_e2e(rounds):
     med_c = {m: statistics.median(v) for m, v in cpu.items()}
     print(f"\nLlama {params / 1e6:.1f}M params, greedy decode {NEW_TOKENS} tokens after a "
           f"{PROMPT}-token prompt, batch 1, {torch.get_num_threads()} thread(s), modes "
-          f"interleaved per step, median of {rounds} rounds")
+          f"interleaved per step, median of {rounds} rounds, scales on {', '.join(sites)}")
     print("| mode | tokens/s (wall) | ratio to unpatched | tokens/s (CPU time) | ratio |")
     print("|---|---|---|---|---|")
     for m in MODES:
@@ -227,6 +227,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-mlp", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--sites", default=",".join(SITES),
+                   help="site kinds that get scales in the end-to-end run (default gate,up,down)")
     args = p.parse_args(argv)
     print("Ops dispatched per LlamaMLP forward (T = 1; an sgm_ext op counts once), and of them "
           "the ones that run a kernel (views and allocations excluded):")
@@ -245,7 +247,7 @@ def main(argv=None):
             for dtype in (torch.float32, torch.bfloat16):
                 interleaved_mlp(rounds, tokens, dtype)
     if not args.skip_e2e:
-        interleaved_e2e(args.rounds)
+        interleaved_e2e(args.rounds, tuple(args.sites.split(",")))
 
 
 if __name__ == "__main__":
