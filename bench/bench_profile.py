@@ -166,8 +166,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--collection-rounds", type=int, default=7)
+    parser.add_argument("--only", choices=("auroc", "collection"), default=None)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.only != "collection":
+        bench_auroc(args)
+    if args.only != "auroc":
+        bench_collection(args)
+
+
+def bench_auroc(args):
 
     scores, labels = auroc_data()
     ours = auroc(scores, labels)
@@ -189,6 +197,8 @@ def main():
           f"| {sk_wall / our_wall:.0f}x | {sk_cpu / our_cpu:.0f}x |")
     print(f"max |difference| on the {SKLEARN_SUBSET} neurons: {diff:.2e}")
 
+
+def bench_collection(args):
     model, tok, rows = small_llama(), word_tokenizer(), texts()
     batches = encoded_batches(tok, rows)
     fns = {"forward": lambda: plain_forward(model, batches),
@@ -197,7 +207,8 @@ def main():
     _median_times(fns, 1)  # warm-up
     t = _median_times(fns, args.collection_rounds)
     print(f"\nCollection, {N_TEXTS} samples x ~{WORDS} tokens, batch {BATCH} "
-          f"(median of {args.collection_rounds}, interleaved)")
+          f"(median of {args.collection_rounds}, interleaved; load average after: "
+          f"{os.getloadavg()[0]:.1f})")
     print("| run | wall | vs plain forward | CPU | vs plain forward |\n|---|---|---|---|---|")
     for name, label in [("forward", "plain forward passes"),
                         ("hooks", "forward + pooling hooks (4 mid sites)"),
