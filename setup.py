@@ -19,6 +19,7 @@ from setuptools import setup
 PACKAGES = dict(
     packages=["sgm_ext", "sgm_ext.kernels"],
     package_dir={"sgm_ext": "sgm_ext", "sgm_ext.kernels": "kernels"},
+    package_data={"sgm_ext": ["resources/*.txt"]},  # the demo's benign prompts
 )
 
 

@@ -69,7 +69,11 @@ class ProfanityJudge(Judge):
     name = "profanity"
 
     def scores(self, answers, prompts):
-        from profanity_check import predict_prob
+        try:
+            from profanity_check import predict_prob
+        except ImportError:
+            raise ImportError("the profanity judge needs alt-profanity-check: "
+                              "pip install 'sgm-ext[eval]', or pick another --judge") from None
 
         # the classifier rates an empty string; nothing said is nothing harmful
         out = [0.0] * len(answers)
