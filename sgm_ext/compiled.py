@@ -32,13 +32,6 @@ def has_kernel(device_type):
     return torch._C._dispatch_has_kernel_for_dispatch_key(OP, device_type.upper())
 
 
-def act_mul_scale(out, gate, up, scale, gate_scale, strength, strength_value, act):
-    """out[R, I] = act(gate * gate_scale) * up * s_eff (sgm_ext.reference.act_mul_scale)."""
-    torch.ops.sgm_ext.act_mul_scale_out(out, gate, up, scale, gate_scale, strength,
-                                        strength_value, act)
-    return out
-
-
 def backend(device_type):
     """(namespace of the 2-D op functions, device types) of the `cuda` or `cpu` backend."""
     if _C is None:
@@ -47,4 +40,7 @@ def backend(device_type):
         raise BackendUnavailable(f"sgm_ext._C was built without {device_type.upper()} kernels")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device")
-    return types.SimpleNamespace(act_mul_scale=act_mul_scale), (device_type,)
+    # The op overload itself is the backend function (out[R, I] = act(gate * gate_scale) * up
+    # * s_eff, as sgm_ext.reference.act_mul_scale): a Python wrapper would cost a call per op.
+    return (types.SimpleNamespace(act_mul_scale=torch.ops.sgm_ext.act_mul_scale_out.default),
+            (device_type,))

@@ -3,8 +3,10 @@
 Three ways to do the same math, s_eff = 1 - strength (1 - scale) on each site:
 - "fused": the MLP's forward is swapped for one that calls the MLP's own sub-modules (so
   quantized Linears, PEFT LoRA layers and accelerate hooks keep working) and sgm_ext.ops for
-  the activation x product x scale; on CUDA, plain fp16 / bf16 Linears without bias take
-  ops.gated_up_proj (both projections and the epilogue in one kernel).
+  the activation x product x scale. With SGM_EXT_GATED_UP_PROJ=1, plain fp16 / bf16 Linears
+  without bias on CUDA take ops.gated_up_proj (both projections and the epilogue in one
+  Triton kernel); off by default, since on an H100 that kernel is slower than cuBLAS's two
+  GEMMs plus the elementwise op (bench/RESULTS.md, GPU).
 - "fold": the scales are multiplied into the weights (rows of the Linear a site is the output
   of, columns of the down / fc2 Linear for `mid`); the touched slices are saved first and
   copied back on unpatch, so restoring is bit-exact.
@@ -31,6 +33,7 @@ from .scales import ScaleSet, config_fingerprint, load_scales
 MODES = ("fused", "fold", "hook")
 _HANDLE_ATTR = "_sgm_ext_patch"  # on the patched model (root) and on every patched MLP
 _GEMM_DTYPES = (torch.float16, torch.bfloat16)
+GATED_UP_PROJ = os.environ.get("SGM_EXT_GATED_UP_PROJ") == "1"  # see the module docstring
 
 
 def supported_architectures():
@@ -213,7 +216,7 @@ def _mul(x, factor):
 
 def _use_gated_up_proj(gate, up, x):
     """On CUDA, plain fp16 / bf16 nn.Linear gate and up without bias or hooks: one fused GEMM."""
-    return (x.is_cuda and x.dtype in _GEMM_DTYPES
+    return (GATED_UP_PROJ and x.is_cuda and x.dtype in _GEMM_DTYPES
             and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype
                     and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
                     for m in (gate, up)))
@@ -271,10 +274,13 @@ class _Fused(_Scaled):
                 return _mul(y, self.factor("down", y))
         g, u = gate(x), up(x)
         scale, gate_scale, strength, up_factor = self._elementwise_args(g, lam)
-        if per_row_gate:
-            g = g * self.factor("gate", g)
-        h = ops.act_mul_scale(g, _mul(u, up_factor), scale, act=self.info.act,
-                              gate_scale=gate_scale, strength=strength)
+        if isinstance(lam, float):  # the s_eff vectors were checked when the model was patched
+            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act)
+        else:
+            if per_row_gate:
+                g = g * self.factor("gate", g)
+            h = ops.act_mul_scale(g, _mul(u, up_factor), scale, act=self.info.act,
+                                  gate_scale=gate_scale, strength=strength)
         y = self._sub("down")(h)
         return _mul(y, self.factor("down", y))
 
@@ -296,7 +302,8 @@ class _Fused(_Scaled):
         a = self._sub("fc1")(x)
         a = _mul(a, self.factor("fc1", a))
         if isinstance(lam, float):
-            h = ops.act_scale(a, self.effective(a.device).get("mid"), act=self.info.act)
+            h = ops.act_mul_scale_prechecked(a, None, self.effective(a.device).get("mid"), None,
+                                             self.info.act)
         else:
             mid = self.raw(a.device).get("mid")
             strength = None if mid is None else _rows(self.handle, a, self.info.path)[..., 0]

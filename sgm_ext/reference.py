@@ -27,7 +27,9 @@ def effective_scale(scale, strength, strength_value):
     if strength is not None:
         st = strength[:, None]
     elif strength_value is not None:
-        st = torch.tensor(strength_value, dtype=scale.dtype, device=scale.device)
+        # the value rounded to the compute dtype as a Python number: a device tensor made
+        # from it would be a host-to-device copy per call (refused under CUDA graph capture)
+        st = torch.tensor(strength_value, dtype=scale.dtype).item()
     else:
         return scale
     return st * scale + (1.0 - st)

@@ -46,7 +46,9 @@ def run_cpu(gate, up=None, scale=None, gate_scale=None, strength=None, strength_
             act="silu", out=None):
     """The cpu backend's 2-D function on a NaN-poisoned output."""
     out = poisoned(gate.shape, gate.dtype) if out is None else out
-    return compiled.act_mul_scale(out, gate, up, scale, gate_scale, strength, strength_value, act)
+    torch.ops.sgm_ext.act_mul_scale_out(out, gate, up, scale, gate_scale, strength, strength_value,
+                                        act)
+    return out
 
 
 # ------------------------------------------------------------------ build and registration
@@ -218,7 +220,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         scale, st = torch.rand(n, generator=g), torch.rand(3, generator=g)
         for act in ACT64:
             out = torch.full((3, n), float("nan"), dtype=dtype)
-            compiled.act_mul_scale(out, gate, up, scale, None, st, None, act)
+            torch.ops.sgm_ext.act_mul_scale_out(out, gate, up, scale, None, st, None, act)
             assert_matches(out, expected(gate, up, act, scale, strength=st))
 print("ok")
 """

@@ -36,7 +36,7 @@ def backend(request, monkeypatch):
 
 # ------------------------------------------------------------------ inputs
 
-def rand(shape, dtype, layout, gen):
+def rand(shape, dtype, layout, gen, device="cpu"):
     """Normal values of `shape` ([..., n]) in the given memory layout.
 
     contiguous; strided: rows padded and the start offset by 3 elements (unaligned pointer);
@@ -44,27 +44,27 @@ def rand(shape, dtype, layout, gen):
     """
     *lead, n = shape
     if layout == "contiguous":
-        return torch.randn(shape, generator=gen).to(dtype)
+        return torch.randn(shape, generator=gen).to(device, dtype)
     if layout == "strided":
-        return torch.randn(*lead, n + 7, generator=gen).to(dtype)[..., 3:3 + n]
+        return torch.randn(*lead, n + 7, generator=gen).to(device, dtype)[..., 3:3 + n]
     if layout == "transposed":
-        return torch.randn(n, *lead, generator=gen).to(dtype).movedim(0, -1)
+        return torch.randn(n, *lead, generator=gen).to(device, dtype).movedim(0, -1)
     raise ValueError(layout)
 
 
-def rand_scale(n, gen, dtype=torch.float32):
-    s = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+def rand_scale(n, gen, dtype=torch.float32, device="cpu"):
+    s = torch.rand(n, generator=gen, dtype=torch.float64).to(device, dtype)
     s[0] = 0.0  # fully suppressed neuron
     s[-1] = 1.0  # untouched neuron
     return s
 
 
-def rand_strength(kind, lead, gen, dtype=torch.float32):
+def rand_strength(kind, lead, gen, dtype=torch.float32, device="cpu"):
     if kind is None or isinstance(kind, float):
         return kind
     # one strength per sequence: [B, 1, ...] over the leading dims
     shape = lead[:1] + (1,) * (len(lead) - 1)
-    return torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return torch.rand(shape, generator=gen, dtype=torch.float64).to(device, dtype)
 
 
 # (leading dims, I, layout, scale?, gate_scale?, strength): every option value appears, with
