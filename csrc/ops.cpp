@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -90,6 +91,30 @@ RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
   a.stride_gate = gate.stride(0);
   a.stride_up = up.has_value() ? up->stride(0) : 0;
   return a;
+}
+
+at::Tensor act_mul_scale_alloc(ActMulScaleOutFn out_fn, const at::Tensor& gate,
+                               const std::optional<at::Tensor>& up,
+                               const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& gate_scale, c10::string_view act) {
+  TORCH_CHECK(gate.dim() >= 1, "_act_mul_scale_alloc: gate must have at least one dim");
+  TORCH_CHECK(!up.has_value() || up->sizes() == gate.sizes(), "_act_mul_scale_alloc: up has shape ",
+              up.has_value() ? up->sizes() : gate.sizes(), ", gate has shape ", gate.sizes());
+  const int64_t cols = gate.size(-1);
+  const int64_t rows = cols == 0 ? 0 : gate.numel() / cols;
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  at::Tensor out_rows = out.view({rows, cols});
+  // [rows, cols] with unit column stride: a view of what a Linear returns (or of the halves of
+  // a packed gate_up), a copy of anything else
+  const auto as_rows = [&](const at::Tensor& t) {
+    at::Tensor r = t.reshape({rows, cols});
+    return cols > 1 && r.stride(1) != 1 ? r.contiguous() : r;
+  };
+  const std::optional<at::Tensor> up_rows =
+      up.has_value() ? std::optional<at::Tensor>(as_rows(*up)) : std::nullopt;
+  out_fn(out_rows, as_rows(gate), up_rows, scale, gate_scale, std::nullopt,
+         std::nullopt, act);
+  return out;
 }
 
 namespace cpu {
@@ -177,11 +202,22 @@ TORCH_LIBRARY_FRAGMENT(sgm_ext, m) {
         "Tensor? gate_scale, Tensor? strength, float? strength_value, str act) -> ()");
   m.def("_act_mul_scale_host(Tensor gate, Tensor? up, Tensor? scale, Tensor? gate_scale, "
         "Tensor? strength, float? strength_value, str act) -> Tensor");
+  // act_mul_scale_out on [..., I] inputs into a new tensor: the inference fast path
+  // of sgm_ext.ops.act_mul_scale_prechecked (one dispatch per call; no autograd, no strength).
+  m.def("_act_mul_scale_alloc(Tensor gate, Tensor? up, Tensor? scale, Tensor? gate_scale, "
+        "str act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sgm_ext, CPU, m) {
   m.impl("act_mul_scale_out", &sgm_ext::act_mul_scale_out_cpu);
   m.impl("_act_mul_scale_host", &sgm_ext::act_mul_scale_host);
+  m.impl("_act_mul_scale_alloc",
+         [](const at::Tensor& gate, const std::optional<at::Tensor>& up,
+            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& gate_scale,
+            c10::string_view act) {
+           return sgm_ext::act_mul_scale_alloc(&sgm_ext::act_mul_scale_out_cpu, gate, up, scale,
+                                               gate_scale, act);
+         });
 }
 
 static PyModuleDef sgm_ext_c_module = {

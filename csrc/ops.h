@@ -23,4 +23,19 @@ RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
                             const std::optional<at::Tensor>& strength,
                             std::optional<double> strength_value, std::vector<at::Tensor>& keep);
 
+// A device's kernel of act_mul_scale_out.
+using ActMulScaleOutFn = void (*)(at::Tensor& out, const at::Tensor& gate,
+                                  const std::optional<at::Tensor>& up,
+                                  const std::optional<at::Tensor>& scale,
+                                  const std::optional<at::Tensor>& gate_scale,
+                                  const std::optional<at::Tensor>& strength,
+                                  std::optional<double> strength_value, c10::string_view act);
+
+// The kernel of sgm_ext::_act_mul_scale_alloc on one device: a new tensor of gate's shape from
+// [..., I] inputs, computed by that device's act_mul_scale_out on the rows.
+at::Tensor act_mul_scale_alloc(ActMulScaleOutFn out_fn, const at::Tensor& gate,
+                               const std::optional<at::Tensor>& up,
+                               const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& gate_scale, c10::string_view act);
+
 }  // namespace sgm_ext

@@ -1,7 +1,9 @@
 """Which implementation runs an op: one table of backends, their probes, and the choice.
 
 A backend is a module exposing some of the 2-D op functions (`act_mul_scale`,
-`gated_up_proj`; signatures in sgm_ext.reference). The choice goes by the tensors' device
+`gated_up_proj`; signatures in sgm_ext.reference), and optionally `act_mul_scale_alloc`
+(gate, up, scale, gate_scale, act) -> new tensor, for contiguous [..., I] inputs (one call
+instead of allocating and reshaping in Python). The choice goes by the tensors' device
 and by what loads here; SGM_EXT_BACKEND=<name> forces one (an error, never a silent
 fallback, if it cannot serve the call).
 """
@@ -95,17 +97,27 @@ def backends():
     return info
 
 
-_choices = {}  # (op, device type, forced name) -> function; every op call looks here
+_choices = {}  # (op, device type, forced name) -> backend module; every op call looks here
+
+
+def _chosen(op, device_type):
+    forced = os.environ.get(ENV_VAR)
+    key = (op, device_type, forced)
+    module = _choices.get(key)
+    if module is None:
+        module = _choices[key] = _select(op, device_type, forced)
+    return module
 
 
 def select(op, device_type):
     """The function that runs `op` on tensors of `device_type`."""
-    forced = os.environ.get(ENV_VAR)
-    key = (op, device_type, forced)
-    fn = _choices.get(key)
-    if fn is None:
-        fn = _choices[key] = _select(op, device_type, forced)
-    return fn
+    return getattr(_chosen(op, device_type), op)
+
+
+def select_alloc(device_type):
+    """`act_mul_scale_alloc` of the backend that runs act_mul_scale on `device_type`, or None
+    when that backend has none."""
+    return getattr(_chosen("act_mul_scale", device_type), "act_mul_scale_alloc", None)
 
 
 def _select(op, device_type, forced):
@@ -121,11 +133,11 @@ def _select(op, device_type, forced):
                                f"(here it runs on: {', '.join(devices) or 'nothing'})")
         if not hasattr(module, op):
             raise RuntimeError(f"{ENV_VAR}={forced}: backend has no {op}")
-        return getattr(module, op)
+        return module
     for name in PREFERENCE.get(device_type, DEFAULT_PREFERENCE):
         got = _load(name)
         if not isinstance(got, BackendUnavailable) and device_type in got[1] and hasattr(got[0], op):
-            return getattr(got[0], op)
+            return got[0]
     raise RuntimeError(f"no sgm-ext backend runs {op} on {device_type} tensors")
 
 

@@ -40,7 +40,10 @@ def backend(device_type):
         raise BackendUnavailable(f"sgm_ext._C was built without {device_type.upper()} kernels")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device")
-    # The op overload itself is the backend function (out[R, I] = act(gate * gate_scale) * up
-    # * s_eff, as sgm_ext.reference.act_mul_scale): a Python wrapper would cost a call per op.
-    return (types.SimpleNamespace(act_mul_scale=torch.ops.sgm_ext.act_mul_scale_out.default),
+    # The op overloads themselves are the backend functions (out[R, I] = act(gate * gate_scale)
+    # * up * s_eff, as sgm_ext.reference.act_mul_scale): a Python wrapper would cost a call per
+    # op. act_mul_scale_alloc is the same on [..., I] into a new tensor, for inference calls.
+    ops = torch.ops.sgm_ext
+    return (types.SimpleNamespace(act_mul_scale=ops.act_mul_scale_out.default,
+                                  act_mul_scale_alloc=ops._act_mul_scale_alloc.default),
             (device_type,))

@@ -104,20 +104,26 @@ def act_mul_scale_prechecked(gate, up, scale, gate_scale, act):
     beforehand and applies them on every call, as a patched MLP does: float32 vectors of the
     inputs' width on their device, no gradient, a canonical activation name, no strength.
 
-    Plain inference on contiguous inputs goes straight to the backend; anything else takes the
-    public op. The public op's checks and dispatch layers cost about three times an eager
-    elementwise op per call (bench/RESULTS.md), which a decode step of a patched model feels.
+    Plain inference goes straight to the backend; anything else (autograd, torch.compile,
+    tensor subclasses) takes the public op. The public op's checks and dispatch layers cost
+    about three times an eager elementwise op per call (bench/RESULTS.md), and in a decode step
+    each Python line runs with cold caches (the weights streamed between two calls evict
+    them), so with the compiled backends the fast path is one call into C++.
     """
-    if (gate.is_contiguous() and gate.dtype in DTYPES
-            and (up is None or (up.is_contiguous() and up.shape == gate.shape
-                                and up.dtype == gate.dtype))
-            and not _needs_dispatcher(gate, up)):
-        n = gate.shape[-1]
-        out = torch.empty_like(gate)
-        backends.select("act_mul_scale", gate.device.type)(
-            out.view(-1, n), gate.view(-1, n), None if up is None else up.view(-1, n), scale,
-            gate_scale, None, None, act)
-        return out
+    if not _needs_dispatcher(gate, up):
+        device_type = gate.device.type
+        alloc = backends.select_alloc(device_type)
+        if alloc is not None:
+            return alloc(gate, up, scale, gate_scale, act)
+        if (gate.is_contiguous() and gate.dtype in DTYPES
+                and (up is None or (up.is_contiguous() and up.shape == gate.shape
+                                    and up.dtype == gate.dtype))):
+            n = gate.shape[-1]
+            out = torch.empty_like(gate)
+            backends.select("act_mul_scale", device_type)(
+                out.view(-1, n), gate.view(-1, n), None if up is None else up.view(-1, n),
+                scale, gate_scale, None, None, act)
+            return out
     if up is None:
         return act_scale(gate, scale, act=act)
     return act_mul_scale(gate, up, scale, act=act, gate_scale=gate_scale)

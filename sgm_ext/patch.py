@@ -286,10 +286,11 @@ class _Fused(_Scaled):
 
     def _packed(self, x, lam):
         gu = self._sub("gate_up")(x)
-        if isinstance(lam, float):
+        if isinstance(lam, float):  # the halves are strided views: no copy
             eff = self.effective(gu.device)
-            h = ops.act_mul_scale_packed(gu, eff["prod"], act=self.info.act,
-                                         gate_scale=eff["gate_scale"])
+            n = gu.shape[-1] // 2
+            h = ops.act_mul_scale_prechecked(gu[..., :n], gu[..., n:], eff["prod"],
+                                             eff["gate_scale"], self.info.act)
         else:
             gu = _mul(gu, self.factor("gate_up", gu))
             mid = self.raw(gu.device).get("mid")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from reference64 import ACT64, assert_matches, expected
+from test_ops import rand, rand_scale
 
 import sgm_ext
 from sgm_ext import compiled
@@ -56,7 +57,8 @@ def run_cpu(gate, up=None, scale=None, gate_scale=None, strength=None, strength_
 def test_library_has_cpu_and_cuda_kernels():
     require(cuda=True)
     for key in ("CPU", "CUDA"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, key), key
+        for op in (OP, "sgm_ext::_act_mul_scale_alloc"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sgm_ext::_act_mul_scale_host", "CPU")
     info = sgm_ext.backends()
     assert info["cpu"].available and info["cpu"].devices == ("cpu",), info["cpu"]
@@ -231,6 +233,71 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", script, capability, seed],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ the inference fast path
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "packed"])
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3)], ids=str)
+def test_alloc_op_on_any_layout(lead, layout, dtype, gen):
+    # sgm_ext::_act_mul_scale_alloc takes [..., I] views as they come (a patched MLP passes
+    # the two halves of a packed gate_up) and returns a new contiguous tensor.
+    require()
+    n = 37
+    if layout == "packed":
+        gate_up = torch.randn(*lead, 2 * n, generator=gen).to(dtype)
+        gate, up = gate_up[..., :n], gate_up[..., n:]
+    else:
+        gate, up = rand((*lead, n), dtype, layout, gen), rand((*lead, n), dtype, layout, gen)
+    scale, gate_scale = rand_scale(n, gen), 0.5 + rand_scale(n, gen)
+    out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, up, scale, gate_scale, "gelu")
+    assert out.is_contiguous() and out.dtype == dtype
+    assert_matches(out, expected(gate, up, "gelu", scale, gate_scale))
+    out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, None, scale, None, "relu")
+    assert_matches(out, expected(gate, None, "relu", scale))
+    empty = torch.ops.sgm_ext._act_mul_scale_alloc(gate[..., :0], up[..., :0], None, None, "silu")
+    assert empty.shape == (*lead, 0)
+
+
+def test_alloc_op_rejects_mismatched_up():
+    require()
+    with pytest.raises(RuntimeError, match=r"up has shape \[3, 7\], gate has shape \[3, 8\]"):
+        torch.ops.sgm_ext._act_mul_scale_alloc(torch.randn(3, 8), torch.randn(3, 7), None, None,
+                                              "silu")
+
+
+def test_prechecked_takes_the_compiled_fast_path_only_for_plain_inference(gen, monkeypatch):
+    # Plain inference: one call of the compiled allocating op. With gradients flowing the
+    # public op runs (the fast path has no autograd), and its gradients are right.
+    require()
+    from sgm_ext import ops
+    calls = []
+    backends_module = sys.modules["sgm_ext.backends"]
+    select_alloc = backends_module.select_alloc
+
+    def spy(device_type):
+        fn = select_alloc(device_type)
+        return None if fn is None else (lambda *a: calls.append(a) or fn(*a))
+    monkeypatch.setattr(backends_module, "select_alloc", spy)
+    gate, up = torch.randn(2, 3, 19, generator=gen), torch.randn(2, 3, 19, generator=gen)
+    scale = rand_scale(19, gen)
+    with torch.no_grad():
+        out = ops.act_mul_scale_prechecked(gate, up, scale, None, "silu")
+    assert len(calls) == 1
+    assert_matches(out, expected(gate, up, "silu", scale))
+    gate.requires_grad_(True)
+    out = ops.act_mul_scale_prechecked(gate, up, scale, None, "silu")
+    assert len(calls) == 1 and out.requires_grad
+    out.sum().backward()
+    g64 = gate.detach().double().requires_grad_(True)
+    expected(g64, up, "silu", scale).sum().backward()
+    assert torch.allclose(gate.grad.double(), g64.grad, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("SGM_EXT_BACKEND", "torch")  # a backend without the allocating op
+    with torch.no_grad():
+        out = ops.act_mul_scale_prechecked(gate, up, scale, None, "silu")
+    assert len(calls) == 1
+    assert_matches(out, expected(gate, up, "silu", scale))
 
 
 # ------------------------------------------------------------------ bad input

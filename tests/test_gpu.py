@@ -195,6 +195,22 @@ def test_cuda_graph_capture(backend, op, gen):
             assert torch.equal(captured, fn())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_alloc_op_on_gpu(dtype, layout, gen):
+    # The compiled allocating op (ops.act_mul_scale_prechecked's fast path) on CUDA tensors.
+    n = 1029
+    if layout == "packed":
+        gate_up = rand((2, 3, 2 * n), dtype, "contiguous", gen, DEV)
+        gate, up = gate_up[..., :n], gate_up[..., n:]
+    else:
+        gate, up = rand((2, 3, n), dtype, layout, gen, DEV), rand((2, 3, n), dtype, layout, gen, DEV)
+    scale, gate_scale = rand_scale(n, gen, device=DEV), 0.5 + rand_scale(n, gen, device=DEV)
+    out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, up, scale, gate_scale, "silu")
+    assert out.device.type == DEV and out.is_contiguous()
+    assert_matches(out, expected(gate, up, "silu", scale, gate_scale))
+
+
 # ---------------------------------------------------------------- a patched model on the GPU
 
 def _llama(dtype):
