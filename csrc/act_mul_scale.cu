@@ -141,10 +141,5 @@ void act_mul_scale_out_cuda(at::Tensor& out, const at::Tensor& gate,
 TORCH_LIBRARY_IMPL(sgm_ext, CUDA, m) {
   m.impl("act_mul_scale_out", &sgm_ext::act_mul_scale_out_cuda);
   m.impl("_act_mul_scale_alloc",
-         [](const at::Tensor& gate, const std::optional<at::Tensor>& up,
-            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& gate_scale,
-            c10::string_view act) {
-           return sgm_ext::act_mul_scale_alloc(&sgm_ext::act_mul_scale_out_cuda, gate, up, scale,
-                                               gate_scale, act);
-         });
+         &sgm_ext::act_mul_scale_alloc_with<&sgm_ext::act_mul_scale_out_cuda>);
 }

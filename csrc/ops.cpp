@@ -212,12 +212,7 @@ TORCH_LIBRARY_IMPL(sgm_ext, CPU, m) {
   m.impl("act_mul_scale_out", &sgm_ext::act_mul_scale_out_cpu);
   m.impl("_act_mul_scale_host", &sgm_ext::act_mul_scale_host);
   m.impl("_act_mul_scale_alloc",
-         [](const at::Tensor& gate, const std::optional<at::Tensor>& up,
-            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& gate_scale,
-            c10::string_view act) {
-           return sgm_ext::act_mul_scale_alloc(&sgm_ext::act_mul_scale_out_cpu, gate, up, scale,
-                                               gate_scale, act);
-         });
+         &sgm_ext::act_mul_scale_alloc_with<&sgm_ext::act_mul_scale_out_cpu>);
 }
 
 static PyModuleDef sgm_ext_c_module = {

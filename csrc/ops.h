@@ -38,4 +38,13 @@ at::Tensor act_mul_scale_alloc(ActMulScaleOutFn out_fn, const at::Tensor& gate,
                                const std::optional<at::Tensor>& scale,
                                const std::optional<at::Tensor>& gate_scale, c10::string_view act);
 
+// act_mul_scale_alloc bound to one device's kernel: what TORCH_LIBRARY_IMPL registers.
+template <ActMulScaleOutFn OutFn>
+at::Tensor act_mul_scale_alloc_with(const at::Tensor& gate, const std::optional<at::Tensor>& up,
+                                    const std::optional<at::Tensor>& scale,
+                                    const std::optional<at::Tensor>& gate_scale,
+                                    c10::string_view act) {
+  return act_mul_scale_alloc(OutFn, gate, up, scale, gate_scale, act);
+}
+
 }  // namespace sgm_ext
