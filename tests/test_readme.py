@@ -1,0 +1,50 @@
+"""The README's Python examples run as printed (on the planted tiny Llama of the profiler
+tests standing in for the user's model), so the documentation cannot drift from the API."""
+import json
+import os
+import re
+
+import torch
+
+import sgm_ext
+from _profile_models import planted_llama, planted_rows, planted_sites, tokenizer
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def python_block(containing):
+    """The README's one python example that contains `containing`."""
+    with open(README, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"{len(found)} README python examples contain {containing!r}"
+    return found[0]
+
+
+def test_op_example_runs():
+    ns = {}
+    exec(python_block("sgm_ext.act_mul_scale("), ns)
+    gate, up, scale = ns["gate"], ns["up"], ns["scale"]
+    strength = torch.tensor([[1.0], [0.5]])
+    s_eff = 1 - strength[..., None] * (1 - scale)  # [2, 1, I]
+    torch.testing.assert_close(ns["h"], torch.nn.functional.silu(gate) * up * s_eff)
+
+
+def test_workflow_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("labelled.jsonl", "w") as f:
+        for row in planted_rows():
+            f.write(json.dumps(row) + "\n")
+    model, tok = planted_llama(), tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = tok("word1 tox2 word3", return_tensors="pt")
+    ns = {"model": model, "processor": tok, "inputs": inputs}
+    exec(python_block("sgm_ext.patch("), ns)
+    found = {site: set((t < 1).nonzero().flatten().tolist()) for site, t in ns["scales"].items()}
+    for site, planted in planted_sites().items():
+        assert planted <= found[site], (site, found[site], planted)
+    assert ns["out"].shape[0] == 1 and ns["out"].shape[1] > inputs["input_ids"].shape[1]
+    # handle.remove() left the model as it was
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    assert sgm_ext.patch(model, ns["scales"]).remove() is None  # not marked as patched
