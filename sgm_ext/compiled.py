@@ -43,7 +43,9 @@ def backend(device_type):
     # The op overloads themselves are the backend functions (out[R, I] = act(gate * gate_scale)
     # * up * s_eff, as sgm_ext.reference.act_mul_scale): a Python wrapper would cost a call per
     # op. act_mul_scale_alloc is the same on [..., I] into a new tensor, for inference calls.
+    # (A library built from older sources lacks it: the op layer then allocates in Python.)
     ops = torch.ops.sgm_ext
-    return (types.SimpleNamespace(act_mul_scale=ops.act_mul_scale_out.default,
-                                  act_mul_scale_alloc=ops._act_mul_scale_alloc.default),
-            (device_type,))
+    namespace = types.SimpleNamespace(act_mul_scale=ops.act_mul_scale_out.default)
+    if hasattr(ops, "_act_mul_scale_alloc"):
+        namespace.act_mul_scale_alloc = ops._act_mul_scale_alloc.default
+    return namespace, (device_type,)
