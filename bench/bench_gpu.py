@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import sgm_ext
-from sgm_ext.registry import find_mlps
+from bench_patch import H7B, I7B, llama_mlp, scales_for  # bench/ is on sys.path as a script
 
 patch_module = importlib.import_module("sgm_ext.patch")  # sgm_ext.patch is the function
 DEV = "cuda"
-H7B, I7B = 4096, 11008
 
 
 def gpu_ms(fns, rounds, warmup=3):
@@ -44,18 +43,6 @@ def gpu_ms(fns, rounds, warmup=3):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def mid_scales(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for info in find_mlps(model).values():
-        n = info.site_size("mid")
-        s = torch.ones(n)
-        damp = torch.rand(n, generator=g) < 0.1
-        s[damp] = torch.rand(int(damp.sum()), generator=g)
-        out[info.site("mid")] = s
-    return out
-
-
 class with_gated_up_proj:
     """Fused mode through the one-kernel GEMM (SGM_EXT_GATED_UP_PROJ=1) while inside."""
 
@@ -67,14 +54,19 @@ class with_gated_up_proj:
         patch_module.GATED_UP_PROJ = self.saved
 
 
+def gemm_inputs():
+    """(generator, w_gate, w_up, scale) at Llama-7B widths, bf16 weights, on the GPU."""
+    g = torch.Generator().manual_seed(0)
+    wg, wu = ((torch.randn(I7B, H7B, generator=g) / 64).to(DEV, torch.bfloat16) for _ in range(2))
+    return g, wg, wu, torch.rand(I7B, generator=g).to(DEV)
+
+
 def bench_gemm(rounds):
     print("\n## gated_up_proj vs two GEMMs + elementwise, bf16, H 4096, I 11008 (ms; ratio = "
           "two GEMMs + act_mul_scale over gated_up_proj)")
     print("| T | gated_up_proj | 2 GEMMs + act_mul_scale | 2 GEMMs + eager chain | "
           "2 GEMMs only | ratio |\n|---|---|---|---|---|---|")
-    g = torch.Generator().manual_seed(0)
-    wg, wu = ((torch.randn(I7B, H7B, generator=g) / 64).to(DEV, torch.bfloat16) for _ in range(2))
-    s = torch.rand(I7B, generator=g).to(DEV)
+    g, wg, wu, s = gemm_inputs()
     s_bf = s.to(torch.bfloat16)
     for t in (1, 16, 128, 512, 2048):
         x = torch.randn(t, H7B, generator=g).to(DEV, torch.bfloat16)
@@ -94,15 +86,11 @@ MLP_MODES = ("unpatched", "hook", "fold", "fused", "fused gated_up_proj")
 
 
 def bench_mlp(rounds):
-    import transformers as T
-
     print("\n## One LlamaMLP, 4096 x 11008, bf16, scales on `mid` (ms per forward; "
           "ratio = unpatched / mode; patch and unpatch outside the timing)")
     print("| T | " + " | ".join(MLP_MODES) + " |\n|---|" + "---|" * len(MLP_MODES))
-    torch.manual_seed(0)
-    root = torch.nn.ModuleDict({"mlp": T.models.llama.modeling_llama.LlamaMLP(
-        T.LlamaConfig(hidden_size=H7B, intermediate_size=I7B))}).to(DEV, torch.bfloat16).eval()
-    scales = mid_scales(root)
+    root = llama_mlp(torch.bfloat16).to(DEV)
+    scales = scales_for(root, sites=("mid",))
     for t in (1, 16, 512, 2048):
         x = torch.randn(1, t, H7B, device=DEV, dtype=torch.bfloat16)
         times = {m: [] for m in MLP_MODES}
@@ -131,7 +119,7 @@ def bench_decode(rounds, name, cfg, new_tokens=64):
     torch.manual_seed(0)
     base = T.LlamaForCausalLM(T.LlamaConfig(**cfg)).to(DEV, torch.bfloat16).eval()
     params = sum(p.numel() for p in base.parameters())
-    scales = mid_scales(base)
+    scales = scales_for(base, sites=("mid",))
     prompt = torch.randint(3, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(1)).to(DEV)
     models = {m: copy.deepcopy(base) for m in MLP_MODES}
     handles = [None if m == "unpatched" else sgm_ext.patch(models[m], scales, mode=m.split()[0])
@@ -176,9 +164,7 @@ def sweep_tiles(rounds):
                                          (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
                                          (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
                                          (128, 256, 64, 8, 3)]]
-    g = torch.Generator().manual_seed(0)
-    wg, wu = ((torch.randn(I7B, H7B, generator=g) / 64).to(DEV, torch.bfloat16) for _ in range(2))
-    s = torch.rand(I7B, generator=g).to(DEV)
+    g, wg, wu, s = gemm_inputs()
     print("\n## gated_up_proj tile sweep, bf16, H 4096, I 11008: ms (two GEMMs + act_mul_scale "
           "over it); BLOCK_M x BLOCK_N x BLOCK_K / warps / stages")
     print("| T | default | " + " | ".join(

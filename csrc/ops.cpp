@@ -8,7 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "ops.h"

@@ -2,8 +2,8 @@
 
 A backend is a module exposing some of the 2-D op functions (`act_mul_scale`,
 `gated_up_proj`; signatures in sgm_ext.reference), and optionally `act_mul_scale_alloc`
-(gate, up, scale, gate_scale, act) -> new tensor, for contiguous [..., I] inputs (one call
-instead of allocating and reshaping in Python). The choice goes by the tensors' device
+(gate, up, scale, gate_scale, act) -> new tensor, for [..., I] inputs (one call instead of
+allocating and reshaping in Python). The choice goes by the tensors' device
 and by what loads here; SGM_EXT_BACKEND=<name> forces one (an error, never a silent
 fallback, if it cannot serve the call).
 """

@@ -237,27 +237,31 @@ print("ok")
 
 # ------------------------------------------------------------------ the inference fast path
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "packed"])
-@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3)], ids=str)
-def test_alloc_op_on_any_layout(lead, layout, dtype, gen):
-    # sgm_ext::_act_mul_scale_alloc takes [..., I] views as they come (a patched MLP passes
-    # the two halves of a packed gate_up) and returns a new contiguous tensor.
-    require()
-    n = 37
+def check_alloc_op(lead, n, layout, dtype, gen, device="cpu"):
+    """sgm_ext::_act_mul_scale_alloc takes [..., I] views as they come (a patched MLP passes
+    the two halves of a packed gate_up) and returns a new contiguous tensor (tests/test_gpu.py
+    runs this on CUDA)."""
     if layout == "packed":
-        gate_up = torch.randn(*lead, 2 * n, generator=gen).to(dtype)
+        gate_up = rand((*lead, 2 * n), dtype, "contiguous", gen, device)
         gate, up = gate_up[..., :n], gate_up[..., n:]
     else:
-        gate, up = rand((*lead, n), dtype, layout, gen), rand((*lead, n), dtype, layout, gen)
-    scale, gate_scale = rand_scale(n, gen), 0.5 + rand_scale(n, gen)
+        gate, up = (rand((*lead, n), dtype, layout, gen, device) for _ in range(2))
+    scale, gate_scale = rand_scale(n, gen, device=device), 0.5 + rand_scale(n, gen, device=device)
     out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, up, scale, gate_scale, "gelu")
-    assert out.is_contiguous() and out.dtype == dtype
+    assert out.device == gate.device and out.is_contiguous() and out.dtype == dtype
     assert_matches(out, expected(gate, up, "gelu", scale, gate_scale))
     out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, None, scale, None, "relu")
     assert_matches(out, expected(gate, None, "relu", scale))
     empty = torch.ops.sgm_ext._act_mul_scale_alloc(gate[..., :0], up[..., :0], None, None, "silu")
     assert empty.shape == (*lead, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "packed"])
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3)], ids=str)
+def test_alloc_op_on_any_layout(lead, layout, dtype, gen):
+    require()
+    check_alloc_op(lead, 37, layout, dtype, gen)
 
 
 def test_alloc_op_rejects_mismatched_up():

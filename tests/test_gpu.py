@@ -15,6 +15,7 @@ import torch
 import sgm_ext
 from sgm_ext.backends import select, selected
 from reference64 import assert_matches, expected
+from test_compiled import check_alloc_op
 from test_ops import GEMM_VARIANTS, VARIANTS, rand, rand_scale, rand_strength, variant_id
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -199,16 +200,7 @@ def test_cuda_graph_capture(backend, op, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_alloc_op_on_gpu(dtype, layout, gen):
     # The compiled allocating op (ops.act_mul_scale_prechecked's fast path) on CUDA tensors.
-    n = 1029
-    if layout == "packed":
-        gate_up = rand((2, 3, 2 * n), dtype, "contiguous", gen, DEV)
-        gate, up = gate_up[..., :n], gate_up[..., n:]
-    else:
-        gate, up = rand((2, 3, n), dtype, layout, gen, DEV), rand((2, 3, n), dtype, layout, gen, DEV)
-    scale, gate_scale = rand_scale(n, gen, device=DEV), 0.5 + rand_scale(n, gen, device=DEV)
-    out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, up, scale, gate_scale, "silu")
-    assert out.device.type == DEV and out.is_contiguous()
-    assert_matches(out, expected(gate, up, "silu", scale, gate_scale))
+    check_alloc_op((2, 3), 1029, layout, dtype, gen, DEV)
 
 
 # ---------------------------------------------------------------- a patched model on the GPU
