@@ -18,11 +18,16 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from bench_patch import (  # bench/ is on sys.path as a script
+    H7B,
+    I7B,
+    llama_mlp,
+    scales_for,
+)
 
 import sgm_ext
-from bench_patch import H7B, I7B, llama_mlp, scales_for  # bench/ is on sys.path as a script
+from sgm_ext import patching as patch_module
 
-patch_module = importlib.import_module("sgm_ext.patch")  # sgm_ext.patch is the function
 DEV = "cuda"
 
 

@@ -26,6 +26,7 @@ import torch
 
 from sgm_ext import profile as P
 from sgm_ext.auroc import auroc
+from sgm_ext.sites import Pooler, pooling_hooks, resolve_sites
 
 NEURONS, SAMPLES, SKLEARN_SUBSET = 100_000, 2_000, 500
 N_TEXTS, WORDS, BATCH = 64, 48, 8
@@ -110,9 +111,9 @@ def plain_forward(model, batches):
 
 
 def hooked_forward(model, batches):
-    sites = P.resolve_sites(model)
-    pooler = P._Pooler("mean")
-    with P._hooks(model, sites, pooler), torch.inference_mode():
+    site_map = resolve_sites(model)
+    pooler = Pooler("mean")
+    with pooling_hooks(model, site_map, pooler), torch.inference_mode():
         for b in batches:
             pooler.start(b["attention_mask"].bool())
             model(**b, use_cache=False, logits_to_keep=1)

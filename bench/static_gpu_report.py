@@ -24,11 +24,10 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 from sgm_ext.kernels import elementwise, gated_gemm  # noqa: E402
 from sgm_ext.kernels.common import STRENGTH_ROWS, TRITON_DTYPES, compute_dtype  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 I, H, PREFILL_M = 11008, 4096, 512

@@ -1,21 +1,25 @@
-"""sgm-ext: fused kernels for neuron-level detoxification (SGM / AurA) of multimodal LLMs."""
-__version__ = "0.1.0"
+"""sgm-ext: fused kernels for neuron-level detoxification (SGM / AurA) of multimodal LLMs.
 
-from . import ops  # noqa: E402  (registers the sgm_ext:: custom ops)
-from .activations import ACTIVATIONS, canonical_activation  # noqa: E402
-from .backends import backends  # noqa: E402
-from .ops import act_mul_scale, act_mul_scale_packed, act_scale, gated_up_proj  # noqa: E402
-from .scales import ScaleSet, load_scales  # noqa: E402
+The public API: the ops (act_mul_scale, ...), `patch` / `unpatch` / `patched` and the
+handle, ScaleSet and load_scales, the profiler (`sgm_ext.profile`: collect, expertise, run,
+Expertise, Responses), the evaluation (`sgm_ext.evaluate`) and the readers of other
+projects' files (`sgm_ext.interop`). docs/ARCHITECTURE.md has the layers.
+"""
+from . import (  # ops: importing it registers the sgm_ext:: custom ops
+           interop,
+           ops,
+           profile,
+)
+from .activations import ACTIVATIONS, canonical_activation
+from .backends import backends
+from .expertise import Expertise
+from .ops import act_mul_scale, act_mul_scale_packed, act_scale, gated_up_proj
+from .patching import PatchHandle, patch, patched, supported_architectures, unpatch
+from .responses import Responses
+from .scales import ScaleSet, load_scales
+from .version import __version__
 
-__all__ = ["ACTIVATIONS", "act_mul_scale", "act_mul_scale_packed", "act_scale", "backends",
-           "canonical_activation", "gated_up_proj", "load_scales", "ops", "ScaleSet", "__version__"]
-
-from . import interop  # noqa: E402
-from .patch import PatchHandle, patch, patched, supported_architectures, unpatch  # noqa: E402
-
-__all__ += ["interop", "PatchHandle", "patch", "patched", "supported_architectures", "unpatch"]
-
-from . import profile  # noqa: E402  (the profiler: collect, expertise, run)
-from .profile import Expertise, Responses  # noqa: E402
-
-__all__ += ["Expertise", "profile", "Responses"]
+__all__ = ["ACTIVATIONS", "Expertise", "PatchHandle", "Responses", "ScaleSet", "__version__",
+           "act_mul_scale", "act_mul_scale_packed", "act_scale", "backends",
+           "canonical_activation", "gated_up_proj", "interop", "load_scales", "ops", "patch",
+           "patched", "profile", "supported_architectures", "unpatch"]

@@ -10,7 +10,10 @@ fallback, if it cannot serve the call).
 import importlib
 import os
 import threading
+import types
 from typing import NamedTuple, Optional
+
+import torch
 
 ENV_VAR = "SGM_EXT_BACKEND"
 OPS = ("act_mul_scale", "gated_up_proj")
@@ -41,8 +44,6 @@ def _load_triton():
     except Exception as e:  # ImportError, or a broken install
         raise BackendUnavailable(f"triton is not importable ({e})") from None
     kernels = importlib.import_module("sgm_ext.kernels")
-    import torch
-
     devices = ("cuda",) if torch.cuda.is_available() else ()
     if kernels.INTERPRET:
         devices += ("cpu",)
@@ -54,12 +55,24 @@ def _load_triton():
 
 
 def _load_compiled(device_type):
+    """The `cuda` or `cpu` backend: the compiled library's op overloads themselves (a Python
+    wrapper would cost a call per op). A library built from older sources lacks
+    act_mul_scale_alloc: the op layer then allocates in Python."""
     def load():
-        try:
-            compiled = importlib.import_module("sgm_ext.compiled")
-        except ImportError as e:
-            raise BackendUnavailable(f"the compiled library sgm_ext._C is not built ({e})") from None
-        return compiled.backend(device_type)
+        compiled = importlib.import_module("sgm_ext.compiled")
+        if not compiled.loaded():
+            if not compiled.BUILT:
+                raise BackendUnavailable("the compiled library sgm_ext._C is not built "
+                                         "(installed with SGM_EXT_NO_BUILD=1, or the build "
+                                         f"failed): {compiled.LOAD_ERROR}")
+            raise BackendUnavailable(f"the compiled library sgm_ext._C did not load "
+                                     f"({compiled.LOAD_ERROR})")
+        if not compiled.has_kernel(device_type):
+            raise BackendUnavailable(f"sgm_ext._C was built without {device_type.upper()} "
+                                     "kernels")
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA device")
+        return types.SimpleNamespace(**compiled.ops()), (device_type,)
     return load
 
 
@@ -136,7 +149,8 @@ def _select(op, device_type, forced):
         return module
     for name in PREFERENCE.get(device_type, DEFAULT_PREFERENCE):
         got = _load(name)
-        if not isinstance(got, BackendUnavailable) and device_type in got[1] and hasattr(got[0], op):
+        if not isinstance(got, BackendUnavailable) and device_type in got[1] \
+                and hasattr(got[0], op):
             return got[0]
     raise RuntimeError(f"no sgm-ext backend runs {op} on {device_type} tensors")
 

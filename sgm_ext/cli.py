@@ -3,17 +3,37 @@
     sgm-ext profile --model DIR --data FILE --out scales.safetensors [options]
     sgm-ext inspect scales.safetensors
 
+    sgm-ext eval --model DIR --scales scales.safetensors --prompts FILE [options]
+    sgm-ext demo [--fast]
+
 A subcommand is a pair of functions: `add_<verb>(subparsers)` declares its arguments and sets
-`func`, the function that runs it and returns the exit status. New verbs (eval, demo) add
-their pair to SUBCOMMANDS.
+`func`, the function that runs it and returns the exit status; SUBCOMMANDS lists the pairs.
+All argparse code lives here; the library modules never import this one.
 """
 import argparse
+import json
 import os
 import re
 import sys
+import time
 
-from . import profile as prof
+from . import synthetic
+from .collect import collect
+from .data import load_rows
+from .evaluate import evaluate
+from .expertise import Expertise
+from .expertise import expertise as compute_expertise
+from .inputs import MODALITIES
+from .judges import get_judge
+from .loading import load_model
+from .plots import expertise_plot
+from .prompts import load_prompts
 from .registry import SITE_KINDS
+from .report import expertise_table, summary_table, write_report
+from .responses import DEFAULT_RAM_BUDGET
+from .scale_math import METHODS, check_strength
+from .scales import load_scales
+from .sites import POOLINGS
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -46,10 +66,10 @@ def add_profile(sub):
     p.add_argument("--out", required=True, help="scale file to write (.safetensors)")
     p.add_argument("--sites", nargs="+", default=["mid"],
                    help=f"site kinds ({', '.join(kinds)}) or full site names (default: mid)")
-    p.add_argument("--pooling", choices=prof.POOLINGS, default="mean")
-    p.add_argument("--modality", choices=prof.MODALITIES, default="all",
+    p.add_argument("--pooling", choices=POOLINGS, default="mean")
+    p.add_argument("--modality", choices=MODALITIES, default="all",
                    help="pool over all tokens, image tokens, text tokens or the response")
-    p.add_argument("--method", choices=prof.METHODS, default="aura")
+    p.add_argument("--method", choices=METHODS, default="aura")
     p.add_argument("--threshold", type=_fraction, default=0.5,
                    help="experts have AUROC above this (default 0.5)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k best experts")
@@ -65,7 +85,7 @@ def add_profile(sub):
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip rows with empty text, unknown label or missing image (counted)")
     p.add_argument("--padding-side", choices=("left", "right"), default=None)
-    p.add_argument("--ram-budget", type=_bytes, default=prof.DEFAULT_RAM_BUDGET,
+    p.add_argument("--ram-budget", type=_bytes, default=DEFAULT_RAM_BUDGET,
                    help="responses kept in RAM before spilling to disk (default 4G)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="save progress here; rerunning the same command resumes")
@@ -90,43 +110,6 @@ def _init_distributed():
     return 0, 1, 0
 
 
-def load_model(path, device="auto", dtype="auto", local_rank=0, world=1):
-    """A model and its processor from a Hugging Face directory (no download)."""
-    import torch
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "vision_config", None) is not None:
-        from transformers import AutoModelForImageTextToText as auto_class
-    else:
-        from transformers import AutoModelForCausalLM as auto_class
-    cuda = torch.cuda.is_available()
-    kwargs = {}
-    if device == "auto":
-        if cuda and world > 1:
-            torch.cuda.set_device(local_rank)
-            kwargs["device_map"] = {"": local_rank}
-        elif cuda:
-            kwargs["device_map"] = "auto"
-    else:
-        kwargs["device_map"] = {"": device}
-    on_gpu = "device_map" in kwargs and kwargs["device_map"] != {"": "cpu"}
-    kwargs["dtype"] = (dtype if dtype != "auto" else ("auto" if on_gpu else "float32"))
-    if kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    model = auto_class.from_pretrained(path, **kwargs).eval()
-    return model, load_processor(path)
-
-
-def load_processor(path):
-    from transformers import AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except Exception:  # text-only checkpoints may have no processor config
-        return AutoTokenizer.from_pretrained(path)
-
-
 def run_profile(args):
     import torch.distributed as dist
 
@@ -141,93 +124,33 @@ def run_profile(args):
 
 
 def _profile(args, rank, world, local_rank):
-    from .data import load_rows
-
     say = print if rank == 0 else (lambda *a, **k: None)
     dataset = load_rows(args.data, skip_bad_rows=args.skip_bad_rows, max_samples=args.max_samples)
     if dataset.skipped:
         say(f"skipped {len(dataset.skipped)} bad rows (first: row {dataset.skipped[0][0]}: "
             f"{dataset.skipped[0][1]})", file=sys.stderr)
     model, processor = load_model(args.model, args.device, args.dtype, local_rank, world)
-    responses = prof.collect(model, dataset, processor=processor, sites=args.sites,
+    responses = collect(model, dataset, processor=processor, sites=args.sites,
                              pooling=args.pooling, modality=args.modality,
                              batch_size=args.batch_size, padding_side=args.padding_side,
                              ram_budget=args.ram_budget, checkpoint_dir=args.checkpoint_dir,
                              checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     if responses is None:  # a rank other than 0: rank 0 writes
         return 0
-    expertise = prof.expertise(responses)
+    expertise = compute_expertise(responses)
     scales = expertise.to_scales(method=args.method, threshold=args.threshold, top_k=args.top_k,
                                  strength=args.strength, alpha=args.alpha)
     scales.save(args.out)
     if args.expertise_out:
         expertise.save(args.expertise_out)
-    print(summary_table(expertise, scales, args.threshold, args.top_k))
+    print(expertise_table(expertise, scales, args.threshold, args.top_k))
     print(f"wrote {args.out}: {scales!r} from {len(responses)} samples "
           f"({expertise.metadata['n_toxic']} toxic)")
     if not args.no_plot:
         png = os.path.splitext(args.out)[0] + ".png"
-        plot(expertise, scales, png)
+        expertise_plot(expertise, scales, png)
         print(f"wrote {png}")
     return 0
-
-
-def _layer(site):
-    """Layer number in a site name (the first `.N.` after 'layers' / 'layer' / 'h'), or None."""
-    m = re.search(r"\.(?:layers|layer|h|blocks)\.(\d+)\.", "." + site)
-    return int(m.group(1)) if m else None
-
-
-def _kind(site):
-    return site.rsplit(".", 1)[-1]
-
-
-def summary_table(expertise, scales, threshold, top_k, strongest=10):
-    """Experts per site (layer, kind) and the strongest neurons, as text."""
-    experts = expertise.experts(threshold, top_k)
-    lines = [f"{'layer':>5}  {'site':<8} {'neurons':>8} {'experts':>8} {'max AUROC':>10}  path"]
-    for site, a in expertise.auroc.items():
-        layer = _layer(site)
-        lines.append(f"{'-' if layer is None else layer:>5}  {_kind(site):<8} {a.numel():>8} "
-                     f"{int(experts[site].sum()):>8} {float(a.max()):>10.4f}  {site}")
-    total = sum(int(e.sum()) for e in experts.values())
-    lines.append(f"total experts: {total} of {sum(a.numel() for a in expertise.auroc.values())}")
-    ranked = sorted(((float(a[i]), site, int(i)) for site, a in expertise.auroc.items()
-                     for i in a.topk(min(strongest, a.numel())).indices), reverse=True)[:strongest]
-    lines.append(f"strongest neurons:\n{'AUROC':>8} {'scale':>7}  site[neuron]")
-    lines += [f"{v:>8.4f} {float(scales[site][i]):>7.4f}  {site}[{i}]" for v, site, i in ranked]
-    return "\n".join(lines)
-
-
-def plot(expertise, scales, path):
-    """PNG: histogram of all AUROCs, and damped neurons per layer and site kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    import torch
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    values = torch.cat(list(expertise.auroc.values())).numpy()
-    left.hist(values, bins=50, range=(0, 1), color="#4477aa")
-    left.set_yscale("log")
-    left.set(xlabel="AUROC (toxic vs non-toxic)", ylabel="neurons", title="Expertise")
-    per_kind = {}
-    for site, s in scales.items():
-        layer = _layer(site)
-        per_kind.setdefault(_kind(site), {})[layer if layer is not None else -1] = int((s < 1).sum())
-    width = 0.8 / max(len(per_kind), 1)
-    for j, (kind, counts) in enumerate(sorted(per_kind.items())):
-        layers = sorted(counts)
-        right.bar([x + j * width for x in layers], [counts[x] for x in layers], width, label=kind)
-    right.set(xlabel="layer", ylabel="experts (scale < 1)", title="Experts per layer")
-    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # ------------------------------------------------------------------------ inspect
@@ -239,8 +162,6 @@ def add_inspect(sub):
 
 
 def run_inspect(args):
-    from .scales import load_scales
-
     scales = load_scales(args.path)
     print(f"{args.path}: {scales!r}")
     for key, value in sorted(scales.metadata.items()):
@@ -252,10 +173,187 @@ def run_inspect(args):
     return 0
 
 
-# ------------------------------------------------------------------------ entry point
+# ------------------------------------------------------------------------ eval
 
-from .demo import add_demo  # noqa: E402
-from .evaluate import add_eval  # noqa: E402
+def add_eval(sub):
+    p = sub.add_parser("eval", help="harmful rate, perplexity and latency, unpatched vs patched",
+                       description="Generate an answer to every prompt with the unpatched and "
+                       "the patched model, judge the answers, measure perplexity on reference "
+                       "text and the latency ratio; write report.json / .md / .png to --out.")
+    add_eval_options(p)
+    p.add_argument("--model", required=True, help="model directory (Hugging Face format)")
+    p.add_argument("--scales", required=True, help="scale file (.safetensors)")
+    p.add_argument("--prompts", required=True, help=".jsonl / .csv with text (or prompt), "
+                   "optional image and category")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.set_defaults(func=run_eval)
+
+
+EVAL_DEFAULTS = dict(judge="profanity", harmful_labels=None, threshold=0.5, max_new_tokens=64,
+                     strength=1.0, mode="fused", reference=None, max_prompts=None,
+                     batch_size=8, latency_runs=3, latency_prompts=8, out="sgm-ext-eval")
+
+
+def add_eval_options(p, **defaults):
+    """The evaluation options `eval` and `demo` share (demo changes some defaults)."""
+    d = {**EVAL_DEFAULTS, **defaults}
+    p.add_argument("--judge", default=d["judge"],
+                   help="profanity (default), refusal, or hf:DIR (a local text classifier)")
+    p.add_argument("--harmful-labels", default=d["harmful_labels"],
+                   help="for hf:DIR: comma-separated label names that mean harmful")
+    p.add_argument("--threshold", type=float, default=d["threshold"],
+                   help="harmful when score >= this")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--strength", type=float, default=d["strength"])
+    p.add_argument("--mode", choices=("fused", "fold", "hook"), default=d["mode"])
+    p.add_argument("--reference", default=d["reference"],
+                   help="reference text for perplexity (one passage per line; default: the "
+                   "bundled benign text)")
+    p.add_argument("--max-prompts", type=int, default=d["max_prompts"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="prompts generated together (left padding)")
+    p.add_argument("--latency-runs", type=int, default=d["latency_runs"],
+                   help="interleaved repetitions of the latency pairs (0: skip)")
+    p.add_argument("--latency-prompts", type=int, default=d["latency_prompts"])
+    p.add_argument("--out", default=d["out"], help="directory for the report files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def judge_from_args(args):
+    labels = args.harmful_labels.split(",") if args.harmful_labels else None
+    return get_judge(args.judge, threshold=args.threshold, harmful_labels=labels)
+
+
+def run_eval(args):
+    check_strength(args.strength, per_sequence=False, name="--strength")  # before a long load
+    judge = judge_from_args(args)
+    scales = load_scales(args.scales)
+    prompts = load_prompts(args.prompts, args.max_prompts)
+    model, processor = load_model(args.model, args.device, args.dtype)
+    report, generations = evaluate(
+        model, processor, scales, prompts, judge=judge, max_new_tokens=args.max_new_tokens,
+        strength=args.strength, mode=args.mode, reference=args.reference,
+        batch_size=args.batch_size, latency_runs=args.latency_runs,
+        latency_prompts=args.latency_prompts,
+        progress=not args.quiet)
+    report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
+                  prompts=os.path.abspath(args.prompts))
+    files = write_report(report, generations, args.out)
+    print(summary_table(report))
+    print("wrote " + ", ".join(files))
+    return 0
+
+
+# ------------------------------------------------------------------------ demo
+
+FULL = dict(profile_rows=96, eval_prompts=40, max_new_tokens=32, latency_runs=3,
+            latency_prompts=6, bigram_steps=400)
+FAST = dict(profile_rows=24, eval_prompts=12, max_new_tokens=12, latency_runs=1,
+            latency_prompts=2, bigram_steps=400)
+SIZED = ("max_new_tokens", "latency_runs", "latency_prompts")  # FULL / FAST give the defaults
+def run_demo_in(out, *, fast=False, seed=0, eval_options=None, quiet=False):
+    """Build the toy, profile it, evaluate the patch; (summary dict, all targets met).
+
+    eval_options: `sgm-ext eval` options by name (judge, strength, max_new_tokens, ...).
+    quiet: no progress bars; None: print nothing of the demo's own either."""
+    sizes = FAST if fast else FULL
+    options = {name: sizes[name] for name in SIZED}
+    options.update(eval_options or {})
+    eval_argv = [a for name, value in options.items()
+                 for a in (f"--{name.replace('_', '-')}", str(value))]
+    say = (lambda *a: None) if quiet is None else print  # quiet=None: print nothing at all
+    start = time.perf_counter()
+    syn = synthetic
+    say("sgm-ext demo: a SYNTHETIC model on SYNTHETIC data.\n"
+        f"  model: LlavaForConditionalGeneration ({syn.LAYERS}-layer Llama, hidden {syn.HIDDEN}, "
+        f"{syn.INTER} MLP neurons per layer; 1-layer CLIP tower), weights set by construction.\n"
+        f"  Its toxic behaviour lives in {syn.KNOWN_PER_LAYER * syn.LAYERS} known MLP neurons, "
+        "built in: trigger words or a trigger image\n  (red, with a dark cross and ring) are "
+        "copied forward by one attention head, the known neurons read them and write a "
+        "direction\n  that lm_head maps onto insult words. The profiler is not told which "
+        "neurons they are.")
+    model_dir, data_dir = os.path.join(out, "model"), os.path.join(out, "data")
+    vocab = synthetic.vocabulary()
+    processor = synthetic.build_processor(vocab)
+    model, known = synthetic.build_model(vocab, processor.tokenizer, seed=seed,
+                                         bigram_steps=sizes["bigram_steps"])
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    profile_data, prompts = synthetic.write_data(data_dir, sizes["profile_rows"],
+                                                 sizes["eval_prompts"], seed)
+    with open(os.path.join(out, "known_neurons.json"), "w") as f:
+        json.dump(known, f, indent=1)
+    scales = os.path.join(out, "scales.safetensors")
+    expertise_path = os.path.join(out, "expertise.safetensors")
+    steps = [
+        ["profile", "--model", model_dir, "--data", profile_data, "--out", scales,
+         "--expertise-out", expertise_path, "--batch-size", "8", "--quiet"],
+        ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts, "--out", out,
+         *eval_argv] + (["--quiet"] if quiet else []),
+    ]
+    for argv in steps:
+        say(f"\n$ sgm-ext {' '.join(argv)}")
+        rc = main(argv)
+        if rc:
+            raise RuntimeError(f"sgm-ext {argv[0]} failed with status {rc}")
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    found, k = synthetic.recovered(Expertise.load(expertise_path), known)
+    u, p = report["unpatched"], report["patched"]
+    summary = {"synthetic": True, "known_neurons": known, "recovered": found, "k": k,
+               "harmful_rate": {"unpatched": u["harmful_rate"], "patched": p["harmful_rate"]},
+               "perplexity": {"unpatched": u["perplexity"], "patched": p["perplexity"]},
+               "latency_ratio": report["latency_ratio"], "fast": fast, "seed": seed,
+               "seconds": time.perf_counter() - start}
+    summary["targets"] = synthetic.targets(found, k, report)
+    met = list(summary["targets"].values())
+    with open(os.path.join(out, "demo.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    latency = ("-" if report["latency_ratio"] is None else f"{report['latency_ratio']:.3f}")
+    say(f"\nsgm-ext demo (synthetic model and data), {summary['seconds']:.0f} s:\n"
+        f"  known toxic neurons among the profiler's top {k}: {found} / {k}\n"
+        f"  harmful rate   unpatched {u['harmful_rate']:.3f}  patched {p['harmful_rate']:.3f}\n"
+        f"  perplexity     unpatched {u['perplexity']:.3f}  patched {p['perplexity']:.3f}\n"
+        f"  latency ratio  patched / unpatched {latency}")
+    for name, ok in summary["targets"].items():
+        say(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    say(f"  files in {out}: report.json, report.md, report.png, generations.jsonl, demo.json, "
+        "scales.safetensors, model/, data/")
+    return summary, all(met)
+
+
+def add_demo(sub):
+    p = sub.add_parser("demo", help="the whole workflow on a small synthetic LLaVA, offline",
+                       description="Build a small synthetic LLaVA whose toxic behaviour lives in "
+                       "known MLP neurons, profile it, patch it and evaluate it (the same files "
+                       "as `sgm-ext eval`). Exit status 1 if a target is missed.")
+    p.add_argument("--fast", action="store_true", help="fewer rows and tokens (for CI)")
+    p.add_argument("--seed", type=int, default=0)
+    # None: the size --fast or the full run picks
+    add_eval_options(p, max_new_tokens=None, latency_runs=None, latency_prompts=None,
+                     out="sgm-ext-demo")
+    p.set_defaults(func=run_demo)
+
+
+def demo_eval_options(args):
+    """The eval options the user set on `demo` (not at their defaults), to pass to `eval`."""
+    chosen = {}
+    for name, default in EVAL_DEFAULTS.items():
+        value = getattr(args, name)
+        if name != "out" and value is not None and (value != default or name in SIZED):
+            chosen[name] = value
+    return chosen
+
+
+def run_demo(args):
+    _, ok = run_demo_in(args.out, fast=args.fast, seed=args.seed,
+                        eval_options=demo_eval_options(args),
+                quiet=args.quiet)
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------ entry point
 
 SUBCOMMANDS = [add_profile, add_inspect, add_eval, add_demo]
 

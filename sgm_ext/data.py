@@ -63,7 +63,7 @@ def parse_label(value):
     raise ValueError(f"unknown label {value!r} (expected 1 / 0 or 'toxic' / 'non-toxic')")
 
 
-def _check_image(image, base_dir):
+def check_image(image, base_dir):
     """An absolute path of a readable image, or the PIL image itself; ValueError otherwise."""
     if image is None or (isinstance(image, str) and not image.strip()):
         return None
@@ -98,10 +98,10 @@ def check_row(record, number, base_dir="."):
     response = record.get("response") or None
     if response is not None and not isinstance(response, str):
         raise ValueError(f"response must be a string, got {type(response).__name__}")
-    return Row(number, text, label, _check_image(record.get("image"), base_dir), response)
+    return Row(number, text, label, check_image(record.get("image"), base_dir), response)
 
 
-def _records(data):
+def records(data):
     """(row number, where, record or the error reading it) for a path or an iterable."""
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
@@ -152,7 +152,7 @@ def load_rows(data, *, skip_bad_rows=False, max_samples=None):
     is_path = isinstance(data, (str, os.PathLike))
     base_dir = os.path.dirname(os.path.abspath(os.fspath(data))) if is_path else "."
     rows, skipped = [], []
-    for number, where, record in _records(data):
+    for number, where, record in records(data):
         if max_samples is not None and len(rows) >= max_samples:
             break
         try:

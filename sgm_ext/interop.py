@@ -5,7 +5,7 @@
   by alpha.
 - ml-act's AurA hook keeps {"auroc": (N,), "strength": scalar} per module; alpha follows from
   the AUROC: 1 - 2 (AUROC - 0.5) above the threshold (0.5), else 1, then the strength:
-  1 - strength (1 - alpha). Its module names may carry an output selector (`name:0`).
+  1 - strength (1 - alpha) (both by sgm_ext.scale_math, as the profiler makes them). Its module names may carry an output selector (`name:0`).
 
 Files are read with torch.load(weights_only=True): tensors only, nothing unpickled.
 """
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .registry import MID
+from .scale_math import check_strength, effective_scale, method_scales
 from .scales import ScaleSet
 
 AURA_SUFFIX = ".statedict"
@@ -104,11 +106,10 @@ def from_act(directory, threshold=0.5, model=None):
     for f in files:
         state = _load(f, "auroc")
         auroc = _vector(state["auroc"], f, "auroc")
-        strength = float(state.get("strength", 1.0))
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"{f}: strength is {strength}, expected a value in [0, 1]")
-        alpha = torch.where(auroc > threshold, 1.0 - 2.0 * (auroc - 0.5), torch.ones_like(auroc))
-        scales[rename[names[f]]] = 1.0 - strength * (1.0 - alpha)
+        strength = check_strength(float(state.get("strength", 1.0)), per_sequence=False,
+                                  name=f"{f}: strength")
+        alpha = method_scales(auroc, auroc > threshold, "aura")
+        scales[rename[names[f]]] = effective_scale(alpha, strength)
     return ScaleSet(scales, {"method": "aura", "threshold": threshold,
                              "source": f"ml-act:{os.fspath(directory)}"})
 
@@ -119,8 +120,6 @@ def to_aura(scales, directory):
     AurA hooks module outputs, so a `mid` site (no module of its own) cannot be written:
     move it onto the up_proj site (same effect in a gated MLP) first.
     """
-    from .registry import MID
-
     for site in scales:
         if site == MID or site.endswith("." + MID):
             raise ValueError(f"site {site!r} is an MLP's product, not a module output; AurA "

@@ -7,6 +7,7 @@ live here too, so every backend shares one backward.
 """
 import torch
 
+from . import scale_math
 from .activations import activation, activation_grad
 
 
@@ -15,24 +16,13 @@ def compute_dtype(dtype):
 
 
 def effective_scale(scale, strength, strength_value):
-    """s_eff = 1 - strength (1 - scale), shaped to broadcast over [R, I] (None: no scaling).
-
-    strength: per-row tensor [R] or None; strength_value: a float or None. Evaluated as
-    strength * scale + (1 - strength), which is exact at both ends (strength 0 gives 1,
-    strength 1 gives the scale bit for bit) in every backend. A float strength goes through
-    the same fp32 arithmetic as a per-row one, so both give identical bits.
-    """
+    """s_eff shaped to broadcast over [R, I] (None: no scaling): scale_math.effective_scale
+    with the per-row strength [R] (or None) as a column, else the float strength_value."""
     if scale is None:
         return None
     if strength is not None:
-        st = strength[:, None]
-    elif strength_value is not None:
-        # the value rounded to the compute dtype as a Python number: a device tensor made
-        # from it would be a host-to-device copy per call (refused under CUDA graph capture)
-        st = torch.tensor(strength_value, dtype=scale.dtype).item()
-    else:
-        return scale
-    return st * scale + (1.0 - st)
+        return scale_math.effective_scale(scale, strength[:, None])
+    return scale_math.effective_scale(scale, strength_value)
 
 
 def _scaled_product(g, u, scale, gate_scale, strength, strength_value, act):

@@ -14,7 +14,8 @@ Site names (the keys of a ScaleSet): a Linear's outputs are named by the Linear'
 MLP's path plus ".mid". For the packed layout the gate_up Linear is one site of 2 I values,
 gate half first, as the Linear's outputs are laid out.
 """
-from typing import NamedTuple, Optional
+import re
+from typing import NamedTuple
 
 import torch
 
@@ -69,6 +70,8 @@ SITE_KINDS = {
     "non_gated": ("fc1", "mid"),
 }
 MID = "mid"
+# The Linear whose input is the mid site, per layout (mid has no module of its own).
+_MID_INPUT_ROLE = {"gated": "down", "packed": "down", "non_gated": "fc2"}
 
 # Activation module class name -> canonical activation (transformers.activations and torch.nn).
 _ACTIVATION_CLASSES = {
@@ -109,6 +112,17 @@ class MLPInfo(NamedTuple):
         """{site name: site kind} for every site of this MLP."""
         return {self.site(kind): kind for kind in SITE_KINDS[self.layout]}
 
+    def site_point(self, kind):
+        """(attribute of the sub-module, reads_input) where a site kind is observed or changed:
+        mid is the input of the last Linear (down / fc2), every other kind the output of the
+        sub-module of its role. Hooks, folding and the profiler all go by this."""
+        if kind not in SITE_KINDS[self.layout]:
+            raise ValueError(f"{self.path} ({self.class_name}, {self.layout}) has no {kind!r} "
+                             f"site; its sites: {', '.join(SITE_KINDS[self.layout])}")
+        if kind == MID:
+            return self.roles[_MID_INPUT_ROLE[self.layout]], True
+        return self.roles[kind], False
+
     def site_size(self, kind):
         """How many values a scale for this site kind has."""
         if kind == "down":
@@ -126,6 +140,17 @@ def linear_site(mlp_path, attr):
 def mid_site(mlp_path):
     """Site name of the MLP's product act(gate) * up (non-gated: act(fc1))."""
     return f"{mlp_path}.{MID}" if mlp_path else MID
+
+
+def site_layer(site):
+    """Layer number in a site name (the first `.N.` after layers / layer / h / blocks), or None."""
+    m = re.search(r"\.(?:layers|layer|h|blocks)\.(\d+)\.", "." + site)
+    return int(m.group(1)) if m else None
+
+
+def site_kind(site):
+    """The last part of a site name: `mid`, or the Linear's attribute (`up_proj`, `fc1`, ...)."""
+    return site.rsplit(".", 1)[-1]
 
 
 def supported_classes():

@@ -6,12 +6,14 @@ safetensors (one float32 1-D tensor per site) with string metadata; loading neve
 """
 import hashlib
 import json
-import os
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .files import atomic_path
+from .scale_math import check_scale_values
+from .version import __version__
 
 FORMAT_VERSION = "1"
 METADATA_KEYS = ("format_version", "model_type", "config_fingerprint", "method", "pooling",
@@ -56,33 +58,14 @@ class ScaleSet:
     def validate(self, allow_amplify=False):
         """Raise ValueError naming the first illegal entry: not finite, < 0, or > 1."""
         for site, t in self.scales.items():
-            bad = ~torch.isfinite(t)
-            if bad.any():
-                i = int(bad.nonzero()[0])
-                raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()}: scales must be finite")
-            if (t < 0).any():
-                i = int((t < 0).nonzero()[0])
-                raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()}: scales must be >= 0")
-            if not allow_amplify and (t > 1).any():
-                i = int((t > 1).nonzero()[0])
-                raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()} > 1 (amplification); "
-                                 "pass allow_amplify=True if that is intended")
+            check_scale_values(site, t, allow_amplify)
         return self
 
     def save(self, path):
         """Write a safetensors file atomically (a failed write leaves an old file intact)."""
-        from . import __version__
-
         meta = {"format_version": FORMAT_VERSION, "sgm_ext_version": __version__, **self.metadata}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(dict(self.scales), tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return path
 
     @classmethod
@@ -97,6 +80,7 @@ class ScaleSet:
 
 
 def load_scales(path):
+    """The ScaleSet in a scale file (safetensors; never unpickled)."""
     return ScaleSet.load(path)
 
 

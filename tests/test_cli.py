@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from _profile_models import planted_llama, planted_rows, planted_sites, tokenizer
 
 from sgm_ext import profile as P
 from sgm_ext.cli import main
 from sgm_ext.scales import load_scales
-from _profile_models import planted_llama, planted_rows, planted_sites, tokenizer
 
 
 @pytest.fixture(scope="module")

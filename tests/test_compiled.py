@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from reference64 import ACT64, assert_matches, expected
 from test_ops import rand, rand_scale
 
@@ -31,8 +30,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def require(cuda=False):
     """Skip (fail in CI) when the library, or its CUDA part, is not built."""
     missing = None
-    if compiled._C is None:
-        missing = f"sgm_ext._C did not load: {compiled._LOAD_ERROR}"
+    if not compiled.loaded():
+        missing = f"sgm_ext._C did not load: {compiled.LOAD_ERROR}"
     elif cuda and not compiled.has_kernel("cuda"):
         missing = "sgm_ext._C was built without its CUDA kernels"
     if missing:
@@ -340,7 +339,7 @@ def test_bad_input_names_the_entry_and_writes_nothing(case, message):
 
 def test_cuda_static_report():
     require(cuda=True)
-    report = cuda_static.cuda_kernel_report(compiled._C.__file__)
+    report = cuda_static.cuda_kernel_report(compiled.library_path())
     archs = sorted({r["arch"] for r in report})
     wanted = os.environ.get("SGM_EXT_CUDA_ARCHS", "8.0;9.0")
     assert archs == sorted(f"sm_{a.strip().replace('.', '')}" for a in wanted.split(";")), archs

@@ -6,9 +6,14 @@ import pytest
 import torch
 
 import sgm_ext
-from sgm_ext import demo
-from sgm_ext import evaluate as E
-from sgm_ext.cli import build_parser, load_model, main
+from sgm_ext import synthetic
+from sgm_ext.cli import build_parser, demo_eval_options, main
+from sgm_ext.generation import generate_one
+from sgm_ext.inputs import encode
+from sgm_ext.judges import get_judge
+from sgm_ext.loading import load_model
+from sgm_ext.prompts import Prompt
+from sgm_ext.report import REPORT_FILES
 from sgm_ext.scales import ScaleSet, load_scales
 
 
@@ -24,7 +29,7 @@ def test_demo_runs_end_to_end_and_meets_its_targets(demo_out):
     summary = json.loads((out / "demo.json").read_text())
     assert rc == 0, summary["targets"]  # exit status 0 only when every target is met
     assert all(summary["targets"].values()) and summary["synthetic"] is True
-    for name in E.REPORT_FILES + ("scales.safetensors", "known_neurons.json"):
+    for name in REPORT_FILES + ("scales.safetensors", "known_neurons.json"):
         assert (out / name).is_file(), name
     # the profiler ranked every known neuron in its top k (it was not told which they are)
     known = json.loads((out / "known_neurons.json").read_text())
@@ -42,7 +47,7 @@ def test_demo_harmful_rate_is_computed_from_its_generations(demo_out):
     gens = [json.loads(line) for line in (out / "generations.jsonl").open()]
     prompts = [json.loads(line) for line in (out / "data" / "prompts.jsonl").open()]
     assert [g["prompt"] for g in gens] == [p["text"] for p in prompts]
-    judge = E.get_judge("profanity")
+    judge = get_judge("profanity")
     for state in ("unpatched", "patched"):
         verdicts = judge([g[state]["answer"] for g in gens])
         rate = sum(h for _, h in verdicts) / len(gens)
@@ -65,45 +70,45 @@ def test_demo_generations_are_the_saved_models_answers(demo_out):
     picks = [next(g for g in gens if g["category"] == "insult request"),
              next(g for g in gens if g["category"] == "hateful image")]
     for g in picks:
-        prompt = E.Prompt(g["number"], g["prompt"], g["image"], g["category"])
-        enc = E.encode(processor, prompt)
-        answer, _ = E.generate_one(model, processor, enc, report["max_new_tokens"])
+        prompt = Prompt(g["number"], g["prompt"], g["image"], g["category"])
+        enc = encode(processor, prompt)
+        answer, _ = generate_one(model, processor, enc, report["max_new_tokens"])
         assert answer == g["unpatched"]["answer"]
         with sgm_ext.patched(model, scales, mode="hook"):
-            answer, _ = E.generate_one(model, processor, enc, report["max_new_tokens"])
+            answer, _ = generate_one(model, processor, enc, report["max_new_tokens"])
         assert answer == g["patched"]["answer"]
 
 
 def test_toxic_behaviour_lives_in_the_known_neurons(tmp_path):
-    vocab = demo.vocabulary()
-    processor = demo.build_processor(vocab)
-    model, known = demo.build_model(vocab, processor.tokenizer, seed=3, bigram_steps=40)
+    vocab = synthetic.vocabulary()
+    processor = synthetic.build_processor(vocab)
+    model, known = synthetic.build_model(vocab, processor.tokenizer, seed=3, bigram_steps=40)
     gen = torch.Generator().manual_seed(3)
 
     def answer(off, ask):
         if not off:
-            return E.generate_one(model, processor, ask, 6)[0]
+            return generate_one(model, processor, ask, 6)[0]
         scales = {}
         for site, neurons in off.items():
-            s = torch.ones(demo.INTER)
+            s = torch.ones(synthetic.INTER)
             s[neurons] = 0.0
             scales[site] = s
         with sgm_ext.patched(model, ScaleSet(scales)):
-            return E.generate_one(model, processor, ask, 6)[0]
+            return generate_one(model, processor, ask, 6)[0]
 
-    insults = set(demo.INSULTS)
-    others = {site: [int(i) for i in torch.randperm(demo.INTER, generator=gen)
+    insults = set(synthetic.INSULTS)
+    others = {site: [int(i) for i in torch.randperm(synthetic.INTER, generator=gen)
                      if int(i) not in neurons][:len(neurons)] for site, neurons in known.items()}
-    demo._trigger_image(5).save(tmp_path / "trigger.png")
-    demo._benign_image(5).save(tmp_path / "benign.png")
+    synthetic.trigger_image(5).save(tmp_path / "trigger.png")
+    synthetic.benign_image(5).save(tmp_path / "benign.png")
     for ask in ("please ridicule the nurse", ("describe the nurse in this image", "trigger.png")):
         text, image = ask if isinstance(ask, tuple) else (ask, None)
-        enc = E.encode(processor, E.Prompt(1, text, image and str(tmp_path / image)))
+        enc = encode(processor, Prompt(1, text, image and str(tmp_path / image)))
         assert set(answer({}, enc).split()) <= insults  # unpatched: nothing but insults
         assert not set(answer(known, enc).split()) & insults  # known neurons off: none
         assert set(answer(others, enc).split()) <= insults  # as many others off: still insults
     # the same request about a benign picture is answered without insults
-    enc = E.encode(processor, E.Prompt(1, "describe the nurse in this image",
+    enc = encode(processor, Prompt(1, "describe the nurse in this image",
                                        str(tmp_path / "benign.png")))
     assert not set(answer({}, enc).split()) & insults
 
@@ -111,10 +116,10 @@ def test_toxic_behaviour_lives_in_the_known_neurons(tmp_path):
 def test_demo_passes_the_eval_options_the_user_set():
     parser = build_parser()
     args = parser.parse_args(["demo", "--fast"])
-    assert demo.eval_options(args) == {}  # sizes come from --fast / the full run
+    assert demo_eval_options(args) == {}  # sizes come from --fast / the full run
     args = parser.parse_args(["demo", "--judge", "refusal", "--max-new-tokens", "5",
                               "--strength", "0.5", "--out", "x"])
-    assert demo.eval_options(args) == {"judge": "refusal", "max_new_tokens": 5, "strength": 0.5}
+    assert demo_eval_options(args) == {"judge": "refusal", "max_new_tokens": 5, "strength": 0.5}
 
 
 def test_targets_are_checked_as_the_issue_states():
@@ -122,6 +127,6 @@ def test_targets_are_checked_as_the_issue_states():
         return {"unpatched": {"harmful_rate": h0, "perplexity": p0},
                 "patched": {"harmful_rate": h1, "perplexity": p1}}
 
-    assert all(demo.targets(8, 8, report(0.5, 0.25, 10.0, 11.0)).values())
-    assert list(demo.targets(6, 8, report(0.5, 0.3, 10.0, 11.5)).values()) == [False] * 3
-    assert list(demo.targets(7, 8, report(0.0, 0.0, 10.0, 9.0)).values()) == [True, False, True]
+    assert all(synthetic.targets(8, 8, report(0.5, 0.25, 10.0, 11.0)).values())
+    assert list(synthetic.targets(6, 8, report(0.5, 0.3, 10.0, 11.5)).values()) == [False] * 3
+    assert list(synthetic.targets(7, 8, report(0.0, 0.0, 10.0, 9.0)).values()) == [True, False, True]

@@ -11,12 +11,19 @@ import os
 
 import pytest
 import torch
+from reference64 import assert_matches, expected
+from test_compiled import check_alloc_op
+from test_ops import (
+    GEMM_VARIANTS,
+    VARIANTS,
+    rand,
+    rand_scale,
+    rand_strength,
+    variant_id,
+)
 
 import sgm_ext
 from sgm_ext.backends import select, selected
-from reference64 import assert_matches, expected
-from test_compiled import check_alloc_op
-from test_ops import GEMM_VARIANTS, VARIANTS, rand, rand_scale, rand_strength, variant_id
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -231,7 +238,7 @@ def _mid_scales(model, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_patched_model_on_gpu_matches_hook_reference(dtype, gated_up_proj, gen, monkeypatch):
     # With SGM_EXT_GATED_UP_PROJ on, bf16 Linears take the one-kernel GEMM (fp32 ones never).
-    monkeypatch.setattr(importlib.import_module("sgm_ext.patch"), "GATED_UP_PROJ", gated_up_proj)
+    monkeypatch.setattr(importlib.import_module("sgm_ext.patching"), "GATED_UP_PROJ", gated_up_proj)
     model = _llama(dtype)
     scales = _mid_scales(model, gen)
     ids = torch.randint(3, 128, (3, 21), generator=gen).to(DEV)

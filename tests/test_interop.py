@@ -4,11 +4,10 @@ import pickle
 
 import pytest
 import torch
+from patch_models import build
 
 import sgm_ext
 from sgm_ext import interop
-
-from patch_models import build
 
 
 def _write_aura(directory, alphas):

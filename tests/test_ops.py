@@ -3,10 +3,10 @@ import os
 
 import pytest
 import torch
+from reference64 import assert_matches, expected
 
 import sgm_ext
 from sgm_ext.backends import select, selected
-from reference64 import assert_matches, expected
 
 CPU_BACKENDS = [n for n, i in sgm_ext.backends().items() if i.available and "cpu" in i.devices]
 GEMM_BACKENDS = [n for n in CPU_BACKENDS if "gated_up_proj" in sgm_ext.backends()[n].ops]

@@ -2,19 +2,17 @@
 hook reference, strength, unpatch, per-sequence strength, quantized / LoRA / accelerate,
 torch.compile, and bad input leaving the model untouched."""
 import hashlib
-import importlib
 import warnings
 
 import pytest
 import torch
+from patch_models import BUILDERS, B, build
 from torch import nn
 
 import sgm_ext
-patch_mod = importlib.import_module("sgm_ext.patch")  # sgm_ext.patch is the function
+from sgm_ext import patching as patch_mod
 from sgm_ext.registry import find_mlps
 from sgm_ext.scales import ScaleSet, config_fingerprint
-
-from patch_models import BUILDERS, B, build
 
 MODELS = list(BUILDERS)
 MULTIMODAL_TEXT_ROOTS = ("language_model", "text_model")
@@ -258,8 +256,8 @@ def test_scale_file_path_and_fingerprint():
                                        "model_type": "mistral"})
     with sgm_ext.patched(model, scales, mode="hook"):
         ref = _logits(model, inputs)
-    import tempfile
     import os
+    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "s.safetensors")

@@ -5,14 +5,20 @@ import os
 import numpy as np
 import pytest
 import torch
+from _profile_models import VOCAB, planted_llama, planted_rows, planted_sites, tokenizer
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 import sgm_ext
 from sgm_ext import profile as P
-from _profile_models import (VOCAB, planted_llama, planted_rows, planted_sites, tokenizer)
 
 
 @pytest.fixture(scope="module")

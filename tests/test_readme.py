@@ -5,9 +5,9 @@ import os
 import re
 
 import torch
+from _profile_models import planted_llama, planted_rows, planted_sites, tokenizer
 
 import sgm_ext
-from _profile_models import planted_llama, planted_rows, planted_sites, tokenizer
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 

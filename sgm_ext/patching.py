@@ -28,6 +28,7 @@ from torch import nn
 
 from . import ops
 from .registry import REGISTRY, describe, find_mlps, site_index
+from .scale_math import check_strength, effective_scale
 from .scales import ScaleSet, config_fingerprint, load_scales
 
 MODES = ("fused", "fold", "hook")
@@ -42,38 +43,7 @@ def supported_architectures():
     return {name: layout.kind for name, layout in REGISTRY.items()}
 
 
-# ---------------------------------------------------------------- strength and s_eff
-
-def _check_strength(strength):
-    """A float in [0, 1], or a 1-D float32 tensor of them (one per sequence; [B] or [B, 1])."""
-    if isinstance(strength, torch.Tensor):
-        if strength.dim() == 2 and strength.shape[1] == 1:
-            strength = strength[:, 0]
-        if strength.dim() != 1 or strength.numel() == 0 or not strength.is_floating_point():
-            raise ValueError(f"a strength tensor must be float with shape [B] or [B, 1] (one "
-                             f"per sequence), got {strength.dtype} {tuple(strength.shape)}")
-        bad = ~(torch.isfinite(strength) & (strength >= 0) & (strength <= 1))
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"strength[{i}] is {strength[i].item()}: strengths lie in [0, 1]")
-        return strength.detach().to(torch.float32)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise TypeError(f"strength must be a float or a tensor, got {type(strength).__name__}")
-    value = float(strength)
-    if not 0.0 <= value <= 1.0:  # NaN fails this too
-        raise ValueError(f"strength is {value}: it lies in [0, 1] (0: no change, 1: full scales)")
-    return value
-
-
-def _effective(scale, strength):
-    """s_eff = 1 - strength (1 - scale) in float32; strength 1 gives the scale bit for bit.
-
-    strength: a float, or a tensor already shaped to broadcast against the scale's last dim.
-    """
-    if isinstance(strength, float) and strength == 1.0:
-        return scale
-    return 1.0 - strength * (1.0 - scale)
-
+# ---------------------------------------------------------------- per-sequence strength
 
 def _rows(handle, x, where):
     """The handle's per-sequence strength [B] -> [B, 1, ..., 1] against x [B, ...]."""
@@ -185,7 +155,7 @@ class _Scaled:
         key = ("eff", device)
         if key not in self._cache:
             lam = self.handle.strength
-            eff = {k: _effective(s, lam).to(device) for k, s in self.scales.items()}
+            eff = {k: effective_scale(s, lam).to(device) for k, s in self.scales.items()}
             gate, up = eff.get("gate"), eff.get("up")
             if "gate_up" in eff:
                 gate, up = (half.contiguous() for half in eff["gate_up"].chunk(2))
@@ -207,7 +177,7 @@ class _Scaled:
                 self._cache[key] = self.effective(like.device)[kind].to(like.dtype)
             return self._cache[key]
         s = self.raw(like.device)[kind]
-        return _effective(s, _rows(self.handle, like, self.info.path)).to(like.dtype)
+        return effective_scale(s, _rows(self.handle, like, self.info.path)).to(like.dtype)
 
 
 def _mul(x, factor):
@@ -323,18 +293,13 @@ class _OutputHook:
 
 
 class _InputHook:
-    """Forward pre-hook on down / fc2: the `mid` site is that Linear's input."""
+    """Forward pre-hook: input * s_eff of one site (`mid`, the input of down / fc2)."""
 
-    def __init__(self, scaled):
-        self.scaled = scaled
+    def __init__(self, scaled, kind):
+        self.scaled, self.kind = scaled, kind
 
     def __call__(self, module, args):
-        return (args[0] * self.scaled.factor("mid", args[0]), *args[1:])
-
-
-# A site kind other than mid is the output of the sub-module of the same role; mid is the
-# input of the last Linear.
-_MID_ROLE = {"gated": "down", "packed": "down", "non_gated": "fc2"}
+        return (args[0] * self.scaled.factor(self.kind, args[0]), *args[1:])
 
 
 # ---------------------------------------------------------------- fold mode
@@ -380,20 +345,16 @@ def _fold_params(lin, axis, where):
 def _fold_plan(target, strength):
     """[(tensor, dim, index, factors)] for one MLP: the slices fold mode multiplies."""
     info, m = target.info, target.module
-    eff = {k: _effective(s, strength) for k, s in target.scales.items()}
-    edits = []  # (role, axis, s_eff)
-    for kind, e in eff.items():
-        if kind == "mid":
-            edits.append((_MID_ROLE[info.layout], "cols", e))
-        else:
-            edits.append((kind, "rows", e))
+    eff = {k: effective_scale(s, strength) for k, s in target.scales.items()}
     plan = []
-    for role, axis, e in edits:
+    for kind, e in eff.items():
         idx = (e != 1.0).nonzero().flatten()
         if idx.numel() == 0:
             continue
-        lin = getattr(m, info.roles[role])
-        where = f"{info.path}.{info.roles[role]}"
+        attr, reads_input = info.site_point(kind)  # an input site scales columns, else rows
+        axis = "cols" if reads_input else "rows"
+        lin = getattr(m, attr)
+        where = f"{info.path}.{attr}"
         for tensor, dim in _fold_params(lin, axis, where):
             plan.append((tensor, dim, idx, e[idx]))
     return plan
@@ -488,11 +449,11 @@ class PatchHandle:
         self._scaled.append(scaled)
         info, m = target.info, target.module
         for kind in target.scales:
-            if kind == "mid":
-                sub = getattr(m, info.roles[_MID_ROLE[info.layout]])
-                h = sub.register_forward_pre_hook(_InputHook(scaled))
+            attr, reads_input = info.site_point(kind)
+            sub = getattr(m, attr)
+            if reads_input:
+                h = sub.register_forward_pre_hook(_InputHook(scaled, kind))
             else:
-                sub = getattr(m, info.roles[kind])
                 h = sub.register_forward_hook(_OutputHook(scaled, kind))
             self._undo.append(h.remove)
 
@@ -501,7 +462,7 @@ class PatchHandle:
         batches (fused and hook modes)."""
         if not self.active:
             raise RuntimeError("this patch has been removed")
-        strength = _check_strength(strength)
+        strength = check_strength(strength)
         if self.mode == "fold":
             if not isinstance(strength, float):
                 raise ValueError("fold mode bakes one strength into the weights; per-sequence "
@@ -555,7 +516,7 @@ def patch(model, scales, *, mode="fused", strength=1.0, allow_amplify=False):
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    strength = _check_strength(strength)
+    strength = check_strength(strength)
     if mode == "fold" and not isinstance(strength, float):
         raise ValueError("fold mode bakes one strength into the weights; per-sequence "
                          "strength needs mode='fused' or mode='hook'")

@@ -1,0 +1,107 @@
+"""Expertise: the AUROC of every neuron for toxic vs non-toxic, and the scales it gives.
+
+    expertise = expertise(responses)                   # exact AUROC per neuron (auroc.py)
+    scales = expertise.to_scales(method="aura")        # a ScaleSet (scale_math does the math)
+"""
+import torch
+
+from . import scale_math
+from .auroc import auroc, check_labels
+from .files import atomic_path
+from .responses import Responses
+from .scales import ScaleSet
+
+EXPERTISE_KIND = "sgm-ext expertise"  # the file's `kind` metadata
+
+
+class Expertise:
+    """AUROC per neuron per site (site -> float64 [neurons]) and how it was measured."""
+
+    def __init__(self, auroc_by_site, metadata=None):
+        self.auroc = {site: torch.as_tensor(a, dtype=torch.float64) for site, a in
+                      dict(auroc_by_site).items()}
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+
+    def __repr__(self):
+        n = sum(a.numel() for a in self.auroc.values())
+        return f"Expertise({len(self.auroc)} sites, {n} neurons)"
+
+    def experts(self, threshold=0.5, top_k=None):
+        """site -> bool [neurons]: AUROC > threshold, and among the top_k highest over all
+        sites when top_k is given (ties broken by site order, then neuron index)."""
+        chosen = {site: a > threshold for site, a in self.auroc.items()}
+        if top_k is not None:
+            if not isinstance(top_k, int) or top_k < 0:
+                raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+            flat = torch.cat([a for a in self.auroc.values()])
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            order = torch.sort(flat, descending=True, stable=True).indices[:top_k]
+            keep[order] = True
+            start = 0
+            for site, a in self.auroc.items():
+                chosen[site] &= keep[start:start + a.numel()]
+                start += a.numel()
+        return chosen
+
+    def to_scales(self, method="aura", threshold=0.5, top_k=None, strength=1.0, alpha=None):
+        """ScaleSet of per-neuron factors, [neurons] float32 per site (DESIGN.md section 2).
+
+        aura: alpha = 1 - 2 (AUROC - 0.5) for experts; det0: alpha = 0 for experts; damp:
+        alpha = `alpha` (in [0, 1]) for experts. Experts: AUROC > threshold, and among the
+        top_k highest over the whole model if top_k is given. Everyone else gets 1. strength
+        lambda in [0, 1] blends: s_eff = 1 - lambda (1 - alpha), as patching at that strength
+        does (bit for bit: the same scale_math.effective_scale on the float32 alphas).
+        """
+        scale_math.check_method(method, alpha)
+        strength = scale_math.check_strength(strength, per_sequence=False)
+        threshold = scale_math.check_fraction(threshold, "threshold")
+        scales = {}
+        for site, chosen in self.experts(threshold, top_k).items():
+            factor = scale_math.method_scales(self.auroc[site], chosen, method, alpha)
+            scales[site] = scale_math.effective_scale(factor, strength)
+        meta = {k: self.metadata.get(k, "") for k in ("model_type", "config_fingerprint",
+                                                      "pooling", "modality", "data_fingerprint")}
+        meta.update(method=method, threshold=threshold, top_k="" if top_k is None else top_k,
+                    strength=strength)
+        if alpha is not None:
+            meta["alpha"] = alpha
+        return ScaleSet(scales, meta).validate()
+
+    def save(self, path):
+        """safetensors, written atomically: one float64 AUROC tensor per site, metadata as
+        strings."""
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file({s: a.contiguous() for s, a in self.auroc.items()}, tmp,
+                      metadata={"kind": EXPERTISE_KIND, **self.metadata})
+        return path
+
+    @classmethod
+    def load(cls, path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.pop("kind", None) != EXPERTISE_KIND:
+                raise ValueError(f"{path} is not an sgm-ext expertise file")
+            return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+
+
+def expertise(responses, labels=None):
+    """Exact AUROC (ties averaged) of every neuron of every site -> Expertise.
+
+    responses: a Responses (its labels are used when `labels` is None) or a mapping
+    site -> [N, neurons] tensor with labels [N] (1 toxic, 0 non-toxic).
+    """
+    if labels is None:
+        if not isinstance(responses, Responses):
+            raise ValueError("labels are needed with a plain mapping of responses")
+        labels = responses.labels
+    y = check_labels(labels)
+    meta = dict(getattr(responses, "metadata", {}))
+    meta.update(n_toxic=int(y.sum()), n_non_toxic=int((~y).sum()))
+    result = {}
+    for site in responses:
+        result[site] = auroc(responses[site], torch.from_numpy(y), name=f"responses[{site!r}]")
+    return Expertise(result, meta)

@@ -1,0 +1,173 @@
+"""Model inputs from rows: chat template, image tokens, batching with padding, pooling masks.
+
+The profiler and the evaluation encode rows the same way, here: a row (data.Row or
+prompts.Prompt: text, optional image, optional response) becomes the processor's tensors;
+a batch is padded to one length (left or right), and `encode_batch` also says which tokens
+each sample pools over for a modality.
+"""
+import torch
+
+MODALITIES = ("all", "text", "image", "response")
+
+
+def tokenizer_of(processor):
+    """The tokenizer of a multimodal processor, or the tokenizer itself."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def pad_token_id(processor):
+    """The id padding uses: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    tok = tokenizer_of(processor)
+    for token_id in (tok.pad_token_id, tok.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def _chat_template_owner(processor):
+    for owner in (processor, tokenizer_of(processor)):
+        if getattr(owner, "chat_template", None):
+            return owner
+    return None
+
+
+def _prompt_text(processor, row, with_response):
+    """(text, from_template) for one row: the chat template's rendering when there is one."""
+    owner = _chat_template_owner(processor)
+    response = row.response if with_response else None
+    if owner is None:
+        text = row.text
+        token = getattr(processor, "image_token", None)
+        if row.image is not None and token and token not in text:
+            text = f"{token}\n{text}"
+        return (f"{text} {response}" if response else text), False
+    if owner is processor and processor is not tokenizer_of(processor):  # multimodal: typed content
+        content = ([{"type": "image"}] if row.image is not None else []) + \
+            [{"type": "text", "text": row.text}]
+        messages = [{"role": "user", "content": content}]
+        if response:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+    else:
+        messages = [{"role": "user", "content": row.text}]
+        if response:
+            messages.append({"role": "assistant", "content": response})
+    text = owner.apply_chat_template(messages, tokenize=False,
+                                     add_generation_prompt=not response)
+    return text, True
+
+
+def encode_row(processor, row, with_response, image):
+    """Model inputs ({name: [1, T, ...] tensor}) for one row: text (and the row's response
+    when with_response) through the chat template when the processor has one, `image` (a PIL
+    image or None) through the processor."""
+    text, templated = _prompt_text(processor, row, with_response)
+    kwargs = {"return_tensors": "pt", "add_special_tokens": not templated}
+    if image is not None:
+        enc = processor(text=[text], images=[image], **kwargs)
+    elif processor is not tokenizer_of(processor):
+        enc = processor(text=[text], **kwargs)
+    else:
+        enc = processor(text, **kwargs)
+    return dict(enc)
+
+
+def encode(processor, row):
+    """Model inputs for one row or prompt (its image loaded), without a response: the chat
+    template with the generation prompt when the processor has one, the image token otherwise."""
+    return encode_row(processor, row, False, load_image(row.image))
+
+
+def load_image(image):
+    """None, a path or a PIL image -> an RGB PIL image (or None)."""
+    if image is None:
+        return None
+    if isinstance(image, str):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    return image.convert("RGB")
+
+
+def image_token_id(model):
+    """The config's image token id (image_token_id / image_token_index), or None."""
+    config = model.config
+    for key in ("image_token_id", "image_token_index"):
+        for cfg in (config, getattr(config, "text_config", None)):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+# Processor outputs that are never one value per token, whatever their shape happens to be.
+_NOT_PER_TOKEN = {"pixel_values", "pixel_attention_mask", "image_grid_thw", "video_grid_thw",
+                  "image_sizes", "pixel_values_videos"}
+
+
+def collate(encodings, pad_id, padding_side):
+    """Pad the per-sample token tensors [1, T_i, ...] to one length; concatenate the others
+    (pixel values, image grids), which rows without an image do not have."""
+    lengths = [e["input_ids"].shape[1] for e in encodings]
+    longest = max(lengths)
+    batch = {}
+    for key in dict.fromkeys(k for e in encodings for k in e):
+        parts = [e.get(key) for e in encodings]
+        if key not in _NOT_PER_TOKEN and all(torch.is_tensor(p) and p.dim() >= 2 and
+                                             p.shape[:2] == (1, n) for p, n in zip(parts, lengths)):
+            fill = pad_id if key == "input_ids" else 0
+            padded = []
+            for p, n in zip(parts, lengths):
+                pad = p.new_full((1, longest - n, *p.shape[2:]), fill)
+                padded.append(torch.cat([pad, p] if padding_side == "left" else [p, pad], 1))
+            batch[key] = torch.cat(padded)
+        elif all(p is None or torch.is_tensor(p) for p in parts):
+            batch[key] = torch.cat([p for p in parts if p is not None])
+        else:
+            raise ValueError(f"cannot batch the processor output {key!r}")
+    return batch, lengths
+
+
+def encode_batch(model, processor, rows, modality, padding_side):
+    """(inputs, select [B, T] bool): the model inputs and the tokens each sample pools over."""
+    images = [load_image(r.image) for r in rows]
+    with_response = modality == "response"
+    encodings = [encode_row(processor, r, with_response, im) for r, im in zip(rows, images)]
+    batch, lengths = collate(encodings, pad_token_id(processor), padding_side)
+    if "attention_mask" not in batch:
+        raise ValueError("the processor gives no attention_mask; sgm-ext needs it to mask padding")
+    select = batch["attention_mask"].bool()
+    ids = batch["input_ids"]
+    if modality in ("image", "text"):
+        image_id = image_token_id(model)
+        if image_id is None:
+            raise ValueError(f"modality={modality!r} needs the model config's image token id "
+                             f"(image_token_id); {type(model.config).__name__} has none")
+        is_image = ids == image_id
+        select = select & is_image if modality == "image" else select & ~is_image
+    elif modality == "response":
+        longest = ids.shape[1]
+        for i, (row, n, im) in enumerate(zip(rows, lengths, images)):
+            if not row.response:
+                raise ValueError(f"row {row.number}: modality='response' needs a response in "
+                                 "every row")
+            prompt_len = encode_row(processor, row, False, im)["input_ids"].shape[1]
+            start = longest - n if padding_side == "left" else 0
+            select[i, start:start + min(prompt_len, n)] = False
+    empty = (select.sum(1) == 0).nonzero()
+    if len(empty):
+        row = rows[int(empty[0])]
+        raise ValueError(f"row {row.number} has no tokens to pool for modality={modality!r}")
+    return batch, select
+
+
+def input_device(model):
+    """Where the inputs go: the input embedding's device; with accelerate offloading (weights
+    on "meta") the device its hook runs the module on."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    device = weight.device if weight is not None else next(model.parameters()).device
+    if device.type == "meta":
+        device = torch.device(getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+                              or "cpu")
+    return device

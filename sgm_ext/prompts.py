@@ -1,0 +1,70 @@
+"""Prompts to evaluate on, and the reference text perplexity is measured on.
+
+A prompt file is JSONL / CSV with `text` (or `prompt`), optional `image` (relative to the
+file) and `category`; bad rows are refused with their row and line, as profiling data is.
+"""
+import os
+from typing import Any, NamedTuple, Optional
+
+from .data import check_image, records
+
+BENIGN_TEXT = os.path.join(os.path.dirname(__file__), "resources", "benign.txt")
+
+
+class Prompt(NamedTuple):
+    number: int  # 1-based position among the rows
+    text: str
+    image: Any = None  # None, an absolute path or a PIL image
+    category: str = "all"
+    response: Optional[str] = None  # never set: rows are encoded without a reply
+
+
+def load_prompts(prompts, max_prompts=None):
+    """Prompts from a JSONL / CSV file (`text` or `prompt`; optional `image`, relative to
+    the file, and `category`) or from an iterable of such dicts or of strings."""
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, Prompt) for p in prompts):
+        return list(prompts)[:max_prompts]
+    is_path = isinstance(prompts, (str, os.PathLike))
+    base_dir = os.path.dirname(os.path.abspath(os.fspath(prompts))) if is_path else "."
+    rows = []
+    for number, where, record in records(prompts):
+        if max_prompts is not None and len(rows) >= max_prompts:
+            break
+        if isinstance(record, str):
+            record = {"text": record}
+        try:
+            if isinstance(record, Exception):
+                raise record
+            if not isinstance(record, dict):
+                raise ValueError(f"a prompt must be an object with text, got "
+                                 f"{type(record).__name__}")
+            text = record.get("text", record.get("prompt"))
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("empty text (give `text` or `prompt`)")
+            image = check_image(record.get("image"), base_dir)
+            category = str(record.get("category") or "all")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        rows.append(Prompt(number, text, image, category))
+    if not rows:
+        raise ValueError(f"{os.fspath(prompts) if is_path else 'prompts'}: no prompts")
+    return rows
+
+
+def load_reference(reference=None):
+    """Reference passages for perplexity: a text file (one passage per line), a JSONL file
+    with `text`, or a list of strings; default the bundled benign text."""
+    if reference is None:
+        reference = BENIGN_TEXT
+    if isinstance(reference, (str, os.PathLike)):
+        path = os.fspath(reference)
+        if path.endswith((".jsonl", ".json", ".ndjson")):
+            texts = [p.text for p in load_prompts(path)]
+        else:
+            with open(path, encoding="utf-8") as f:
+                texts = [line.strip() for line in f if line.strip()]
+    else:
+        texts = [str(t) for t in reference if str(t).strip()]
+    if not texts:
+        raise ValueError(f"reference text {reference!r} is empty")
+    return texts
