@@ -134,13 +134,16 @@ def fit_bigram(sequences, vocab_size, dim, steps, seed):
     gen = torch.Generator().manual_seed(seed)
     a = torch.tensor([s[i] for s in sequences for i in range(len(s) - 1)])
     b = torch.tensor([s[i + 1] for s in sequences for i in range(len(s) - 1)])
+    # emb[a] as a product with one-hot rows: the backward of indexing adds rows in parallel,
+    # in an order that varies from run to run; a matrix product gives the same bits each run
+    pick = torch.nn.functional.one_hot(a, vocab_size).float()
     raw = torch.randn(vocab_size, dim, generator=gen).requires_grad_()
     out = (0.1 * torch.randn(vocab_size, dim, generator=gen)).requires_grad_()
     opt = torch.optim.Adam([raw, out], lr=0.05)
     rms = math.sqrt((1 + dim) / HIDDEN)  # of [0, 0, 0, 1, E] with |E|^2 = dim
     for _ in range(steps):
         emb = math.sqrt(dim) * torch.nn.functional.normalize(raw, dim=1)
-        loss = torch.nn.functional.cross_entropy((emb[a] / rms) @ out.T, b)
+        loss = torch.nn.functional.cross_entropy(((pick @ emb) / rms) @ out.T, b)
         opt.zero_grad()
         loss.backward()
         opt.step()
