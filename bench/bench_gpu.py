@@ -13,7 +13,6 @@ interleaved call by call (so clock and thermal drift hit all alike), medians of 
 import argparse
 import copy
 import importlib
-import statistics
 import sys
 
 import torch
@@ -24,28 +23,12 @@ from bench_patch import (  # bench/ is on sys.path as a script
     llama_mlp,
     scales_for,
 )
+from timing import interleaved, medians
 
 import sgm_ext
 from sgm_ext import patching as patch_module
 
 DEV = "cuda"
-
-
-def gpu_ms(fns, rounds, warmup=3):
-    """Median milliseconds per call of each callable, calls interleaved round-robin."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[k].append(start.elapsed_time(end))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 class with_gated_up_proj:
@@ -76,13 +59,13 @@ def bench_gemm(rounds):
     for t in (1, 16, 128, 512, 2048):
         x = torch.randn(t, H7B, generator=g).to(DEV, torch.bfloat16)
         fns = {
-            "fused": lambda: sgm_ext.gated_up_proj(x, wg, wu, s),
-            "op": lambda: sgm_ext.act_mul_scale(F.linear(x, wg), F.linear(x, wu), s),
-            "eager": lambda: F.silu(F.linear(x, wg)) * F.linear(x, wu) * s_bf,
-            "gemms": lambda: (F.linear(x, wg), F.linear(x, wu)),
+            "fused": lambda x=x: sgm_ext.gated_up_proj(x, wg, wu, s),
+            "op": lambda x=x: sgm_ext.act_mul_scale(F.linear(x, wg), F.linear(x, wu), s),
+            "eager": lambda x=x: F.silu(F.linear(x, wg)) * F.linear(x, wu) * s_bf,
+            "gemms": lambda x=x: (F.linear(x, wg), F.linear(x, wu)),
         }
         with torch.inference_mode():
-            ms = gpu_ms(fns, rounds)
+            ms = medians(interleaved(fns, rounds=rounds, warmup=3, clock="cuda"))
         print(f"| {t} | {ms['fused']:.4f} | {ms['op']:.4f} | {ms['eager']:.4f} | "
               f"{ms['gemms']:.4f} | {ms['op'] / ms['fused']:.2f} |", flush=True)
 
@@ -102,18 +85,20 @@ def bench_mlp(rounds):
         with torch.inference_mode():
             for r in range(rounds + 1):
                 for mode in MLP_MODES:
-                    handle = None if mode == "unpatched" else sgm_ext.patch(root, scales, mode=mode.split()[0])
+                    handle = (None if mode == "unpatched"
+                              else sgm_ext.patch(root, scales, mode=mode.split()[0]))
                     ctx = with_gated_up_proj() if mode == "fused gated_up_proj" else None
                     if ctx:
                         ctx.__enter__()
-                    ms = gpu_ms({mode: lambda: root["mlp"](x)}, 10 if r else 1, warmup=2)[mode]
+                    ms = medians(interleaved({mode: lambda x=x: root["mlp"](x)},
+                                             rounds=10 if r else 1, warmup=2, clock="cuda"))[mode]
                     if ctx:
                         ctx.__exit__()
                     if handle:
                         handle.remove()
                     if r:
                         times[mode].append(ms)
-        med = {m: statistics.median(v) for m, v in times.items()}
+        med = medians(times)
         print(f"| {t} | " + " | ".join(f"{med[m]:.4f} ({med['unpatched'] / med[m]:.3f})"
                                        for m in MLP_MODES) + " |", flush=True)
 
@@ -125,7 +110,8 @@ def bench_decode(rounds, name, cfg, new_tokens=64):
     base = T.LlamaForCausalLM(T.LlamaConfig(**cfg)).to(DEV, torch.bfloat16).eval()
     params = sum(p.numel() for p in base.parameters())
     scales = scales_for(base, sites=("mid",))
-    prompt = torch.randint(3, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(1)).to(DEV)
+    prompt = torch.randint(3, cfg["vocab_size"], (1, 16),
+                           generator=torch.Generator().manual_seed(1)).to(DEV)
     models = {m: copy.deepcopy(base) for m in MLP_MODES}
     handles = [None if m == "unpatched" else sgm_ext.patch(models[m], scales, mode=m.split()[0])
                for m in MLP_MODES]
@@ -145,7 +131,8 @@ def bench_decode(rounds, name, cfg, new_tokens=64):
         return run
 
     with torch.inference_mode():
-        ms = gpu_ms({m: decode(m) for m in MLP_MODES}, rounds, warmup=1)
+        ms = medians(interleaved({m: decode(m) for m in MLP_MODES}, rounds=rounds, warmup=1,
+                                 clock="cuda"))
     for h in handles:
         if h:
             h.remove()
@@ -179,12 +166,13 @@ def sweep_tiles(rounds):
         x = torch.randn(t, H7B, generator=g).to(DEV, torch.bfloat16)
         cells = []
         with torch.inference_mode():
-            base = gpu_ms({"op": lambda: sgm_ext.act_mul_scale(F.linear(x, wg), F.linear(x, wu), s)},
-                          rounds)["op"]
+            op = {"op": lambda x=x: sgm_ext.act_mul_scale(F.linear(x, wg), F.linear(x, wu), s)}
+            base = medians(interleaved(op, rounds=rounds, warmup=3, clock="cuda"))["op"]
             for cfg in [None] + configs:
                 gemm.launch_config = default if cfg is None else (lambda m, d, c=cfg: dict(c))
                 try:
-                    ms = gpu_ms({"k": lambda: sgm_ext.gated_up_proj(x, wg, wu, s)}, rounds)["k"]
+                    fused = {"k": lambda x=x: sgm_ext.gated_up_proj(x, wg, wu, s)}
+                    ms = medians(interleaved(fused, rounds=rounds, warmup=3, clock="cuda"))["k"]
                     cells.append(f"{ms:.4f} ({base / ms:.2f})")
                 except Exception as e:  # e.g. out of shared memory for the tile
                     cells.append(type(e).__name__)

@@ -12,12 +12,11 @@ it moves (each input read once, each output written once) and its kernel launche
 """
 import argparse
 import os
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import interleaved, medians  # bench/ is on sys.path (script or pytest)
 
 import sgm_ext
 
@@ -56,7 +55,8 @@ def variants():
 
 
 def traffic(variant, t, i, dtype):
-    """(bytes moved, kernel launches) of one call: each input read once, each output written once."""
+    """(bytes moved, kernel launches) of one call: each input read once, each output written
+    once."""
     e = torch.empty((), dtype=dtype).element_size()
     n = t * i
     if variant == "eager":  # silu: g -> a; a * u -> b; b * s -> out
@@ -79,9 +79,11 @@ def runner(variant, g, u, s):
     s_data = s.to(g.dtype)
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     if variant == "eager":
-        fn = lambda: chain(g, u, s_data)
+        def fn():
+            return chain(g, u, s_data)
     elif variant == "compiled":
-        fn = lambda: compiled_chain(g, u, s_data)
+        def fn():
+            return compiled_chain(g, u, s_data)
     elif variant == "_C direct":
         def fn():
             out = torch.empty_like(g)
@@ -124,23 +126,6 @@ def test_act_mul_scale(benchmark, dtype, t, i, variant):
 
 # ------------------------------------------------------------------ interleaved ratios
 
-def measure(runs, min_time=0.3, min_reps=5, max_reps=200):
-    """Median seconds per call of each runner, calls interleaved round-robin (noise hits all)."""
-    for run in runs.values():
-        run()
-        run()
-    times = {name: [] for name in runs}
-    start = time.perf_counter()
-    while True:
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-        reps = len(next(iter(times.values())))
-        if reps >= max_reps or (reps >= min_reps and time.perf_counter() - start > min_time):
-            return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def table(tokens=TOKENS, widths=WIDTHS, min_time=0.3):
     names = variants()
     head = ["dtype", "[T, I]"] + [f"{n} ms" for n in names] + \
@@ -150,7 +135,9 @@ def table(tokens=TOKENS, widths=WIDTHS, min_time=0.3):
         for t in tokens:
             for i in widths:
                 g, u, s = inputs(t, i, dtype)
-                med = measure({n: runner(n, g, u, s) for n in names}, min_time=min_time)
+                # two untimed calls each, then at least 5 and at most 200 rounds, min_time long
+                med = medians(interleaved({n: runner(n, g, u, s) for n in names}, warmup=2,
+                                          min_time=min_time, min_reps=5, max_reps=200))
                 row = [dtype_name, f"[{t}, {i}]"] + [f"{med[n] * 1e3:.3g}" for n in names]
                 row += [f"{med['eager'] / med[n]:.2f}" for n in names[1:]]
                 row += [f"{med['compiled'] / med[n]:.2f}" for n in names[2:]]

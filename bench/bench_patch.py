@@ -12,12 +12,11 @@ model is a ~100M-parameter Llama decoding 64 tokens greedily.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import pytest
 import torch
+from timing import medians, timed  # bench/ is on sys.path (script or pytest)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgm_ext
@@ -141,14 +140,6 @@ def test_e2e_decode(benchmark, mode):
 
 # ---------------------------------------------------------------- interleaved script
 
-def _timed(fn, *args):
-    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time of a
-    one-thread run is what the work costs; the wall time also counts other processes."""
-    w, c = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    return time.perf_counter() - w, time.process_time() - c, out
-
-
 def interleaved_e2e(rounds, sites=SITES):
     """Greedy decode of 64 tokens by four copies of one model, one per mode, interleaved
     step by step (the order rotating each step): a slow second on the shared machine then
@@ -162,6 +153,10 @@ def interleaved_e2e(rounds, sites=SITES):
     scales = scales_for(base, sites=sites)
     models = {m: copy.deepcopy(base) for m in MODES}
     handles = [patch_mode(models[m], scales, m) for m in MODES]
+
+    def step_logits(model, ids, cache):
+        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+
     wall = {m: [] for m in MODES}
     cpu = {m: [] for m in MODES}
     with torch.inference_mode():
@@ -173,9 +168,7 @@ def interleaved_e2e(rounds, sites=SITES):
             for step in range(NEW_TOKENS):
                 order = MODES[step % len(MODES):] + MODES[:step % len(MODES)]
                 for m in order:
-                    w, c, out = _timed(lambda: models[m](input_ids=ids[m],
-                                                         past_key_values=caches[m],
-                                                         use_cache=True).logits[:, -1])
+                    w, c, out = timed(step_logits, models[m], ids[m], caches[m])
                     nxt = out.argmax(-1, keepdim=True)
                     ids[m] = nxt
                     tokens[m].append(int(nxt))
@@ -191,8 +184,7 @@ def interleaved_e2e(rounds, sites=SITES):
         if h:
             h.remove()
     params = sum(p.numel() for p in base.parameters())
-    med_w = {m: statistics.median(v) for m, v in wall.items()}
-    med_c = {m: statistics.median(v) for m, v in cpu.items()}
+    med_w, med_c = medians(wall), medians(cpu)
     print(f"\nLlama {params / 1e6:.1f}M params, greedy decode {NEW_TOKENS} tokens after a "
           f"{PROMPT}-token prompt, batch 1, {torch.get_num_threads()} thread(s), modes "
           f"interleaved per step, median of {rounds} rounds, scales on {', '.join(sites)}")
@@ -212,12 +204,12 @@ def interleaved_mlp(rounds, tokens, dtype):
         for r in range(rounds + 1):
             for mode in MODES:
                 handle = patch_mode(root, scales, mode)
-                _, c, _ = _timed(root["mlp"], x)
+                _, c, _ = timed(root["mlp"], x)
                 if handle:
                     handle.remove()
                 if r:
                     cpu[mode].append(c)
-    med = {m: statistics.median(v) for m, v in cpu.items()}
+    med = medians(cpu)
     cells = " | ".join(f"{med[m] * 1e3:.2f} ms ({med['unpatched'] / med[m]:.3f})" for m in MODES)
     print(f"| {tokens} | {str(dtype)[6:]} | {cells} |")
 

@@ -17,12 +17,11 @@ without collect's tokenizing and storing.
 """
 import argparse
 import os
-import statistics
-import time
 
 import numpy as np
 import pytest
 import torch
+from timing import interleaved, medians  # bench/ is on sys.path (script or pytest)
 
 from sgm_ext import profile as P
 from sgm_ext.auroc import auroc
@@ -149,20 +148,6 @@ def test_collect(benchmark, collection_setup):
 
 # ------------------------------------------------------------------------ side-by-side run
 
-def _median_times(fns, rounds):
-    """Run the functions interleaved round by round; median (wall, CPU) seconds of each.
-    CPU time is the process's, all threads together: on a shared machine it shows the work
-    done where wall time also counts waiting for cores."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append((time.perf_counter() - w, time.process_time() - c))
-    return {name: tuple(statistics.median(t[i] for t in ts) for i in (0, 1))
-            for name, ts in times.items()}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -182,9 +167,9 @@ def bench_auroc(args):
     ours = auroc(scores, labels)
     ref = sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)
     diff = float(np.abs(ours[:SKLEARN_SUBSET].numpy() - ref).max())
-    t = _median_times({"sgm": lambda: auroc(scores, labels),
-                       "sklearn": lambda: sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)},
-                      args.rounds)
+    t = medians(interleaved({"sgm": lambda: auroc(scores, labels),
+                             "sklearn": lambda: sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)},
+                            rounds=args.rounds, clock="both"))
     scale = NEURONS / SKLEARN_SUBSET
     sk_wall, sk_cpu = (v * scale for v in t["sklearn"])
     our_wall, our_cpu = t["sgm"]
@@ -205,8 +190,7 @@ def bench_collection(args):
     fns = {"forward": lambda: plain_forward(model, batches),
            "hooks": lambda: hooked_forward(model, batches),
            "collect": lambda: collect(model, tok, rows)}
-    _median_times(fns, 1)  # warm-up
-    t = _median_times(fns, args.collection_rounds)
+    t = medians(interleaved(fns, rounds=args.collection_rounds, warmup=1, clock="both"))
     print(f"\nCollection, {N_TEXTS} samples x ~{WORDS} tokens, batch {BATCH} "
           f"(median of {args.collection_rounds}, interleaved; load average after: "
           f"{os.getloadavg()[0]:.1f})")

@@ -75,8 +75,11 @@ def cuda_kernel_report(so_path=None):
     """One dict per kernel per architecture of the library's embedded cubins."""
     so_path = so_path or built_library()
     tool = find_cuobjdump()
-    run = lambda flag: subprocess.run([tool, flag, so_path], capture_output=True, text=True,
-                                      check=True).stdout
+
+    def run(flag):
+        return subprocess.run([tool, flag, so_path], capture_output=True, text=True,
+                              check=True).stdout
+
     rows = {}
     for arch, section in _per_arch(run("-res-usage")):
         for name, reg, stack, local in _RES.findall(section):
@@ -95,7 +98,7 @@ def cuda_kernel_report(so_path=None):
                 row["global_access"] = dict(sorted(counts.items()))
     names = demangle(sorted({name for name, _ in rows}))
     report = []
-    for (name, arch), row in sorted(rows.items(), key=lambda kv: (kv[0][1], names[kv[0][0]])):
+    for (name, _arch), row in sorted(rows.items(), key=lambda kv: (kv[0][1], names[kv[0][0]])):
         row["mangled"] = name
         row["kernel"] = names[name]
         report.append(row)
@@ -114,7 +117,8 @@ def short_name(kernel):
 
 
 def format_table(report):
-    lines = [f"{'arch':7} {'kernel':58} {'regs':>4} {'stack':>5} {'spill':>5}  global loads / stores"]
+    lines = [f"{'arch':7} {'kernel':58} {'regs':>4} {'stack':>5} {'spill':>5}  "
+             "global loads / stores"]
     for r in report:
         access = ", ".join(f"{k} x{v}" for k, v in r["global_access"].items())
         lines.append(f"{r['arch']:7} {short_name(r['kernel']):58} {r['registers']:4d} "
@@ -129,7 +133,8 @@ def format_summary(report):
         dtype, _, act, vec = [p.strip() for p in
                               short_name(r["kernel"]).split("<", 1)[1].rstrip(">").split(",")]
         groups.setdefault((r["arch"], dtype, int(vec)), []).append(r)
-    lines = ["| arch | data | path | kernels | registers | stack B | spill B | global access (silu) |",
+    lines = ["| arch | data | path | kernels | registers | stack B | spill B | "
+             "global access (silu) |",
              "|---|---|---|---|---|---|---|---|"]
     for (arch, dtype, vec), rows in sorted(groups.items()):
         regs = sorted(r["registers"] for r in rows)
@@ -137,7 +142,8 @@ def format_summary(report):
         access = ", ".join(f"{k} x{v}" for k, v in silu["global_access"].items())
         path = f"{vec} x {dtype} (16 B)" if vec > 1 else "scalar"
         lines.append(f"| {arch} | {dtype} | {path} | {len(rows)} | {regs[0]}-{regs[-1]} | "
-                     f"{max(r['stack_bytes'] for r in rows)} | {max(r['spill_bytes'] for r in rows)} | "
+                     f"{max(r['stack_bytes'] for r in rows)} | "
+                     f"{max(r['spill_bytes'] for r in rows)} | "
                      f"{access} |")
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@ and read registers, spill / stack bytes and global load / store widths off the S
 
 The kernels are compiled with the specialisations the JIT would apply to typical arguments
 (pointers 16-byte aligned, integers divisible by 16 marked so, integers equal to 1 made
-constants) at Llama-7B-like sizes (I = 11008), so the SASS is what a GPU would run.
+constants) at Llama-7B-like sizes (INTER = 11008), so the SASS is what a GPU would run.
 
     python bench/static_gpu_report.py [--json report.json] [--archs 80,90]
 
@@ -24,13 +24,14 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from sgm_ext.kernels import elementwise, gated_gemm  # noqa: E402
-from sgm_ext.kernels.common import STRENGTH_ROWS, TRITON_DTYPES, compute_dtype  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from sgm_ext.kernels import elementwise, gated_gemm  # noqa: E402
+from sgm_ext.kernels.common import STRENGTH_ROWS, TRITON_DTYPES, compute_dtype  # noqa: E402
+
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-I, H, PREFILL_M = 11008, 4096, 512
+INTER, H, PREFILL_M = 11008, 4096, 512
 
 
 class Ptr:
@@ -45,7 +46,8 @@ def jit_like_source(fn, args):
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = args[name]
-        if fn.params[i].is_constexpr or value == 1 and isinstance(value, int) and not isinstance(value, bool):
+        if fn.params[i].is_constexpr or (value == 1 and isinstance(value, int)
+                                         and not isinstance(value, bool)):
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, Ptr):
             signature[name] = "*" + TRITON_DTYPES[value.dtype]
@@ -64,15 +66,16 @@ def jit_like_source(fn, args):
 def elementwise_variants():
     """(label, fn, args, options): gated in every dtype (every activation in bf16), non-gated."""
     fn = elementwise.act_mul_scale_kernel
-    block, num_warps = elementwise.launch_config(I)
-    cases = [(torch.bfloat16, act, True) for act in ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")]
+    block, num_warps = elementwise.launch_config(INTER)
+    cases = [(torch.bfloat16, act, True)
+             for act in ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")]
     cases += [(torch.float32, "silu", True), (torch.float16, "silu", True)]
     cases += [(dt, "quick_gelu", False) for dt in (torch.float32, torch.float16, torch.bfloat16)]
     for dtype, act, gated in cases:
         args = dict(out_ptr=Ptr(dtype), gate_ptr=Ptr(dtype), up_ptr=Ptr(dtype),
                     scale_ptr=Ptr(torch.float32), gate_scale_ptr=Ptr(torch.float32),
-                    strength_ptr=Ptr(torch.float32), strength_value=1.0, n_cols=I,
-                    stride_gate=I, stride_up=I if gated else 0, stride_out=I,
+                    strength_ptr=Ptr(torch.float32), strength_value=1.0, n_cols=INTER,
+                    stride_gate=INTER, stride_up=INTER if gated else 0, stride_out=INTER,
                     HAS_UP=gated, HAS_SCALE=True, HAS_GATE_SCALE=gated,
                     STRENGTH_MODE=STRENGTH_ROWS, ACT=act, COMPUTE=compute_dtype(dtype), BLOCK=block)
         label = f"{'act_mul_scale' if gated else 'act_scale'}[{TRITON_DTYPES[dtype]},{act}]"
@@ -85,12 +88,14 @@ def gemm_variants():
         for m in (16, PREFILL_M):
             cfg = gated_gemm.launch_config(m, dtype)
             options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            args = dict(out_ptr=Ptr(dtype), x_ptr=Ptr(dtype), w_gate_ptr=Ptr(dtype), w_up_ptr=Ptr(dtype),
+            args = dict(out_ptr=Ptr(dtype), x_ptr=Ptr(dtype), w_gate_ptr=Ptr(dtype),
+                        w_up_ptr=Ptr(dtype),
                         scale_ptr=Ptr(torch.float32), gate_scale_ptr=Ptr(torch.float32),
-                        strength_ptr=Ptr(torch.float32), strength_value=1.0, M=m, N=I, K=H,
-                        stride_xm=H, stride_xk=1, stride_gn=H, stride_gk=1, stride_un=H, stride_uk=1,
-                        stride_om=I, HAS_SCALE=True, HAS_GATE_SCALE=False, STRENGTH_MODE=STRENGTH_ROWS,
-                        ACT="silu", COMPUTE=compute_dtype(dtype),
+                        strength_ptr=Ptr(torch.float32), strength_value=1.0, M=m, N=INTER, K=H,
+                        stride_xm=H, stride_xk=1, stride_gn=H, stride_gk=1, stride_un=H,
+                        stride_uk=1,
+                        stride_om=INTER, HAS_SCALE=True, HAS_GATE_SCALE=False,
+                        STRENGTH_MODE=STRENGTH_ROWS, ACT="silu", COMPUTE=compute_dtype(dtype),
                         DOT_PRECISION=gated_gemm.dot_precision(dtype), **cfg)
             yield f"gated_up_proj[{TRITON_DTYPES[dtype]},M={m}]", "gemm", fn, args, options
 
@@ -133,8 +138,10 @@ def spill_bytes(ptx, tmp):
     with open(path, "w") as f:
         f.write(ptx)
     log = subprocess.run([os.path.join(NVIDIA_BIN, "ptxas"), "-v", f"--gpu-name={arch}", path,
-                          "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.stderr + log.stdout)
+                          "-o", os.path.join(tmp, "k.o")],
+                         capture_output=True, text=True, check=True)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                        log.stderr + log.stdout)
     return sum(int(a) + int(b) for a, b in spills)
 
 
@@ -143,8 +150,8 @@ def triton_report(archs=(80, 90)):
     with tempfile.TemporaryDirectory() as tmp:
         for label, kind, fn, args, options in [*elementwise_variants(), *gemm_variants()]:
             for arch in archs:
-                compiled = triton.compile(jit_like_source(fn, args), target=GPUTarget("cuda", arch, 32),
-                                          options=options)
+                compiled = triton.compile(jit_like_source(fn, args),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
                 cubin = os.path.join(tmp, "k.cubin")
                 with open(cubin, "wb") as f:
                     f.write(compiled.asm["cubin"])
@@ -158,7 +165,8 @@ def triton_report(archs=(80, 90)):
 
 
 def cuda_report():
-    """Rows for the compiled library's CUDA kernels, when bench/cuda_static.py and the library exist."""
+    """Rows for the compiled library's CUDA kernels, when bench/cuda_static.py and the library
+    exist."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
         import cuda_static
@@ -173,10 +181,12 @@ def format_widths(by_width):
 
 def markdown(rows):
     lines = ["| kernel | arch | regs | shared B | stack B | local B | spill B | global loads |"
-             " global stores | global->shared copies |", "|---|---|---|---|---|---|---|---|---|---|"]
+             " global stores | global->shared copies |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ops = r.get("memory_ops", {})
-        lines.append(f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r.get('shared_bytes', '-')} | "
+        lines.append(f"| {r['kernel']} | {r['arch']} | {r['registers']} | "
+                     f"{r.get('shared_bytes', '-')} | "
                      f"{r['stack_bytes']} | "
                      f"{r.get('local_bytes', '-')} | {r.get('spill_bytes', '-')} | "
                      f"{format_widths(ops.get('LDG', {}))} | {format_widths(ops.get('STG', {}))} | "

@@ -58,7 +58,8 @@ def main():
     rel = ((fused - hooked).abs().max() / hooked.abs().max()).item()
     moved = ((hooked - plain).abs().max() / plain.abs().max()).item()
     print(f"suppression moved the logits by {moved:.3g} (relative max)")
-    print(f"fused vs hook reference: relative max difference {rel:.3g} ({elapsed * 1e3:.1f} ms forward)")
+    print(f"fused vs hook reference: relative max difference {rel:.3g} "
+          f"({elapsed * 1e3:.1f} ms forward)")
     if rel > 1e-5:
         raise SystemExit("fused forward does not match the hook reference")
 

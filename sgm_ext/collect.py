@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import os
+from typing import Optional
 
 import torch
 
@@ -24,7 +25,7 @@ CHECKPOINT_STATE = "state.json"
 def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", modality=None,
             batch_size=8, padding_side=None, skip_bad_rows=False, max_samples=None,
             ram_budget=DEFAULT_RAM_BUDGET, spill_dir=None, checkpoint_dir=None,
-            checkpoint_every=50, progress=False):
+            checkpoint_every=50, progress=False) -> Optional[Responses]:
     """Pooled responses of `model`'s neurons to every row of `data` -> Responses.
 
     The result maps each site to a [N, neurons] float32 tensor (one row per data row, in data

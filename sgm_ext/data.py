@@ -74,8 +74,7 @@ def check_image(image, base_dir):
         from PIL import Image
 
         try:
-            with Image.open(path) as im:  # reads the header only
-                im.size
+            Image.open(path).close()  # reads the header only
         except Exception as e:
             raise ValueError(f"image {os.fspath(image)!r} is not a readable image ({e})") from None
         return os.path.abspath(path)
@@ -87,7 +86,8 @@ def check_image(image, base_dir):
 def check_row(record, number, base_dir="."):
     """Row from one raw record (a dict); ValueError saying what is wrong with it."""
     if not isinstance(record, dict):
-        raise ValueError(f"a row must be an object with text and label, got {type(record).__name__}")
+        raise ValueError("a row must be an object with text and label, got "
+                         f"{type(record).__name__}")
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty text" if text is None or isinstance(text, str)

@@ -38,8 +38,11 @@ def harmful_rates(generations, state):
 
 def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_tokens=64,
              strength=1.0, mode="fused", reference=None, batch_size=8, latency_runs=3,
-             latency_prompts=8, max_prompts=None, progress=True):
+             latency_prompts=8, max_prompts=None, progress=True) -> tuple:
     """(report dict, generation records) for `model` without and with `scales`.
+
+    scales: a ScaleSet, a {site: [n] tensor} dict or a scale file; prompts: a JSONL / CSV
+    file or a list of strings / dicts / Prompt; judge: a name, a Judge or a callable.
 
     Answers are generated batch_size prompts at a time; latency is measured on single
     prompts. Leaves the model unpatched. report: top-level `unpatched` and `patched`

@@ -3,6 +3,9 @@
     expertise = expertise(responses)                   # exact AUROC per neuron (auroc.py)
     scales = expertise.to_scales(method="aura")        # a ScaleSet (scale_math does the math)
 """
+from collections.abc import Mapping
+from typing import Optional
+
 import torch
 
 from . import scale_math
@@ -17,7 +20,7 @@ EXPERTISE_KIND = "sgm-ext expertise"  # the file's `kind` metadata
 class Expertise:
     """AUROC per neuron per site (site -> float64 [neurons]) and how it was measured."""
 
-    def __init__(self, auroc_by_site, metadata=None):
+    def __init__(self, auroc_by_site: Mapping, metadata: Optional[Mapping] = None):
         self.auroc = {site: torch.as_tensor(a, dtype=torch.float64) for site, a in
                       dict(auroc_by_site).items()}
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -26,7 +29,7 @@ class Expertise:
         n = sum(a.numel() for a in self.auroc.values())
         return f"Expertise({len(self.auroc)} sites, {n} neurons)"
 
-    def experts(self, threshold=0.5, top_k=None):
+    def experts(self, threshold: float = 0.5, top_k: Optional[int] = None) -> dict:
         """site -> bool [neurons]: AUROC > threshold, and among the top_k highest over all
         sites when top_k is given (ties broken by site order, then neuron index)."""
         chosen = {site: a > threshold for site, a in self.auroc.items()}
@@ -43,7 +46,8 @@ class Expertise:
                 start += a.numel()
         return chosen
 
-    def to_scales(self, method="aura", threshold=0.5, top_k=None, strength=1.0, alpha=None):
+    def to_scales(self, method: str = "aura", threshold: float = 0.5, top_k: Optional[int] = None,
+                  strength: float = 1.0, alpha: Optional[float] = None) -> ScaleSet:
         """ScaleSet of per-neuron factors, [neurons] float32 per site (DESIGN.md section 2).
 
         aura: alpha = 1 - 2 (AUROC - 0.5) for experts; det0: alpha = 0 for experts; damp:
@@ -88,7 +92,7 @@ class Expertise:
             return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
 
 
-def expertise(responses, labels=None):
+def expertise(responses, labels=None) -> Expertise:
     """Exact AUROC (ties averaged) of every neuron of every site -> Expertise.
 
     responses: a Responses (its labels are used when `labels` is None) or a mapping

@@ -5,7 +5,8 @@
   by alpha.
 - ml-act's AurA hook keeps {"auroc": (N,), "strength": scalar} per module; alpha follows from
   the AUROC: 1 - 2 (AUROC - 0.5) above the threshold (0.5), else 1, then the strength:
-  1 - strength (1 - alpha) (both by sgm_ext.scale_math, as the profiler makes them). Its module names may carry an output selector (`name:0`).
+  1 - strength (1 - alpha) (both by sgm_ext.scale_math, as the profiler makes them). Its
+  module names may carry an output selector (`name:0`).
 
 Files are read with torch.load(weights_only=True): tensors only, nothing unpickled.
 """

@@ -8,7 +8,7 @@ reference math of sgm_ext.reference, shared by all backends.
 Contract (DESIGN.md section 4): out = act(gate * gate_scale) * up * s_eff with
 s_eff = 1 - strength (1 - scale); math in fp32, output rounded to the input dtype.
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -64,8 +64,9 @@ def _needs_dispatcher(*tensors):
 
 # ---------------------------------------------------------------- act_mul_scale
 
-def _act_mul_scale_impl(gate: Tensor, up: Tensor, scale: Optional[Tensor], gate_scale: Optional[Tensor],
-                   strength: Optional[Tensor], strength_value: Optional[float], act: str) -> Tensor:
+def _act_mul_scale_impl(gate: Tensor, up: Tensor, scale: Optional[Tensor],
+                        gate_scale: Optional[Tensor], strength: Optional[Tensor],
+                        strength_value: Optional[float], act: str) -> Tensor:
     n = gate.shape[-1]
     return _run_elementwise(_rows(gate, n), _rows(up, n), scale, gate_scale, strength,
                             strength_value, act, _new_out(gate, n))
@@ -131,9 +132,9 @@ def act_mul_scale_prechecked(gate, up, scale, gate_scale, act):
 
 # ---------------------------------------------------------------- packed [..., 2I] layout
 
-def _act_mul_scale_packed_impl(gate_up: Tensor, scale: Optional[Tensor], gate_scale: Optional[Tensor],
-                          strength: Optional[Tensor], strength_value: Optional[float],
-                          act: str) -> Tensor:
+def _act_mul_scale_packed_impl(gate_up: Tensor, scale: Optional[Tensor],
+                               gate_scale: Optional[Tensor], strength: Optional[Tensor],
+                               strength_value: Optional[float], act: str) -> Tensor:
     n = gate_up.shape[-1] // 2
     rows = _rows(gate_up, 2 * n)
     return _run_elementwise(rows[:, :n], rows[:, n:], scale, gate_scale, strength,
@@ -260,7 +261,8 @@ def _check_vector(name, v, n, ref):
     if not isinstance(v, Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(v).__name__}")
     if v.shape != (n,):
-        raise ValueError(f"{name} has shape {tuple(v.shape)}, expected ({n},): one value per neuron")
+        raise ValueError(f"{name} has shape {tuple(v.shape)}, expected ({n},): one value per "
+                         "neuron")
     allowed = (torch.float32, torch.float64) if ref.dtype == torch.float64 else (torch.float32,)
     if v.dtype not in allowed:
         raise TypeError(f"{name} must be float32, got {v.dtype}")
@@ -288,14 +290,17 @@ def _strength_args(strength, scale, lead_shape, ref):
                              "[B, T, I] inputs)") from None
         return rows.reshape(-1), None
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise TypeError(f"strength must be None, a float or a tensor, got {type(strength).__name__}")
+        raise TypeError("strength must be None, a float or a tensor, got "
+                        f"{type(strength).__name__}")
     value = float(strength)
     return None, (None if value == 1.0 else value)
 
 
 # ---------------------------------------------------------------- public API
 
-def act_mul_scale(gate, up, scale=None, *, act="silu", gate_scale=None, strength=None):
+def act_mul_scale(gate: Tensor, up: Tensor, scale: Optional[Tensor] = None, *, act: str = "silu",
+                  gate_scale: Optional[Tensor] = None,
+                  strength: Union[None, float, Tensor] = None) -> Tensor:
     """act(gate * gate_scale) * up * s_eff, s_eff = 1 - strength (1 - scale).
 
     gate, up: [..., I] fp32 / fp16 / bf16, same shape; scale, gate_scale: [I] float32 or
@@ -309,12 +314,16 @@ def act_mul_scale(gate, up, scale=None, *, act="silu", gate_scale=None, strength
     scale = _check_vector("scale", scale, n, gate)
     gate_scale = _check_vector("gate_scale", gate_scale, n, gate)
     st, sv = _strength_args(strength, scale, gate.shape[:-1], gate)
-    op = _act_mul_scale if _needs_dispatcher(gate, up, scale, gate_scale, st) else _act_mul_scale_impl
+    op = (_act_mul_scale if _needs_dispatcher(gate, up, scale, gate_scale, st)
+          else _act_mul_scale_impl)
     return op(gate, up, scale, gate_scale, st, sv, act)
 
 
-def act_mul_scale_packed(gate_up, scale=None, *, act="silu", gate_scale=None, strength=None):
-    """act_mul_scale on a concatenated [..., 2I] input: gate first, then up (Phi-3, vLLM)."""
+def act_mul_scale_packed(gate_up: Tensor, scale: Optional[Tensor] = None, *, act: str = "silu",
+                         gate_scale: Optional[Tensor] = None,
+                         strength: Union[None, float, Tensor] = None) -> Tensor:
+    """act_mul_scale on a concatenated [..., 2I] input: gate first, then up (Phi-3, vLLM).
+    scale, gate_scale: [I]; returns [..., I]."""
     act = canonical_activation(act)
     _check_input("gate_up", gate_up)
     if gate_up.shape[-1] % 2:
@@ -328,8 +337,10 @@ def act_mul_scale_packed(gate_up, scale=None, *, act="silu", gate_scale=None, st
     return op(gate_up, scale, gate_scale, st, sv, act)
 
 
-def act_scale(x, scale=None, *, act, strength=None):
-    """act(x) * s_eff: the non-gated MLP's neurons (CLIP / SigLIP fc1)."""
+def act_scale(x: Tensor, scale: Optional[Tensor] = None, *, act: str,
+              strength: Union[None, float, Tensor] = None) -> Tensor:
+    """act(x) * s_eff: the non-gated MLP's neurons (CLIP / SigLIP fc1). x: [..., I];
+    scale: [I] float32; returns [..., I] in x's dtype."""
     act = canonical_activation(act)
     _check_input("x", x)
     n = x.shape[-1]
@@ -339,10 +350,13 @@ def act_scale(x, scale=None, *, act, strength=None):
     return op(x, scale, st, sv, act)
 
 
-def gated_up_proj(x, w_gate, w_up, scale=None, *, act="silu", gate_scale=None, strength=None):
+def gated_up_proj(x: Tensor, w_gate: Tensor, w_up: Tensor, scale: Optional[Tensor] = None, *,
+                  act: str = "silu", gate_scale: Optional[Tensor] = None,
+                  strength: Union[None, float, Tensor] = None) -> Tensor:
     """act((x @ w_gate.T) * gate_scale) * (x @ w_up.T) * s_eff in one kernel on CUDA.
 
-    x: [..., H]; w_gate, w_up: [I, H] (nn.Linear weights, no bias) in x's dtype.
+    x: [..., H]; w_gate, w_up: [I, H] (nn.Linear weights, no bias) in x's dtype; scale,
+    gate_scale: [I] float32. Returns [..., I] in x's dtype.
     """
     act = canonical_activation(act)
     _check_input("x", x)

@@ -21,7 +21,7 @@ import contextlib
 import difflib
 import os
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ _GEMM_DTYPES = (torch.float16, torch.bfloat16)
 GATED_UP_PROJ = os.environ.get("SGM_EXT_GATED_UP_PROJ") == "1"  # see the module docstring
 
 
-def supported_architectures():
+def supported_architectures() -> dict:
     """{MLP class name: layout} of the registry table. Any other module with gate_proj /
     up_proj / down_proj Linears and an act_fn is covered by the generic gated rule."""
     return {name: layout.kind for name, layout in REGISTRY.items()}
@@ -457,9 +457,9 @@ class PatchHandle:
                 h = sub.register_forward_hook(_OutputHook(scaled, kind))
             self._undo.append(h.remove)
 
-    def set_strength(self, strength):
+    def set_strength(self, strength: Union[float, torch.Tensor]) -> "PatchHandle":
         """A float in [0, 1], or a tensor [B] / [B, 1]: one strength per sequence of the next
-        batches (fused and hook modes)."""
+        batches (fused and hook modes). Fold mode re-folds the weights (a float only)."""
         if not self.active:
             raise RuntimeError("this patch has been removed")
         strength = check_strength(strength)
@@ -476,7 +476,7 @@ class PatchHandle:
             s.invalidate()
         return self
 
-    def remove(self):
+    def remove(self) -> None:
         """Restore the model exactly: original forwards, no hooks, the saved weight slices."""
         if not self.active:
             return
@@ -507,12 +507,15 @@ def _clear_marker(module):
 
 # ---------------------------------------------------------------- public API
 
-def patch(model, scales, *, mode="fused", strength=1.0, allow_amplify=False):
+def patch(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.PathLike], *,
+          mode: str = "fused", strength: Union[float, torch.Tensor] = 1.0,
+          allow_amplify: bool = False) -> "PatchHandle":
     """Apply per-neuron scales to a model; returns a PatchHandle.
 
-    scales: a ScaleSet, a dict {site: 1-D tensor} or a path to a scale file. mode: "fused",
-    "fold" or "hook". strength: a float in [0, 1] or one per sequence ([B] / [B, 1] tensor).
-    Scales above 1 (amplification) need allow_amplify=True.
+    scales: a ScaleSet, a dict {site: [n] tensor} (n: the site's width, I or H) or a path to
+    a scale file. mode: "fused", "fold" or "hook". strength: a float in [0, 1] or one per
+    sequence ([B] / [B, 1] tensor; the activations' first dim is the batch). Scales above 1
+    (amplification) need allow_amplify=True. On any error the model is left untouched.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -540,7 +543,7 @@ def patch(model, scales, *, mode="fused", strength=1.0, allow_amplify=False):
     return handle
 
 
-def unpatch(model):
+def unpatch(model: nn.Module) -> None:
     """Remove the patch of a model that sgm_ext.patch patched."""
     handle = _unwrap(model).__dict__.get(_HANDLE_ATTR)
     if handle is None:
@@ -549,7 +552,7 @@ def unpatch(model):
 
 
 @contextlib.contextmanager
-def patched(model, scales, **kwargs):
+def patched(model: nn.Module, scales, **kwargs):
     """`with patched(model, scales, mode=..., strength=...) as handle:` patch, then unpatch."""
     handle = patch(model, scales, **kwargs)
     try:

@@ -27,7 +27,8 @@ def expertise_plot(expertise, scales, path):
     per_kind = {}
     for site, s in scales.items():
         layer = site_layer(site)
-        per_kind.setdefault(site_kind(site), {})[layer if layer is not None else -1] = int((s < 1).sum())
+        damped = int((s < 1).sum())
+        per_kind.setdefault(site_kind(site), {})[layer if layer is not None else -1] = damped
     width = 0.8 / max(len(per_kind), 1)
     for j, (kind, counts) in enumerate(sorted(per_kind.items())):
         layers = sorted(counts)

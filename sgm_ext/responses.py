@@ -108,7 +108,8 @@ class Responses:
         for site, n in self.neurons.items():
             t = pooled[site].detach().to("cpu", torch.float32)
             if t.shape != (b, n):
-                raise ValueError(f"batch for {site!r} has shape {tuple(t.shape)}, expected {(b, n)}")
+                raise ValueError(f"batch for {site!r} has shape {tuple(t.shape)}, expected "
+                                 f"{(b, n)}")
             self._chunks[site].append(t)
             self._ram_bytes += t.numel() * 4
         self._labels.extend(int(v) for v in labels)

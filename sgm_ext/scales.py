@@ -6,6 +6,9 @@ safetensors (one float32 1-D tensor per site) with string metadata; loading neve
 """
 import hashlib
 import json
+import os
+from collections.abc import Mapping
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -21,9 +24,11 @@ METADATA_KEYS = ("format_version", "model_type", "config_fingerprint", "method",
 
 
 class ScaleSet:
-    """site name -> 1-D float32 tensor of scales, plus string metadata."""
+    """site name -> [n] float32 CPU tensor of scales (n: the site's width: I for gate / up /
+    mid, H for down, 2 I for a packed gate_up), plus string metadata. Plain data: it knows
+    nothing of models; sgm_ext.patch resolves the sites in one."""
 
-    def __init__(self, scales, metadata=None):
+    def __init__(self, scales: Mapping, metadata: Optional[Mapping] = None):
         self.scales = {}
         for site, value in dict(scales).items():
             if not isinstance(site, str) or not site:
@@ -55,13 +60,13 @@ class ScaleSet:
         damped = sum(int((t != 1).sum()) for t in self.scales.values())
         return f"ScaleSet({len(self)} sites, {n} neurons, {damped} damped)"
 
-    def validate(self, allow_amplify=False):
+    def validate(self, allow_amplify: bool = False) -> "ScaleSet":
         """Raise ValueError naming the first illegal entry: not finite, < 0, or > 1."""
         for site, t in self.scales.items():
             check_scale_values(site, t, allow_amplify)
         return self
 
-    def save(self, path):
+    def save(self, path: Union[str, os.PathLike]):
         """Write a safetensors file atomically (a failed write leaves an old file intact)."""
         meta = {"format_version": FORMAT_VERSION, "sgm_ext_version": __version__, **self.metadata}
         with atomic_path(path) as tmp:
@@ -69,7 +74,7 @@ class ScaleSet:
         return path
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: Union[str, os.PathLike]) -> "ScaleSet":
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             version = meta.get("format_version")
@@ -79,7 +84,7 @@ class ScaleSet:
             return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
 
 
-def load_scales(path):
+def load_scales(path: Union[str, os.PathLike]) -> ScaleSet:
     """The ScaleSet in a scale file (safetensors; never unpickled)."""
     return ScaleSet.load(path)
 

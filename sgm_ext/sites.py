@@ -45,12 +45,13 @@ def resolve_sites(model, sites=("mid",)):
             continue
         kinds = {k for layout in registry.SITE_KINDS.values() for k in layout}
         if entry not in kinds:
-            raise ValueError(f"unknown site {entry!r}: give a site kind ({', '.join(sorted(kinds))})"
-                             " or a site name of this model (e.g. "
+            raise ValueError(f"unknown site {entry!r}: give a site kind "
+                             f"({', '.join(sorted(kinds))}) or a site name of this model (e.g. "
                              f"{next(iter(registry.site_index(lm)))!r})")
         matched = [info for info in lm.values() if entry in registry.SITE_KINDS[info.layout]]
         if not matched:
-            raise ValueError(f"no language-model MLP of {type(model).__name__} has a {entry!r} site")
+            raise ValueError(f"no language-model MLP of {type(model).__name__} has a {entry!r} "
+                             "site")
         for info in matched:
             out[info.site(entry)] = (info, entry)
     return out

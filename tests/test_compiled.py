@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
+from op_cases import check_alloc_op, rand_scale
 from reference64 import ACT64, assert_matches, expected
-from test_ops import rand, rand_scale
 
 import sgm_ext
 from sgm_ext import compiled
@@ -98,6 +98,43 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
+def test_install_without_the_library_is_silent(tmp_path):
+    # SGM_EXT_NO_BUILD=1 installs no sgm_ext._C: importing sgm_ext then warns about nothing
+    # (a warning is for a library that exists but fails to load, above), and the backends
+    # say it is not built. The package is copied without the library file and imported first.
+    import shutil
+
+    package = tmp_path / "sgm_ext"
+    shutil.copytree(os.path.join(ROOT, "sgm_ext"), package,
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "kernels"), package / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = r"""
+import warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import torch, sgm_ext
+    info = sgm_ext.backends()
+    out = sgm_ext.act_mul_scale(torch.ones(2, 3), torch.ones(2, 3), torch.ones(3))
+assert sgm_ext.__file__.startswith(sys.argv[1]), sgm_ext.__file__
+ours = [str(w.message) for w in caught if "sgm_ext" in str(w.message)]
+assert not ours, ours
+assert not info["cpu"].available and "not built" in info["cpu"].reason, info["cpu"]
+assert torch.allclose(out, torch.nn.functional.silu(torch.ones(2, 3)))
+print("ok")
+"""
+    # -S: no site processing, so the editable install's finder (which would find the built
+    # library of this checkout) is not installed; the packages come from PYTHONPATH instead
+    import sysconfig
+
+    env = {k: v for k, v in os.environ.items() if k != "SGM_EXT_BACKEND"}
+    env.update(TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), sysconfig.get_paths()["purelib"]]))
+    res = subprocess.run([sys.executable, "-S", "-c", "import sys\n" + script, str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 # ------------------------------------------------------------------ the per-element functions
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -116,7 +153,8 @@ def test_per_element_functions_on_host(act, dtype, gen):
     strength = torch.rand(rows, generator=gen, dtype=torch.float64).to(vec_dtype)
     host = torch.ops.sgm_ext._act_mul_scale_host
     cases = [
-        ((up, scale, gate_scale, strength, None), expected(gate, up, act, scale, gate_scale, strength)),
+        ((up, scale, gate_scale, strength, None),
+         expected(gate, up, act, scale, gate_scale, strength)),
         ((up, scale, None, None, 0.3), expected(gate, up, act, scale, strength=0.3)),
         ((None, scale, None, None, None), expected(gate, None, act, scale)),
         ((up, None, None, None, None), expected(gate, up, act)),
@@ -213,11 +251,13 @@ import sys, torch
 sys.path.insert(0, "tests")
 from reference64 import ACT64, assert_matches, expected
 from sgm_ext import compiled
-assert torch.backends.cpu.get_cpu_capability() == sys.argv[1].upper(), torch.backends.cpu.get_cpu_capability()
+cap = torch.backends.cpu.get_cpu_capability()
+assert cap == sys.argv[1].upper(), cap
 g = torch.Generator().manual_seed(int(sys.argv[2]))
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for n in (5, 16, 67):
-        gate, up = torch.randn(3, n, generator=g).to(dtype), torch.randn(3, n, generator=g).to(dtype)
+        gate = torch.randn(3, n, generator=g).to(dtype)
+        up = torch.randn(3, n, generator=g).to(dtype)
         scale, st = torch.rand(n, generator=g), torch.rand(3, generator=g)
         for act in ACT64:
             out = torch.full((3, n), float("nan"), dtype=dtype)
@@ -235,25 +275,6 @@ print("ok")
 
 
 # ------------------------------------------------------------------ the inference fast path
-
-def check_alloc_op(lead, n, layout, dtype, gen, device="cpu"):
-    """sgm_ext::_act_mul_scale_alloc takes [..., I] views as they come (a patched MLP passes
-    the two halves of a packed gate_up) and returns a new contiguous tensor (tests/test_gpu.py
-    runs this on CUDA)."""
-    if layout == "packed":
-        gate_up = rand((*lead, 2 * n), dtype, "contiguous", gen, device)
-        gate, up = gate_up[..., :n], gate_up[..., n:]
-    else:
-        gate, up = (rand((*lead, n), dtype, layout, gen, device) for _ in range(2))
-    scale, gate_scale = rand_scale(n, gen, device=device), 0.5 + rand_scale(n, gen, device=device)
-    out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, up, scale, gate_scale, "gelu")
-    assert out.device == gate.device and out.is_contiguous() and out.dtype == dtype
-    assert_matches(out, expected(gate, up, "gelu", scale, gate_scale))
-    out = torch.ops.sgm_ext._act_mul_scale_alloc(gate, None, scale, None, "relu")
-    assert_matches(out, expected(gate, None, "relu", scale))
-    empty = torch.ops.sgm_ext._act_mul_scale_alloc(gate[..., :0], up[..., :0], None, None, "silu")
-    assert empty.shape == (*lead, 0)
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "packed"])
@@ -335,7 +356,7 @@ def test_bad_input_names_the_entry_and_writes_nothing(case, message):
     assert out.isnan().all()
 
 
-# ------------------------------------------------------------------ static report of the CUDA kernels
+# ------------------------------------------------------------- static report of the CUDA kernels
 
 def test_cuda_static_report():
     require(cuda=True)

@@ -45,7 +45,8 @@ def test_jsonl_and_csv_rows(image_dir):
     ({"text": "t", "label": 2}, "unknown label 2"),
     ({"text": "t"}, "missing label"),
     ({"text": "t", "label": 1, "image": "gone.png"}, "image 'gone.png' not found"),
-    ({"text": "t", "label": 1, "image": "broken.png"}, "image .broken.png. is not a readable image"),
+    ({"text": "t", "label": 1, "image": "broken.png"},
+     "image .broken.png. is not a readable image"),
     ("{not json", "not valid JSON"),
 ])
 def test_bad_row_named_by_number(image_dir, bad, message):

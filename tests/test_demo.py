@@ -129,4 +129,5 @@ def test_targets_are_checked_as_the_issue_states():
 
     assert all(synthetic.targets(8, 8, report(0.5, 0.25, 10.0, 11.0)).values())
     assert list(synthetic.targets(6, 8, report(0.5, 0.3, 10.0, 11.5)).values()) == [False] * 3
-    assert list(synthetic.targets(7, 8, report(0.0, 0.0, 10.0, 9.0)).values()) == [True, False, True]
+    got = list(synthetic.targets(7, 8, report(0.0, 0.0, 10.0, 9.0)).values())
+    assert got == [True, False, True]

@@ -11,16 +11,16 @@ import os
 
 import pytest
 import torch
-from reference64 import assert_matches, expected
-from test_compiled import check_alloc_op
-from test_ops import (
+from op_cases import (
     GEMM_VARIANTS,
     VARIANTS,
+    check_alloc_op,
     rand,
     rand_scale,
     rand_strength,
     variant_id,
 )
+from reference64 import assert_matches, expected
 
 import sgm_ext
 from sgm_ext.backends import select, selected
@@ -64,7 +64,8 @@ def test_act_mul_scale_matches_float64(backend, dtype, act, variant, gen):
                                            strength=strength)
         gate, up = gate_up[..., :n], gate_up[..., n:]
     else:
-        gate, up = rand((*lead, n), dtype, layout, gen, DEV), rand((*lead, n), dtype, layout, gen, DEV)
+        gate = rand((*lead, n), dtype, layout, gen, DEV)
+        up = rand((*lead, n), dtype, layout, gen, DEV)
         out = sgm_ext.act_mul_scale(gate, up, scale, act=act, gate_scale=gate_scale,
                                     strength=strength)
     assert out.device.type == DEV and out.dtype == dtype
@@ -74,7 +75,8 @@ def test_act_mul_scale_matches_float64(backend, dtype, act, variant, gen):
 @pytest.mark.parametrize("act", sgm_ext.ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_act_scale_matches_float64(backend, dtype, act, gen):
-    for lead, n, layout, st_kind in [((7,), 37, "contiguous", None), ((3, 5), 1029, "strided", "rows"),
+    for lead, n, layout, st_kind in [((7,), 37, "contiguous", None),
+                                     ((3, 5), 1029, "strided", "rows"),
                                      ((2, 3, 4), 130, "transposed", 0.4)]:
         x = rand((*lead, n), dtype, layout, gen, DEV)
         scale = rand_scale(n, gen, device=DEV)
@@ -103,7 +105,8 @@ def test_output_rounds_to_nearest_even(backend, gen):
     # On the GPU both kernels store fp32 results with round-to-nearest-even (the interpreter
     # truncates): the output must equal the float64 reference rounded through fp32.
     for dtype in (torch.float16, torch.bfloat16):
-        gate, up = rand((64, 1029), dtype, "contiguous", gen, DEV), rand((64, 1029), dtype, "contiguous", gen, DEV)
+        gate = rand((64, 1029), dtype, "contiguous", gen, DEV)
+        up = rand((64, 1029), dtype, "contiguous", gen, DEV)
         scale = rand_scale(1029, gen, device=DEV)
         out = sgm_ext.act_mul_scale(gate, up, scale)
         want = expected(gate, up, "silu", scale).float().to(dtype)
@@ -181,12 +184,16 @@ def test_cuda_graph_capture(backend, op, gen):
         a, b = (torch.randn(16, 1029, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
         s = rand_scale(1029, gen, device=DEV)
         st = torch.rand(16, generator=gen).to(DEV)  # one strength per row
-        fn = lambda: sgm_ext.act_mul_scale(a, b, s, strength=st)
+
+        def fn():
+            return sgm_ext.act_mul_scale(a, b, s, strength=st)
     else:
         a = torch.randn(16, 96, generator=gen).to(DEV, torch.bfloat16)
         b = (torch.randn(2, 200, 96, generator=gen) / 10).to(DEV, torch.bfloat16)
         s = rand_scale(200, gen, device=DEV)
-        fn = lambda: sgm_ext.gated_up_proj(a, b[0], b[1], s, strength=0.7)
+
+        def fn():
+            return sgm_ext.gated_up_proj(a, b[0], b[1], s, strength=0.7)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():

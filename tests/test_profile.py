@@ -112,7 +112,8 @@ def test_pooling_masks_padding(planted, padding_side):
 
 def test_site_kinds_and_names(planted):
     model, tok, rows = planted
-    r = P.collect(model, rows[:4], processor=tok, sites=("gate", "down", "model.layers.0.mlp.up_proj"))
+    r = P.collect(model, rows[:4], processor=tok,
+                  sites=("gate", "down", "model.layers.0.mlp.up_proj"))
     assert r.neurons == {"model.layers.0.mlp.gate_proj": 64, "model.layers.1.mlp.gate_proj": 64,
                          "model.layers.0.mlp.down_proj": 32, "model.layers.1.mlp.down_proj": 32,
                          "model.layers.0.mlp.up_proj": 64}
@@ -120,7 +121,8 @@ def test_site_kinds_and_names(planted):
     with torch.no_grad():
         x = model.model.embed_tokens(inputs["input_ids"])
         up = model.model.layers[0].mlp.up_proj(model.model.layers[0].post_attention_layernorm(x))
-    torch.testing.assert_close(r["model.layers.0.mlp.up_proj"][0], up[0].mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r["model.layers.0.mlp.up_proj"][0], up[0].mean(0),
+                               rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown site 'neuron'"):
         P.collect(model, rows, processor=tok, sites=("neuron",))
     with pytest.raises(ValueError, match="pooling must be one of"):
@@ -209,7 +211,8 @@ def test_spill_to_disk_gives_the_same_responses(planted, tmp_path):
     plain = P.collect(model, rows, processor=tok, batch_size=8)
     assert not plain.spilled
     spill = tmp_path / "spill"
-    small = P.collect(model, rows, processor=tok, batch_size=8, ram_budget=4096, spill_dir=str(spill))
+    small = P.collect(model, rows, processor=tok, batch_size=8, ram_budget=4096,
+                      spill_dir=str(spill))
     assert small.spilled and len(os.listdir(spill)) == 2  # one raw file per site
     one_batch = 8 * (64 + 64) * 4
     assert small._ram_bytes <= 4096 + one_batch  # never more than the budget plus a batch
@@ -329,8 +332,10 @@ def test_other_registry_architectures(planted, arch):
     assert r.neurons[f"model.layers.1.mlp.{second}"] == (96 if arch == "Phi3" else 48)
     for i, row in enumerate(rows[:5]):
         got = {}
-        hooks = [mlp.down_proj.register_forward_pre_hook(lambda m, a: got.update(mid=a[0][0])),
-                 getattr(mlp, second).register_forward_hook(lambda m, a, o: got.update(lin=o[0]))]
+        hooks = [mlp.down_proj.register_forward_pre_hook(
+                     lambda m, a, got=got: got.update(mid=a[0][0])),
+                 getattr(mlp, second).register_forward_hook(
+                     lambda m, a, o, got=got: got.update(lin=o[0]))]
         with torch.no_grad():
             model(**tok(row["text"], return_tensors="pt"))
         for h in hooks:

@@ -79,7 +79,8 @@ def test_unknown_class_and_activation_errors_name_them():
             super().__init__()
             self.w1 = nn.Linear(4, 4)
 
-    with pytest.raises(ValueError, match="x.mlp is a WeirdMLP, not an MLP class the sgm-ext registry knows"):
+    with pytest.raises(ValueError,
+                       match="x.mlp is a WeirdMLP, not an MLP class the sgm-ext registry knows"):
         describe(WeirdMLP(), "x.mlp")
 
     m = _CustomGated()

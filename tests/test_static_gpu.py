@@ -15,8 +15,8 @@ import static_gpu_report  # noqa: E402
 def triton_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "static_gpu_report.py"), "--no-cuda",
-                    "--json", str(out)], check=True, env=env, cwd=ROOT, timeout=900)
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "static_gpu_report.py"),
+                    "--no-cuda", "--json", str(out)], check=True, env=env, cwd=ROOT, timeout=900)
     return json.loads(out.read_text())
 
 
@@ -39,7 +39,8 @@ def test_elementwise_kernels_use_128_bit_accesses_and_never_spill(triton_rows):
         assert set(stores) == {"128"}, f"{where}: stores {stores}"
         # every tensor access is 16 bytes wide; the one 32-bit load is the row's strength scalar
         assert loads.get("128", 0) >= 3, f"{where}: loads {loads}"
-        assert {w: n for w, n in loads.items() if w != "128"} == {"32": 1}, f"{where}: loads {loads}"
+        others = {w: n for w, n in loads.items() if w != "128"}
+        assert others == {"32": 1}, f"{where}: loads {loads}"
 
 
 def test_gemm_streams_tiles_with_128_bit_async_copies(triton_rows):
