@@ -64,7 +64,9 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + ["csrc/cpu/act_mul_scale_default.cpp"]
     if platform.machine().lower() in ("x86_64", "amd64"):  # the AVX2 / AVX-512 variants
         sources += ["csrc/cpu/act_mul_scale_avx2.cpp", "csrc/cpu/act_mul_scale_avx512.cpp"]
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # -fopenmp: at::parallel_for's threads
+    # -fopenmp: at::parallel_for's threads. -ffp-contract=off: a * b + c stays two roundings,
+    # as torch computes it (s_eff must equal the Python side's bit for bit; act_mul_scale.h)
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     # torch's headers include cuBLAS / cuSPARSE headers shipped by the nvidia wheels.
     include_dirs = [os.path.join(here, "csrc")]
     wheel_headers = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia",

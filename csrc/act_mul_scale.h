@@ -53,10 +53,20 @@ SGM_HOST_DEVICE T activate(T x) {
 }
 
 // s_eff = 1 - strength (1 - scale), evaluated as strength * scale + (1 - strength) like
-// sgm_ext.reference.effective_scale: exact at both ends (strength 0 gives 1, strength 1 the
-// scale bit for bit). Without a strength the kernels use the scale itself.
+// sgm_ext.scale_math.effective_scale: exact at both ends (strength 0 gives 1, strength 1 the
+// scale bit for bit). Without a strength the kernels use the scale itself. Each operation is
+// rounded on its own, as torch rounds the same expression: a fused multiply-add, which the
+// compilers form unasked (nvcc's --fmad; GCC's -ffp-contract, turned off in setup.py), would
+// round once and give other bits than the s_eff a patched model computes in Python.
 template <class T>
 SGM_HOST_DEVICE T effective_scale(T scale, T strength) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) {
+    return __fadd_rn(__fmul_rn(strength, scale), 1.0f - strength);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return __dadd_rn(__dmul_rn(strength, scale), 1.0 - strength);
+  } else
+#endif
   return strength * scale + (T(1.0) - strength);
 }
 
