@@ -31,7 +31,7 @@ from .prompts import load_prompts
 from .registry import SITE_KINDS
 from .report import expertise_table, summary_table, write_report
 from .responses import DEFAULT_RAM_BUDGET
-from .scale_math import METHODS, check_strength
+from .scale_math import METHODS, check_fraction, check_strength
 from .scales import load_scales
 from .sites import POOLINGS
 
@@ -47,10 +47,15 @@ def _bytes(text):
 
 
 def _fraction(text):
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-    return value
+    """An argparse type: a number in [0, 1] (checked by scale_math, as the library does)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_fraction(value, "the value")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ------------------------------------------------------------------------ profile
