@@ -25,7 +25,7 @@ from timing import interleaved, medians  # bench/ is on sys.path (script or pyte
 
 from sgm_ext import profile as P
 from sgm_ext.auroc import auroc
-from sgm_ext.sites import Pooler, pooling_hooks, resolve_sites
+from sgm_ext.pooling import Pooler, pooling_hooks, resolve_sites
 
 NEURONS, SAMPLES, SKLEARN_SUBSET = 100_000, 2_000, 500
 N_TEXTS, WORDS, BATCH = 64, 48, 8

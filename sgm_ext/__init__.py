@@ -15,6 +15,7 @@ from .backends import backends
 from .expertise import Expertise
 from .ops import act_mul_scale, act_mul_scale_packed, act_scale, gated_up_proj
 from .patching import PatchHandle, patch, patched, supported_architectures, unpatch
+from .pooling import site_table as sites
 from .responses import Responses
 from .scales import ScaleSet, load_scales
 from .version import __version__
@@ -22,4 +23,4 @@ from .version import __version__
 __all__ = ["ACTIVATIONS", "Expertise", "PatchHandle", "Responses", "ScaleSet", "__version__",
            "act_mul_scale", "act_mul_scale_packed", "act_scale", "backends",
            "canonical_activation", "gated_up_proj", "interop", "load_scales", "ops", "patch",
-           "patched", "profile", "supported_architectures", "unpatch"]
+           "patched", "profile", "sites", "supported_architectures", "unpatch"]

@@ -32,6 +32,9 @@ class BackendInfo(NamedTuple):
     reason: Optional[str]  # why not, when not available
     ops: tuple  # the ops it implements
     devices: tuple  # device types it can run on here
+    # cuda / cpu: which sgm_ext._C, in words: "in-package build at PATH", "cached build at
+    # PATH" (`sgm-ext build`), or "not built: run `sgm-ext build` ..."; None for the others
+    library: Optional[str] = None
 
 
 def _load_torch():
@@ -61,10 +64,9 @@ def _load_compiled(device_type):
     def load():
         compiled = importlib.import_module("sgm_ext.compiled")
         if not compiled.loaded():
-            if not compiled.BUILT:
-                raise BackendUnavailable("the compiled library sgm_ext._C is not built "
-                                         "(installed with SGM_EXT_NO_BUILD=1, or the build "
-                                         f"failed): {compiled.LOAD_ERROR}")
+            if not compiled.BUILT:  # "not built: run `sgm-ext build` ..."
+                raise BackendUnavailable(f"the compiled library sgm_ext._C is "
+                                         f"{compiled.describe()}")
             raise BackendUnavailable(f"the compiled library sgm_ext._C did not load "
                                      f"({compiled.LOAD_ERROR})")
         if not compiled.has_kernel(device_type):
@@ -82,6 +84,7 @@ _LOADERS = {
     "cpu": _load_compiled("cpu"),
     "torch": _load_torch,
 }
+_COMPILED = ("cuda", "cpu")  # the backends of sgm_ext._C
 _loaded = {}  # name -> (module, devices) or BackendUnavailable
 _lock = threading.Lock()
 
@@ -97,16 +100,20 @@ def _load(name):
 
 
 def backends():
-    """{name: BackendInfo} for every backend sgm-ext knows, in preference order."""
+    """{name: BackendInfo} for every backend sgm-ext knows, in preference order; for the
+    compiled ones (cuda, cpu) `library` says which sgm_ext._C: in-package build, cached build
+    at PATH, or not built."""
     info = {}
     for name in _LOADERS:
         got = _load(name)
+        library = importlib.import_module("sgm_ext.compiled").describe() \
+            if name in _COMPILED else None
         if isinstance(got, BackendUnavailable):
-            info[name] = BackendInfo(False, str(got), (), ())
+            info[name] = BackendInfo(False, str(got), (), (), library)
         else:
             module, devices = got
             ops = tuple(op for op in OPS if hasattr(module, op))
-            info[name] = BackendInfo(True, None, ops, devices)
+            info[name] = BackendInfo(True, None, ops, devices, library)
     return info
 
 

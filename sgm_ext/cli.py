@@ -16,24 +16,34 @@ import os
 import re
 import sys
 import time
+import warnings
 
 from . import synthetic
+from .auroc import check_labels
 from .collect import collect
 from .data import load_rows
 from .evaluate import evaluate
-from .expertise import Expertise
+from .expertise import Expertise, is_expertise_file
 from .expertise import expertise as compute_expertise
+from .files import check_output_file
 from .inputs import MODALITIES
 from .judges import get_judge
-from .loading import load_model
+from .loading import check_device, check_model_dir, load_model
 from .plots import expertise_plot
+from .pooling import POOLINGS, site_table
 from .prompts import load_prompts
 from .registry import SITE_KINDS
-from .report import expertise_table, summary_table, write_report
+from .report import (
+    expertise_table,
+    scale_problems,
+    scale_report,
+    site_report,
+    summary_table,
+    write_report,
+)
 from .responses import DEFAULT_RAM_BUDGET
-from .scale_math import METHODS, check_fraction, check_strength
-from .scales import load_scales
-from .sites import POOLINGS
+from .scale_math import METHODS, check_fraction, check_method, check_strength
+from .scales import is_scale_file, load_scales
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -97,9 +107,42 @@ def add_profile(sub):
     p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
     p.add_argument("--expertise-out", default=None,
                    help="also write the per-neuron AUROC (safetensors) here")
+    add_length_options(p)
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --out / --expertise-out that sgm-ext did not "
+                   "write (never a model's weight file)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_profile)
+
+
+def add_length_options(p):
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per row at most (default: the model's context length, at "
+                   "most 4096); longer text rows are cut, with one warning that counts them")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="refuse rows longer than --max-length instead of cutting them")
+
+
+def _positive(value, option, zero=False):
+    if value is not None and (value < 0 or (value == 0 and not zero)):
+        raise ValueError(f"{option} is {value}; it must be {'>= 0' if zero else '>= 1'}")
+
+
+def check_profile_args(args):
+    """Every option checked before the data is read or the model loaded."""
+    check_method(args.method, args.alpha)
+    _positive(args.top_k, "--top-k", zero=True)
+    for option in ("batch_size", "checkpoint_every", "max_samples", "max_length"):
+        _positive(getattr(args, option), "--" + option.replace("_", "-"))
+    check_output_file(args.out, "--out", ours=is_scale_file, force=args.force)
+    if args.expertise_out:
+        check_output_file(args.expertise_out, "--expertise-out", ours=is_expertise_file,
+                          force=args.force)
+    if os.path.abspath(args.out) == os.path.abspath(args.expertise_out or ""):
+        raise ValueError("--out and --expertise-out name the same file")
+    check_model_dir(args.model)
+    check_device(args.device)
 
 
 def _init_distributed():
@@ -130,16 +173,22 @@ def run_profile(args):
 
 def _profile(args, rank, world, local_rank):
     say = print if rank == 0 else (lambda *a, **k: None)
+    check_profile_args(args)
     dataset = load_rows(args.data, skip_bad_rows=args.skip_bad_rows, max_samples=args.max_samples)
     if dataset.skipped:
         say(f"skipped {len(dataset.skipped)} bad rows (first: row {dataset.skipped[0][0]}: "
             f"{dataset.skipped[0][1]})", file=sys.stderr)
+    try:
+        check_labels([r.label for r in dataset.rows])
+    except ValueError as e:
+        raise ValueError(f"{args.data}: {e}") from None
     model, processor = load_model(args.model, args.device, args.dtype, local_rank, world)
     responses = collect(model, dataset, processor=processor, sites=args.sites,
-                             pooling=args.pooling, modality=args.modality,
-                             batch_size=args.batch_size, padding_side=args.padding_side,
-                             ram_budget=args.ram_budget, checkpoint_dir=args.checkpoint_dir,
-                             checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+                        pooling=args.pooling, modality=args.modality, batch_size=args.batch_size,
+                        padding_side=args.padding_side, skip_bad_rows=args.skip_bad_rows,
+                        ram_budget=args.ram_budget, checkpoint_dir=args.checkpoint_dir,
+                        checkpoint_every=args.checkpoint_every, max_length=args.max_length,
+                        truncate=not args.no_truncate, progress=not args.quiet)
     if responses is None:  # a rank other than 0: rank 0 writes
         return 0
     expertise = compute_expertise(responses)
@@ -149,6 +198,8 @@ def _profile(args, rank, world, local_rank):
     if args.expertise_out:
         expertise.save(args.expertise_out)
     print(expertise_table(expertise, scales, args.threshold, args.top_k))
+    for line in expertise.noise_warnings(args.threshold, args.top_k):
+        warnings.warn(line, stacklevel=1)
     print(f"wrote {args.out}: {scales!r} from {len(responses)} samples "
           f"({expertise.metadata['n_toxic']} toxic)")
     if not args.no_plot:
@@ -161,20 +212,40 @@ def _profile(args, rank, world, local_rank):
 # ------------------------------------------------------------------------ inspect
 
 def add_inspect(sub):
-    p = sub.add_parser("inspect", help="print a scale file's summary")
+    p = sub.add_parser("inspect", help="check a scale file and print its summary",
+                       description="Print a scale file's metadata, per site the damped neurons "
+                       "and the scales' range, a histogram of the scales and the damped neurons "
+                       "per layer; flag illegal values (exit status 1).")
     p.add_argument("path", help="scale file (.safetensors)")
     p.set_defaults(func=run_inspect)
 
 
 def run_inspect(args):
     scales = load_scales(args.path)
-    print(f"{args.path}: {scales!r}")
-    for key, value in sorted(scales.metadata.items()):
-        print(f"  {key}: {value}")
-    print(f"{'neurons':>8} {'damped':>7} {'min':>7} {'mean':>7}  site")
-    for site, s in scales.items():
-        print(f"{s.numel():>8} {int((s != 1).sum()):>7} {float(s.min()):>7.4f} "
-              f"{float(s.mean()):>7.4f}  {site}")
+    if len(scales) == 0:
+        raise ValueError(f"{args.path} holds no sites (an empty scale set)")
+    print(scale_report(scales, args.path))
+    problems = scale_problems(scales)
+    for line in problems:
+        print(f"INVALID: {line}")
+    return 1 if problems else 0
+
+
+# ------------------------------------------------------------------------ sites
+
+def add_sites(sub):
+    p = sub.add_parser("sites", help="list a model's sites (the names scale files use)",
+                       description="Every site of the model's MLPs: its name (a key of a scale "
+                       "file), the MLP class, the kind, how many scales it takes, and whether "
+                       "the profiler can observe it.")
+    p.add_argument("--model", required=True, help="model directory (Hugging Face format)")
+    p.set_defaults(func=run_sites)
+
+
+def run_sites(args):
+    check_model_dir(args.model)
+    model, _ = load_model(args.model, "cpu", "auto")
+    print(site_report(site_table(model)))
     return 0
 
 
@@ -192,6 +263,7 @@ def add_eval(sub):
                    "optional image and category")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    add_length_options(p)
     p.set_defaults(func=run_eval)
 
 
@@ -225,23 +297,40 @@ def add_eval_options(p, **defaults):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def check_eval_args(args):
+    """The evaluation options checked before any file is read or model loaded."""
+    check_strength(args.strength, per_sequence=False, name="--strength")
+    check_fraction(args.threshold, "--threshold")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_prompts, "--max-prompts")
+    _positive(args.latency_runs, "--latency-runs", zero=True)
+    if args.latency_runs:
+        _positive(args.latency_prompts, "--latency-prompts")
+    _positive(getattr(args, "max_length", None), "--max-length")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; eval writes a directory of report files")
+
+
 def judge_from_args(args):
     labels = args.harmful_labels.split(",") if args.harmful_labels else None
     return get_judge(args.judge, threshold=args.threshold, harmful_labels=labels)
 
 
 def run_eval(args):
-    check_strength(args.strength, per_sequence=False, name="--strength")  # before a long load
+    check_eval_args(args)  # all before a long load
     judge = judge_from_args(args)
     scales = load_scales(args.scales)
     prompts = load_prompts(args.prompts, args.max_prompts)
+    check_model_dir(args.model)
+    check_device(args.device)
     model, processor = load_model(args.model, args.device, args.dtype)
     report, generations = evaluate(
         model, processor, scales, prompts, judge=judge, max_new_tokens=args.max_new_tokens,
         strength=args.strength, mode=args.mode, reference=args.reference,
         batch_size=args.batch_size, latency_runs=args.latency_runs,
-        latency_prompts=args.latency_prompts,
-        progress=not args.quiet)
+        latency_prompts=args.latency_prompts, max_length=args.max_length,
+        truncate=not args.no_truncate, progress=not args.quiet)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
                   prompts=os.path.abspath(args.prompts))
     files = write_report(report, generations, args.out)
@@ -352,6 +441,7 @@ def demo_eval_options(args):
 
 
 def run_demo(args):
+    check_eval_args(args)
     _, ok = run_demo_in(args.out, fast=args.fast, seed=args.seed,
                         eval_options=demo_eval_options(args),
                 quiet=args.quiet)
@@ -360,7 +450,7 @@ def run_demo(args):
 
 # ------------------------------------------------------------------------ entry point
 
-SUBCOMMANDS = [add_profile, add_inspect, add_eval, add_demo]
+SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo]
 
 
 def build_parser():
@@ -373,9 +463,27 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run one subcommand; bad input gives one line on stderr and exit status 2, Ctrl-C one
+    line and 130, a closed output pipe (`sgm-ext inspect f | head`) a quiet 141."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
-        print(f"sgm-ext {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    prog = f"sgm-ext {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **kw: print(
+            f"{prog}: warning: {message}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except (ValueError, OSError) as e:  # bad input: a message, not a traceback
+            if isinstance(e, BrokenPipeError):
+                return _closed_pipe()
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+            return 130
+
+
+def _closed_pipe():
+    # the reader went away: nothing more to say, and Python must not complain at exit when
+    # it flushes stdout into the closed pipe
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141

@@ -2,32 +2,93 @@
 
 Importing sgm_ext._C registers the C++ op sgm_ext::act_mul_scale_out with a CPU kernel
 (vectorized, rows in parallel) and, when built with CUDA, a CUDA kernel; torch dispatches
-between them by the tensors' device. This module only loads: sgm_ext.backends decides what
-that makes available, and says why not. An install without the library (SGM_EXT_NO_BUILD=1)
-is silent; a library that was built but fails to load warns once.
+between them by the tensors' device. The library is, in order: the one in the package (built
+by `pip install --no-build-isolation` with torch present), else a cached build for this torch
+made by `sgm-ext build` (sgm_ext.build.cached_library), else none. Loading never builds,
+except with SGM_EXT_BUILD_ON_IMPORT=1: then a missing library is built here (minutes).
+
+This module only loads: sgm_ext.backends decides what that makes available, and says why not.
+An install without a library (a pure-Python wheel, SGM_EXT_NO_BUILD=1) is silent; a library
+that was built but fails to load warns once.
 """
 import importlib.machinery
+import importlib.util
 import os
+import sys
 import warnings
 
 import torch
 
-OP = "sgm_ext::act_mul_scale_out"
+from . import build
 
-# Whether a built library file sits in the package (looked up on disk, not through the import
-# system, so that a library that exists but cannot load is still told apart from none at all).
-BUILT = any(os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C" + sfx))
-            for sfx in importlib.machinery.EXTENSION_SUFFIXES)
+OP = "sgm_ext::act_mul_scale_out"
+BUILD_ON_IMPORT_ENV = "SGM_EXT_BUILD_ON_IMPORT"
+NOT_BUILT = ("not built: run `sgm-ext build` (or pip install with torch present and "
+             "--no-build-isolation)")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The library file in the package, looked up on disk, not through the import system, so that
+# a library that exists but cannot load is still told apart from none at all.
+IN_PACKAGE = next((p for p in (os.path.join(_HERE, "_C" + sfx)
+                               for sfx in importlib.machinery.EXTENSION_SUFFIXES)
+                   if os.path.isfile(p)), None)
+
+_C = None
+SOURCE = None  # "in-package" or "cached": where the loaded library came from
+PATH = IN_PACKAGE  # the file of the library loaded, or of the last one tried
+LOAD_ERROR = None
+_errors = []  # (file, error) of every library that was found but did not load
+
+
+def _error(e):
+    return f"{type(e).__name__}: {e}"
+
+
+def _load_file(path):
+    """Import the library at `path` as sgm_ext._C."""
+    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    return module
+
+
 try:
     from . import _C  # noqa: F401  (loading the library registers its ops)
-    LOAD_ERROR = None
+    SOURCE, PATH = "in-package", _C.__file__
 except Exception as e:  # ImportError when not built; OSError / undefined symbols when broken
     _C = None
-    LOAD_ERROR = f"{type(e).__name__}: {e}"
-    if BUILT:
-        warnings.warn(f"sgm_ext._C could not be loaded ({LOAD_ERROR}); the compiled cpu / cuda "
-                      "backends are unavailable and sgm-ext falls back to the Triton / torch "
-                      "ones", RuntimeWarning, stacklevel=2)
+    LOAD_ERROR = _error(e)
+    if IN_PACKAGE:
+        _errors.append((IN_PACKAGE, LOAD_ERROR))
+
+if _C is None:
+    try:
+        cached = build.cached_library()
+    except Exception:  # unreadable sources or cache: as if there were no cached build
+        cached = None
+    if cached is None and os.environ.get(BUILD_ON_IMPORT_ENV) == "1":
+        try:
+            cached = build.build(verbose=True)
+        except Exception as e:
+            LOAD_ERROR = f"{BUILD_ON_IMPORT_ENV}=1 and the build failed: {_error(e)}"
+            _errors.append((None, LOAD_ERROR))
+    if cached is not None:
+        PATH = cached
+        try:
+            _C = _load_file(cached)
+            SOURCE, LOAD_ERROR = "cached", None
+        except Exception as e:
+            LOAD_ERROR = _error(e)
+            _errors.append((cached, LOAD_ERROR))
+
+# Whether a built library file was found (in the package or in the cache).
+BUILT = bool(_C is not None or any(path for path, _ in _errors))
+if _C is None and _errors:
+    warnings.warn(f"sgm_ext._C could not be loaded ({LOAD_ERROR}); the compiled cpu / cuda "
+                  "backends are unavailable and sgm-ext falls back to the Triton / torch ones "
+                  "(`sgm-ext build` builds the library for this torch)", RuntimeWarning,
+                  stacklevel=2)
 
 
 def loaded():
@@ -38,6 +99,19 @@ def loaded():
 def library_path():
     """The file of the loaded library, or None."""
     return None if _C is None else _C.__file__
+
+
+def describe():
+    """Which library this is, in words: 'in-package build at PATH', 'cached build at PATH',
+    'built at PATH but did not load (ERROR)', or NOT_BUILT ('not built: run `sgm-ext build`
+    ...')."""
+    if _C is not None:
+        return f"{SOURCE} build at {library_path()}"
+    if BUILT:
+        return f"built at {PATH} but did not load ({LOAD_ERROR})"
+    if _errors:  # SGM_EXT_BUILD_ON_IMPORT=1 and the build failed
+        return f"not built ({LOAD_ERROR})"
+    return NOT_BUILT
 
 
 def has_kernel(device_type):

@@ -7,14 +7,19 @@ to the response). Rows are numbered from 1 in the order they come (a file's head
 lines are not rows); a bad row stops the read with its number, or with skip_bad_rows=True is
 left out and counted.
 """
+import codecs
 import csv
 import hashlib
 import json
 import os
+import re
 from typing import Any, NamedTuple, Optional
 
 LABELS = {"1": 1, "0": 0, "true": 1, "false": 0, "toxic": 1, "non-toxic": 0, "non_toxic": 0,
           "nontoxic": 0, "not toxic": 0}
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, after surrogateescape
 
 
 class BadRowError(ValueError):
@@ -118,9 +123,19 @@ def records(data):
 
 
 def _jsonl(path):
+    """Rows of a JSONL file, decoded line by line: a line that is not UTF-8 is that row's
+    error (skippable), not the whole file's; a UTF-8 byte order mark is accepted."""
     number = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                number += 1
+                yield number, f"{path} row {number} (line {line_no})", _not_utf8(e)
+                continue
             if not line.strip():
                 continue
             number += 1
@@ -131,15 +146,31 @@ def _jsonl(path):
             yield number, f"{path} row {number} (line {line_no})", record
 
 
+def _not_utf8(error):
+    return ValueError(f"not valid UTF-8 (byte 0x{error.object[error.start]:02x} at column "
+                      f"{error.start + 1}); save the file as UTF-8")
+
+
 def _csv(path, delimiter):
-    with open(path, encoding="utf-8", newline="") as f:
+    # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the row holding
+    # them can be named (and skipped) instead of the whole file failing
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         missing = {"text", "label"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: the header has no {' / '.join(sorted(missing))} column "
                              f"(columns: {reader.fieldnames})")
         for number, record in enumerate(reader, 1):
-            yield number, f"{path} row {number} (line {reader.line_num})", record
+            where = f"{path} row {number} (line {reader.line_num})"
+            bad = next((v for v in record.values() if isinstance(v, str) and _ESCAPED.search(v)),
+                       None)
+            if bad is not None:
+                raw = bad.encode("utf-8", "surrogateescape")
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    record = _not_utf8(e)
+            yield number, where, record
 
 
 def load_rows(data, *, skip_bad_rows=False, max_samples=None):

@@ -12,10 +12,17 @@
 The pieces: prompts.py (prompt and reference files), judges.py, generation.py (generate,
 perplexity, latency), report.py (tables and report files), plots.py (the chart).
 """
+import warnings
 from collections import Counter
 
 from .generation import generate, measure_latency, perplexity
-from .inputs import encode
+from .inputs import (
+    LengthLimit,
+    default_max_length,
+    drop_unusable_images,
+    encode,
+    unusable_images_warning,
+)
 from .judges import get_judge
 from .patching import patch
 from .progress import progress_bar
@@ -38,11 +45,14 @@ def harmful_rates(generations, state):
 
 def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_tokens=64,
              strength=1.0, mode="fused", reference=None, batch_size=8, latency_runs=3,
-             latency_prompts=8, max_prompts=None, progress=True) -> tuple:
+             latency_prompts=8, max_prompts=None, max_length=None, truncate=True,
+             progress=True) -> tuple:
     """(report dict, generation records) for `model` without and with `scales`.
 
     scales: a ScaleSet, a {site: [n] tensor} dict or a scale file; prompts: a JSONL / CSV
     file or a list of strings / dicts / Prompt; judge: a name, a Judge or a callable.
+    max_length / truncate: as for profile.collect (a prompt longer than max_length tokens is
+    cut, with one warning, or refused).
 
     Answers are generated batch_size prompts at a time; latency is measured on single
     prompts. Leaves the model unpatched. report: top-level `unpatched` and `patched`
@@ -56,7 +66,15 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
     rows = load_prompts(prompts, max_prompts)
     texts = load_reference(reference)
     patch(model, scales, mode=mode, strength=strength).remove()  # bad scales fail here
-    encoded = [encode(processor, p) for p in rows]
+    first_image = next((p.number for p in rows if p.image is not None), None)
+    rows, n_images = drop_unusable_images(rows, processor)
+    if n_images:
+        warnings.warn(unusable_images_warning(n_images, processor, first_image), stacklevel=2)
+    limit = LengthLimit(default_max_length(model) if max_length is None else max_length,
+                        truncate)
+    encoded = [encode(processor, p, limit) for p in rows]
+    if limit.summary():
+        warnings.warn(limit.summary(), stacklevel=2)
     answers = {}
     ppl = {}
     bar = progress_bar(2 * len(rows), desc="generating", unit="answer", enabled=progress,
@@ -98,7 +116,7 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
         report["latency"] = measure_latency(model, processor, rows, scales,
                                             new_tokens=max_new_tokens, runs=latency_runs,
                                             n_prompts=latency_prompts, mode=mode,
-                                            strength=strength)
+                                            strength=strength, limit=limit)
         report["latency_ratio"] = report["latency"]["ratio"]
     else:
         report["latency"], report["latency_ratio"] = None, None

@@ -3,6 +3,7 @@
     expertise = expertise(responses)                   # exact AUROC per neuron (auroc.py)
     scales = expertise.to_scales(method="aura")        # a ScaleSet (scale_math does the math)
 """
+import math
 from collections.abc import Mapping
 from typing import Optional
 
@@ -12,7 +13,7 @@ from . import scale_math
 from .auroc import auroc, check_labels
 from .files import atomic_path
 from .responses import Responses
-from .scales import ScaleSet
+from .scales import ScaleSet, read_metadata
 
 EXPERTISE_KIND = "sgm-ext expertise"  # the file's `kind` metadata
 
@@ -45,6 +46,37 @@ class Expertise:
                 chosen[site] &= keep[start:start + a.numel()]
                 start += a.numel()
         return chosen
+
+    def noise_warnings(self, threshold: float = 0.5, top_k: Optional[int] = None) -> list:
+        """Lines that warn when the selection is mostly noise: no neuron beats what random
+        labels give for these sample counts, or a large share of all neurons passes the
+        threshold. Chance level: under random labels an AUROC of n_pos x n_neg samples has
+        mean 0.5 and standard deviation sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg))
+        (Mann-Whitney), and the largest of M of them lies near 0.5 + sd sqrt(2 ln M)."""
+        try:
+            n_pos, n_neg = int(self.metadata["n_toxic"]), int(self.metadata["n_non_toxic"])
+        except (KeyError, ValueError):
+            return []
+        neurons = sum(a.numel() for a in self.auroc.values())
+        if not (n_pos and n_neg and neurons):
+            return []
+        sd = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
+        chance_best = 0.5 + sd * math.sqrt(2 * math.log(max(neurons, 2)))
+        best = max(float(a.max()) for a in self.auroc.values())
+        lines = []
+        if best <= chance_best:
+            lines.append(f"no neuron separates toxic from non-toxic rows better than random "
+                         f"labels would: the best AUROC is {best:.3f}, and with {n_pos} toxic "
+                         f"/ {n_neg} non-toxic rows the best of {neurons} neurons reaches about "
+                         f"{chance_best:.3f} by chance alone; these scales would damp noise "
+                         "(more labelled rows help)")
+        chosen = sum(int(e.sum()) for e in self.experts(threshold, top_k).values())
+        if chosen > 0.4 * neurons:
+            lines.append(f"{chosen} of {neurons} neurons ({100 * chosen / neurons:.0f}%) pass "
+                         f"the threshold {threshold}: most are sampling noise (with these row "
+                         f"counts an AUROC spreads by about +-{2 * sd:.3f} around 0.5 by "
+                         "chance); raise --threshold or keep the strongest with --top-k")
+        return lines
 
     def to_scales(self, method: str = "aura", threshold: float = 0.5, top_k: Optional[int] = None,
                   strength: float = 1.0, alpha: Optional[float] = None) -> ScaleSet:
@@ -85,11 +117,19 @@ class Expertise:
     def load(cls, path):
         from safetensors import safe_open
 
+        meta = read_metadata(path, "expertise file")
+        if meta.pop("kind", None) != EXPERTISE_KIND:
+            raise ValueError(f"{path} is not an sgm-ext expertise file")
         with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.pop("kind", None) != EXPERTISE_KIND:
-                raise ValueError(f"{path} is not an sgm-ext expertise file")
             return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+
+
+def is_expertise_file(path) -> bool:
+    """Whether `path` is an expertise file sgm-ext wrote (False for anything else)."""
+    try:
+        return read_metadata(path).get("kind") == EXPERTISE_KIND
+    except (ValueError, OSError):
+        return False
 
 
 def expertise(responses, labels=None) -> Expertise:

@@ -1,7 +1,9 @@
-"""Writing files so that a crash never leaves half of one: write beside, fsync, rename."""
+"""Writing files: atomically (a crash never leaves half of one: write beside, fsync, rename),
+and never over a file that is not ours (checked before any work is done)."""
 import contextlib
 import json
 import os
+import re
 import tempfile
 
 
@@ -34,3 +36,30 @@ def write_text(path, text):
 def write_json(path, obj, indent=None):
     """Write a JSON file atomically."""
     return write_text(path, json.dumps(obj, indent=indent))
+
+
+# Weight files of a Hugging Face model directory (one with a config.json): never written over,
+# and never created there either (a model.safetensors beside shards would be loaded instead).
+_WEIGHT_FILES = re.compile(r"(model|pytorch_model|adapter_model|tf_model)([-.].*)?"
+                           r"\.(safetensors|bin|h5|msgpack|pt|pth)(\.index\.json)?$|.*\.gguf$")
+
+
+def check_output_file(path, option, *, ours, force=False):
+    """Refuse an output path before any work is done: a directory, a missing parent
+    directory, a model directory's weight file, or an existing file that `ours(path)` does not
+    recognise as one this option writes (unless force). ValueError naming the option."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory; give a file name, e.g. "
+                         f"{os.path.join(path, 'scales.safetensors')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: the directory {parent} does not exist")
+    name = os.path.basename(path)
+    if os.path.exists(os.path.join(parent, "config.json")) and _WEIGHT_FILES.match(name) \
+            and not (os.path.exists(path) and ours(path)):
+        raise ValueError(f"{option} {path} is a weight file name in a model directory; sgm-ext "
+                         "never writes there (write the scales next to the model instead)")
+    if os.path.exists(path) and not ours(path) and not force:
+        raise ValueError(f"{option} {path} exists and is not a file sgm-ext wrote; refusing to "
+                         "overwrite it (pass --force to overwrite)")

@@ -56,10 +56,11 @@ def _prompt_text(processor, row, with_response):
     return text, True
 
 
-def encode_row(processor, row, with_response, image):
+def encode_row(processor, row, with_response, image, limit=None):
     """Model inputs ({name: [1, T, ...] tensor}) for one row: text (and the row's response
     when with_response) through the chat template when the processor has one, `image` (a PIL
-    image or None) through the processor."""
+    image or None) through the processor; `limit` (a LengthLimit) cuts or refuses a row that
+    is too long."""
     text, templated = _prompt_text(processor, row, with_response)
     kwargs = {"return_tensors": "pt", "add_special_tokens": not templated}
     if image is not None:
@@ -68,13 +69,88 @@ def encode_row(processor, row, with_response, image):
         enc = processor(text=[text], **kwargs)
     else:
         enc = processor(text, **kwargs)
-    return dict(enc)
+    enc = dict(enc)
+    return enc if limit is None else limit.apply(enc, row, image is not None)
 
 
-def encode(processor, row):
+def encode(processor, row, limit=None):
     """Model inputs for one row or prompt (its image loaded), without a response: the chat
     template with the generation prompt when the processor has one, the image token otherwise."""
-    return encode_row(processor, row, False, load_image(row.image))
+    return encode_row(processor, row, False, load_image(row.image), limit)
+
+
+def takes_images(processor):
+    """Whether the processor has an image processor (a bare tokenizer has not)."""
+    return processor is not tokenizer_of(processor) and \
+        getattr(processor, "image_processor", None) is not None
+
+
+def drop_unusable_images(rows, processor):
+    """(rows, n): the rows with their images removed when the processor takes text only (a
+    bare tokenizer would silently ignore them), and how many had one; rows are NamedTuples
+    with an `image` field (data.Row, prompts.Prompt)."""
+    with_image = sum(r.image is not None for r in rows)
+    if not with_image or takes_images(processor):
+        return rows, 0
+    return [r._replace(image=None) for r in rows], with_image
+
+
+def unusable_images_warning(n, processor, first):
+    return (f"{n} rows have an image, but the processor ({type(processor).__name__}) takes "
+            f"text only: their images are ignored (the first: row {first})")
+
+
+# The longest input the CLI lets through by default, whatever the model's context: attention
+# over T tokens holds T x T scores, and a stray huge row must not take the machine down.
+LENGTH_CAP = 4096
+
+
+def default_max_length(model):
+    """The model's context length (max_position_embeddings of its text config), at most
+    LENGTH_CAP."""
+    config = model.config
+    for cfg in (getattr(config, "text_config", None), config):
+        n = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return min(n, LENGTH_CAP)
+    return LENGTH_CAP
+
+
+class LengthLimit:
+    """At most max_length tokens per row: a longer text-only row is cut to its first
+    max_length tokens and counted (`truncated`), or refused when truncate is False; a row with
+    an image is refused (cutting could drop image tokens the image's features must fill)."""
+
+    def __init__(self, max_length, truncate=True):
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        self.max_length, self.truncate = max_length, truncate
+        self.truncated = []  # row numbers
+
+    def apply(self, enc, row, has_image):
+        n = enc["input_ids"].shape[1]
+        if n <= self.max_length:
+            return enc
+        if not self.truncate or has_image:
+            why = "it has an image, whose tokens a cut could drop" if has_image else \
+                "--no-truncate"
+            raise ValueError(f"row {row.number} has {n} tokens, more than the maximum length "
+                             f"{self.max_length} ({why}); shorten it or raise --max-length")
+        self.truncated.append(row.number)
+        return {k: v[:, :self.max_length] if _per_token(k, v, n) else v for k, v in enc.items()}
+
+    def summary(self):
+        """One line about the truncated rows, or None."""
+        if not self.truncated:
+            return None
+        return (f"{len(self.truncated)} rows were longer than {self.max_length} tokens and "
+                f"were cut to it (the first: row {self.truncated[0]}); --max-length sets the "
+                "limit, --no-truncate refuses such rows instead")
+
+
+def _per_token(key, value, length):
+    return key not in _NOT_PER_TOKEN and torch.is_tensor(value) and value.dim() >= 2 \
+        and value.shape[:2] == (1, length)
 
 
 def load_image(image):
@@ -128,11 +204,13 @@ def collate(encodings, pad_id, padding_side):
     return batch, lengths
 
 
-def encode_batch(model, processor, rows, modality, padding_side):
-    """(inputs, select [B, T] bool): the model inputs and the tokens each sample pools over."""
+def encode_batch(model, processor, rows, modality, padding_side, limit=None):
+    """(inputs, select [B, T] bool): the model inputs and the tokens each sample pools over.
+    limit: a LengthLimit for the rows, or None."""
     images = [load_image(r.image) for r in rows]
     with_response = modality == "response"
-    encodings = [encode_row(processor, r, with_response, im) for r, im in zip(rows, images)]
+    encodings = [encode_row(processor, r, with_response, im, limit)
+                 for r, im in zip(rows, images)]
     batch, lengths = collate(encodings, pad_token_id(processor), padding_side)
     if "attention_mask" not in batch:
         raise ValueError("the processor gives no attention_mask; sgm-ext needs it to mask padding")

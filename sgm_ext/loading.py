@@ -1,24 +1,53 @@
 """Loading a model and its processor from a local Hugging Face directory (never downloads)."""
+import os
+
+
+def check_model_dir(path):
+    """FileNotFoundError / ValueError naming `path` unless it is a local model directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such model directory: {path} (sgm-ext loads local "
+                                "directories only; it never downloads)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+
+
+def check_device(device):
+    """ValueError for a device this machine does not have (before a model is loaded)."""
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here (use --device cpu or "
+                         "auto)")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
 
 
 def load_model(path, device="auto", dtype="auto", local_rank=0, world=1):
-    """(model in eval mode, processor) from a Hugging Face directory.
+    """(model in eval mode, processor) from a local Hugging Face directory.
 
     device: "auto" (GPU(s) if any: device_map="auto", or the local rank's GPU when world > 1),
     "cpu", "cuda", "cuda:N". dtype: "auto" (the checkpoint's on GPU, float32 on CPU),
     "float32", "bfloat16", "float16". Vision-language configs load with
-    AutoModelForImageTextToText, the others with AutoModelForCausalLM.
+    AutoModelForImageTextToText, the others with AutoModelForCausalLM. Local files only.
     """
     import torch
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    check_model_dir(path)
+    check_device(device)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "vision_config", None) is not None:
         from transformers import AutoModelForImageTextToText as auto_class
     else:
         from transformers import AutoModelForCausalLM as auto_class
     cuda = torch.cuda.is_available()
-    kwargs = {}
+    kwargs = {"local_files_only": True}
     if device == "auto":
         if cuda and world > 1:
             torch.cuda.set_device(local_rank)
@@ -39,7 +68,8 @@ def load_processor(path):
     """The directory's multimodal processor, or its tokenizer for a text-only checkpoint."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    check_model_dir(path)
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception:  # text-only checkpoints may have no processor config
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)

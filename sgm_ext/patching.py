@@ -16,8 +16,15 @@ Three ways to do the same math, s_eff = 1 - strength (1 - scale) on each site:
 Everything is validated before the model is touched: on any error the model is unchanged
 and the message names the offending entry. The forward swap keeps parameters and state_dict
 keys as they are (an instance attribute shadows the class's forward; unpatch deletes it).
+
+What remove() undoes is plain data on the handle (swapped forwards, hook objects, saved weight
+slices, marked modules), never closures: copy.deepcopy of a patched model maps all of it onto
+the copy, which is then an independent patched model with a handle of its own. Pickling a
+patched model (pickle, torch.save(model)) is refused with a message saying what to do;
+torch.save(model.state_dict()) works as for any model.
 """
 import contextlib
+import copy
 import difflib
 import os
 from collections.abc import Mapping
@@ -41,6 +48,29 @@ def supported_architectures() -> dict:
     """{MLP class name: layout} of the registry table. Any other module with gate_proj /
     up_proj / down_proj Linears and an act_fn is covered by the generic gated rule."""
     return {name: layout.kind for name, layout in REGISTRY.items()}
+
+
+# ---------------------------------------------------------------- copying, not pickling
+
+_NO_PICKLE = ("a model patched by sgm-ext cannot be pickled (pickle.dumps, torch.save(model)): "
+              "remove the patch first (handle.remove() / sgm_ext.unpatch(model)), save, and "
+              "patch again after loading; torch.save(model.state_dict()) works while patched")
+
+
+class _PatchState:
+    """Base of every object a patch leaves in a model (handle, swapped forward, hooks):
+    copy.deepcopy copies it attribute by attribute through deepcopy's memo, so the copy refers
+    to the copied modules and tensors; pickling it raises, naming what to do instead."""
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(_NO_PICKLE)
 
 
 # ---------------------------------------------------------------- per-sequence strength
@@ -88,7 +118,7 @@ def _site_error(site, modules, mlps):
         info = mlps[parent]
         return ValueError(f"unknown site {site!r}: {parent} is a {info.class_name} whose sites "
                           f"are {', '.join(info.sites())}")
-    if parent in modules:
+    if parent and parent in modules:  # "" is the model itself: a key without dots is no site
         describe(modules[parent], parent)  # raises, naming the class the registry does not know
     close = difflib.get_close_matches(site, [s for i in mlps.values() for s in i.sites()], n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -128,7 +158,7 @@ def _check_fingerprint(root, scales):
 
 # ---------------------------------------------------------------- fused and hook modes
 
-class _Scaled:
+class _Scaled(_PatchState):
     """The scales of one MLP, their s_eff per device for the handle's float strength."""
 
     def __init__(self, handle, target):
@@ -282,7 +312,7 @@ class _Fused(_Scaled):
         return self._sub("fc2")(h)
 
 
-class _OutputHook:
+class _OutputHook(_PatchState):
     """Forward hook: output * s_eff of one site (AurA's way)."""
 
     def __init__(self, scaled, kind):
@@ -292,7 +322,7 @@ class _OutputHook:
         return output * self.scaled.factor(self.kind, output)
 
 
-class _InputHook:
+class _InputHook(_PatchState):
     """Forward pre-hook: input * s_eff of one site (`mid`, the input of down / fc2)."""
 
     def __init__(self, scaled, kind):
@@ -381,18 +411,38 @@ def _undo_fold(saved):
             t.index_copy_(dim, idx.to(t.device), original.to(t.device, t.dtype))
 
 
+def _remove_hook(module, hook, pre):
+    """Remove a forward (pre-)hook by identity: the hook dicts are keyed by an id that a deep
+    copy keeps, but a RemovableHandle would hold a weak reference to the original's dict."""
+    if pre:
+        hooks, extras = module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)
+    else:
+        hooks, extras = module._forward_hooks, ("_forward_hooks_with_kwargs",
+                                                "_forward_hooks_always_called")
+    for key in [k for k, h in hooks.items() if h is hook]:
+        del hooks[key]
+        for name in extras:
+            getattr(module, name, {}).pop(key, None)
+
+
 # ---------------------------------------------------------------- the handle
 
-class PatchHandle:
-    """A patched model: change the strength, or remove the patch (also as a context manager)."""
+class PatchHandle(_PatchState):
+    """A patched model: change the strength, or remove the patch (also as a context manager).
+
+    copy.deepcopy of the patched model gives the copy a handle of its own (find it with
+    `sgm_ext.unpatch(copy)`); a patched model cannot be pickled (remove the patch first)."""
 
     def __init__(self, model, root, targets, mode, strength):
         self.model, self.mode = model, mode
         self.sites = tuple(t.info.site(k) for t in targets for k in t.scales)
         self._root, self._targets, self._strength = root, targets, strength
-        self._undo = []  # callables, run in reverse order by remove()
+        # What remove() undoes, as data (a deep copy maps the modules onto the copy's):
+        self._swaps = []  # (module, attribute, had an instance value, that value)
+        self._hooks = []  # (module, hook object, is a pre-hook)
+        self._marked = []  # modules carrying the marker
         self._scaled = []
-        self._folded = None
+        self._folded = None  # fold mode: [(tensor, dim, index, saved slice)]
         self._strength_devices = {}  # per-sequence strength copied to each device once
         self.active = False
 
@@ -410,14 +460,13 @@ class PatchHandle:
     def _apply(self):
         if self.mode == "fold":
             self._folded = _apply_fold(self._plan(self._strength))
-            self._undo.append(lambda: _undo_fold(self._folded))
         for t in self._targets:
             if self.mode == "fused":
                 self._swap_forward(t)
             elif self.mode == "hook":
                 self._add_hooks(t)
             _set_marker(t.module, self)
-            self._undo.append(lambda m=t.module: _clear_marker(m))
+            self._marked.append(t.module)
         _set_marker(self._root, self)
         self.active = True
 
@@ -435,14 +484,8 @@ class PatchHandle:
         original = previous if had else type(m).forward.__get__(m)
         fused = _Fused(self, target, original)
         self._scaled.append(fused)
+        self._swaps.append((m, attr, had, previous))
         m.__dict__[attr] = fused
-
-        def restore():
-            if had:
-                m.__dict__[attr] = previous
-            else:
-                del m.__dict__[attr]
-        self._undo.append(restore)
 
     def _add_hooks(self, target):
         scaled = _Scaled(self, target)
@@ -452,10 +495,12 @@ class PatchHandle:
             attr, reads_input = info.site_point(kind)
             sub = getattr(m, attr)
             if reads_input:
-                h = sub.register_forward_pre_hook(_InputHook(scaled, kind))
+                hook = _InputHook(scaled, kind)
+                sub.register_forward_pre_hook(hook)
             else:
-                h = sub.register_forward_hook(_OutputHook(scaled, kind))
-            self._undo.append(h.remove)
+                hook = _OutputHook(scaled, kind)
+                sub.register_forward_hook(hook)
+            self._hooks.append((sub, hook, reads_input))
 
     def set_strength(self, strength: Union[float, torch.Tensor]) -> "PatchHandle":
         """A float in [0, 1], or a tensor [B] / [B, 1]: one strength per sequence of the next
@@ -480,9 +525,20 @@ class PatchHandle:
         """Restore the model exactly: original forwards, no hooks, the saved weight slices."""
         if not self.active:
             return
-        while self._undo:
-            self._undo.pop()()
-        _clear_marker(self._root)
+        while self._marked:
+            _clear_marker(self._marked.pop(), self)
+        while self._hooks:
+            _remove_hook(*self._hooks.pop())
+        while self._swaps:
+            m, attr, had, previous = self._swaps.pop()
+            if had:
+                m.__dict__[attr] = previous
+            else:
+                m.__dict__.pop(attr, None)
+        if self._folded is not None:
+            _undo_fold(self._folded)
+            self._folded = None
+        _clear_marker(self._root, self)
         self.active = False
 
     def __enter__(self):
@@ -501,8 +557,9 @@ def _set_marker(module, handle):
     module.__dict__[_HANDLE_ATTR] = handle
 
 
-def _clear_marker(module):
-    module.__dict__.pop(_HANDLE_ATTR, None)
+def _clear_marker(module, handle):
+    if module.__dict__.get(_HANDLE_ATTR) is handle:
+        del module.__dict__[_HANDLE_ATTR]
 
 
 # ---------------------------------------------------------------- public API

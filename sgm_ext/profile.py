@@ -9,16 +9,16 @@ their own modules; this one is the profiler's public face:
 
 - collect.py: the forward passes, checkpoints and torch.distributed;
 - responses.py: the store of pooled responses (spills to memory-mapped files);
-- sites.py: which modules are observed, and the pooling hooks;
+- pooling.py: which sites are observed, and the pooling hooks;
 - inputs.py: chat template, image tokens, batching;
 - expertise.py: AUROC per neuron (auroc.py) and the scales it gives (scale_math.py).
 """
 from .collect import collect
 from .expertise import Expertise, expertise
 from .inputs import MODALITIES
+from .pooling import POOLINGS, language_mlps, resolve_sites
 from .responses import DEFAULT_RAM_BUDGET, Responses
 from .scale_math import METHODS
-from .sites import POOLINGS, language_mlps, resolve_sites
 
 __all__ = ["DEFAULT_RAM_BUDGET", "METHODS", "MODALITIES", "POOLINGS", "Expertise", "Responses",
            "collect", "expertise", "language_mlps", "resolve_sites", "run"]

@@ -3,9 +3,12 @@ report.md, and the files of an evaluation's report directory."""
 import json
 import os
 
+import torch
+
 from .files import write_json, write_text
 from .plots import eval_chart
 from .registry import site_kind, site_layer
+from .scale_math import illegal_counts
 
 REPORT_FILES = ("report.json", "report.md", "report.png", "generations.jsonl")
 
@@ -24,6 +27,60 @@ def expertise_table(expertise, scales, threshold, top_k, strongest=10):
                      for i in a.topk(min(strongest, a.numel())).indices), reverse=True)[:strongest]
     lines.append(f"strongest neurons:\n{'AUROC':>8} {'scale':>7}  site[neuron]")
     lines += [f"{v:>8.4f} {float(scales[site][i]):>7.4f}  {site}[{i}]" for v, site, i in ranked]
+    return "\n".join(lines)
+
+
+def scale_report(scales, path):
+    """`sgm-ext inspect`: metadata; per site the damped neurons and the scales' range; a
+    histogram of all scales; the damped neurons per layer and site kind."""
+    lines = [f"{path}: {scales!r}"]
+    lines += [f"  {key}: {value}" for key, value in sorted(scales.metadata.items())]
+    lines.append(f"{'neurons':>8} {'damped':>7} {'min':>7} {'mean':>7} {'max':>7}  site")
+    for site, s in scales.items():
+        lines.append(f"{s.numel():>8} {int((s != 1).sum()):>7} {float(s.min()):>7.4f} "
+                     f"{float(s.mean()):>7.4f} {float(s.max()):>7.4f}  {site}")
+    values = torch.cat([s for _, s in scales.items()])
+    finite = values[torch.isfinite(values)]
+    edges = [i / 10 for i in range(11)]
+    counts = [int(((finite >= lo) & (finite < hi)).sum()) for lo, hi in zip(edges, edges[1:])]
+    bins = [(f"[{lo:.1f}, {hi:.1f})", n) for (lo, hi), n in zip(zip(edges, edges[1:]), counts)]
+    bins += [("1 (untouched)", int((finite == 1).sum())), ("> 1", int((finite > 1).sum()))]
+    widest = max(n for _, n in bins) or 1
+    lines.append("scales (all sites):")
+    lines += [f"  {name:>14} {n:>8}  {'#' * round(40 * n / widest)}" for name, n in bins]
+    per_layer = {}
+    for site, s in scales.items():
+        key = (site_layer(site), site_kind(site))
+        per_layer[key] = per_layer.get(key, 0) + int((s != 1).sum())
+    lines.append(f"damped per layer:\n{'layer':>7} {'site':<10} {'damped':>7}")
+    lines += [f"{'-' if layer is None else layer:>7} {kind:<10} {n:>7}"
+              for (layer, kind), n in sorted(per_layer.items(),
+                                             key=lambda kv: (kv[0][0] is None, kv[0]))]
+    return "\n".join(lines)
+
+
+def scale_problems(scales):
+    """One line per site with illegal scales (not finite, negative, above 1), or []."""
+    out = []
+    for site, s in scales.items():
+        bad = {rule: n for rule, n in illegal_counts(s).items() if n}
+        if bad:
+            out.append(f"{site}: " + ", ".join(f"{n} {rule}" for rule, n in bad.items()) +
+                       " (scales must be finite and in [0, 1]; above 1 only as amplification, "
+                       "patched with allow_amplify=True)")
+    return out
+
+
+def site_report(rows):
+    """`sgm-ext sites`: one line per site of pooling.site_table."""
+    width = max([len(r["site"]) for r in rows] + [4])
+    lines = [f"{'site':<{width}}  {'kind':<8} {'size':>6}  {'profiled':<8}  MLP class"]
+    lines += [f"{r['site']:<{width}}  {r['kind']:<8} {r['size']:>6}  "
+              f"{'yes' if r['profiled'] else 'no':<8}  {r['mlp_class']}" for r in rows]
+    n_mlps = len({r["mlp"] for r in rows})
+    lines.append(f"{len(rows)} sites in {n_mlps} MLPs; {sum(r['profiled'] for r in rows)} can be "
+                 "profiled (the language model's), all can be patched. Site kinds for "
+                 "--sites: " + ", ".join(dict.fromkeys(r["kind"] for r in rows if r["profiled"])))
     return "\n".join(lines)
 
 

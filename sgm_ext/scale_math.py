@@ -111,6 +111,14 @@ def check_fraction(value: float, name: str) -> float:
     return float(value)
 
 
+def illegal_counts(t: Tensor) -> dict:
+    """{"not finite", "negative", "above 1"}: how many of a site's scales break each rule
+    (above 1 is legal only as asked-for amplification)."""
+    finite = torch.isfinite(t)
+    return {"not finite": int((~finite).sum()), "negative": int((t < 0).sum()),
+            "above 1": int((finite & (t > 1)).sum())}
+
+
 def check_scale_values(site: str, t: Tensor, allow_amplify: bool = False) -> None:
     """ValueError naming the first illegal entry of a site's scales: not finite, < 0, or > 1
     (unless allow_amplify)."""

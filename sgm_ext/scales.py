@@ -4,21 +4,21 @@ A site is a module path in the model: a Linear's outputs (`model.language_model.
 mlp.up_proj`) or an MLP's path plus `.mid` for the product act(gate) * up. The file is
 safetensors (one float32 1-D tensor per site) with string metadata; loading never unpickles.
 """
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_path
+from .fingerprints import config_fingerprint  # noqa: F401  (part of the file format)
 from .scale_math import check_scale_values
 from .version import __version__
 
 FORMAT_VERSION = "1"
+SCALE_KIND = "sgm-ext scales"  # the `kind` metadata of files written from now on
 METADATA_KEYS = ("format_version", "model_type", "config_fingerprint", "method", "pooling",
                  "threshold", "top_k", "data_fingerprint", "sgm_ext_version")
 
@@ -68,43 +68,55 @@ class ScaleSet:
 
     def save(self, path: Union[str, os.PathLike]):
         """Write a safetensors file atomically (a failed write leaves an old file intact)."""
-        meta = {"format_version": FORMAT_VERSION, "sgm_ext_version": __version__, **self.metadata}
+        meta = {"format_version": FORMAT_VERSION, "sgm_ext_version": __version__,
+                **self.metadata, "kind": SCALE_KIND}
         with atomic_path(path) as tmp:
             save_file(dict(self.scales), tmp, metadata=meta)
         return path
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "ScaleSet":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            version = meta.get("format_version")
-            if version != FORMAT_VERSION:
-                raise ValueError(f"{path}: scale file format version {version!r}, this sgm-ext "
-                                 f"reads {FORMAT_VERSION!r}")
+        """Read a scale file; ValueError / FileNotFoundError naming the file when it is
+        missing, a directory, not safetensors (truncated, corrupt, empty) or not a scale file
+        of a version this sgm-ext reads."""
+        meta = read_metadata(path, "scale file")
+        version = meta.get("format_version")
+        if version is None or meta.get("kind", SCALE_KIND) != SCALE_KIND:
+            raise ValueError(f"{path} is a safetensors file but not an sgm-ext scale file (its "
+                             "metadata has no format_version)")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: scale file format version {version!r}, this sgm-ext "
+                             f"reads {FORMAT_VERSION!r}")
+        with safe_open(os.fspath(path), framework="pt") as f:
             return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+
+
+def read_metadata(path, what="file"):
+    """The string metadata of a safetensors file (read from its header only); errors that
+    name the file and say what is wrong with it, never a traceback from the parser."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a {what}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such {what}: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors {what} (truncated, corrupt or "
+                         f"another format: {e})") from None
+
+
+def is_scale_file(path) -> bool:
+    """Whether `path` is an sgm-ext scale file (any format version); False for anything else,
+    missing or unreadable files included."""
+    try:
+        meta = read_metadata(path)
+    except (ValueError, OSError):
+        return False
+    return "format_version" in meta and meta.get("kind", SCALE_KIND) == SCALE_KIND
 
 
 def load_scales(path: Union[str, os.PathLike]) -> ScaleSet:
     """The ScaleSet in a scale file (safetensors; never unpickled)."""
     return ScaleSet.load(path)
-
-
-def _sizes(config, prefix=""):
-    """The size fields of a HF config and its sub-configs, flattened."""
-    out = {}
-    d = config if isinstance(config, dict) else config.to_dict()
-    for key, value in sorted(d.items()):
-        if isinstance(value, dict):
-            out.update(_sizes(value, f"{prefix}{key}."))
-        elif key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "vocab_size", "num_attention_heads", "num_key_value_heads"):
-            out[prefix + key] = value
-    return out
-
-
-def config_fingerprint(config):
-    """A short hash of a model config's sizes: scale files made for another model differ."""
-    blob = json.dumps(_sizes(config), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-

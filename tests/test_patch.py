@@ -476,3 +476,145 @@ def test_unknown_mlp_class_is_named():
     with pytest.raises(ValueError, match=r"0 is a MyFFN, not an MLP class the sgm-ext registry"):
         sgm_ext.patch(model, {"0.w_in": torch.ones(8)})
     _no_patch_left(model, snapshot)
+
+
+# ---------------------------------------------------------------- deepcopy and pickling
+
+def _leftovers(model):
+    """By module: the types of instance forwards and hooks, and whether it is marked (a deep
+    copy's objects are not the original's, so compare types with an unpatched copy)."""
+    return {name: ({a: type(m.__dict__[a]) for a in ("forward", "_old_forward")
+                    if a in m.__dict__},
+                   [type(h) for h in m._forward_hooks.values()],
+                   [type(h) for h in m._forward_pre_hooks.values()],
+                   patch_mod._HANDLE_ATTR in m.__dict__)
+            for name, m in model.named_modules()}
+
+
+def _marked(model):
+    return {name: m.__dict__[patch_mod._HANDLE_ATTR] for name, m in model.named_modules()
+            if patch_mod._HANDLE_ATTR in m.__dict__}
+
+
+@pytest.mark.parametrize("mode", ["fused", "fold", "hook"])
+def test_deepcopy_of_a_patched_model_is_an_independent_patched_model(mode):
+    import copy
+
+    model, inputs = build("llava")  # Llama MLPs and CLIP MLPs: gated and non-gated
+    scales = _scales(model, seed=13)
+    base, before, snapshot = _logits(model, inputs), _param_hash(model), _module_state(model)
+    clean = copy.deepcopy(model)  # after a forward: transformers adds hooks of its own then
+    handle = sgm_ext.patch(model, scales, mode=mode)
+    patched, patched_hash, marks = _logits(model, inputs), _param_hash(model), _marked(model)
+    assert not torch.equal(patched, base)
+
+    dup = copy.deepcopy(model)
+    dup_handle = dup.__dict__[patch_mod._HANDLE_ATTR]  # what sgm_ext.unpatch(dup) removes
+    assert dup_handle is not handle and dup_handle.model is dup and dup_handle.active
+    assert set(_marked(dup)) == set(marks)
+    assert all(h is dup_handle for h in _marked(dup).values())
+    assert torch.equal(_logits(dup, inputs), patched)
+    assert _param_hash(dup) == patched_hash
+
+    dup_handle.set_strength(0.5)  # the strength of one does not change the other
+    half = _logits(dup, inputs)
+    assert not torch.equal(half, patched)
+    assert torch.equal(_logits(model, inputs), patched)
+    handle.set_strength(0.25)
+    assert torch.equal(_logits(dup, inputs), half)
+    handle.set_strength(0.5)
+    assert torch.equal(_logits(model, inputs), half)
+    handle.set_strength(1.0)
+    assert torch.equal(_logits(model, inputs), patched)
+
+    sgm_ext.unpatch(dup)  # restores the copy exactly, leaves the original patched
+    assert not dup_handle.active
+    assert _param_hash(dup) == _param_hash(clean)
+    assert _leftovers(dup) == _leftovers(clean)
+    assert torch.equal(_logits(dup, inputs), base)
+    assert handle.active and _marked(model) == marks
+    assert _param_hash(model) == patched_hash
+    assert torch.equal(_logits(model, inputs), patched)
+
+    again = copy.deepcopy(model)  # the other order: the original's remove() first
+    handle.remove()
+    assert _param_hash(model) == before
+    assert torch.equal(_logits(model, inputs), base)
+    _no_patch_left(model, snapshot)
+    assert torch.equal(_logits(again, inputs), patched)
+    again.__dict__[patch_mod._HANDLE_ATTR].remove()
+    assert _param_hash(again) == before and _leftovers(again) == _leftovers(clean)
+
+    for m in (model, dup, again):  # every one can be patched again
+        with sgm_ext.patched(m, scales, mode=mode):
+            assert torch.equal(_logits(m, inputs), patched)
+        assert torch.equal(_logits(m, inputs), base)
+
+
+def test_deepcopy_keeps_an_accelerate_hook_on_the_mlp():
+    import copy
+
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model, inputs = build("llama")
+    mlp = model.model.layers[0].mlp
+    add_hook_to_module(mlp, Count())
+    base = _logits(model, inputs)
+    handle = sgm_ext.patch(model, _scales(model, seed=14), mode="fused")
+    patched = _logits(model, inputs)
+    dup = copy.deepcopy(model)
+    dup_mlp = dup.model.layers[0].mlp
+    fused = dup_mlp.__dict__["_old_forward"]
+    assert isinstance(fused, patch_mod._Fused) and fused.module is dup_mlp
+    Count.calls = 0
+    assert torch.equal(_logits(dup, inputs), patched)
+    assert Count.calls == 1  # the copy's accelerate wrapper runs around the copy's fused forward
+    sgm_ext.unpatch(dup)
+    assert dup_mlp.__dict__["_old_forward"].__self__ is dup_mlp  # the class forward, bound
+    assert dup_mlp.__dict__["forward"].args == (dup_mlp,)  # the copy's accelerate wrapper
+    assert torch.equal(_logits(dup, inputs), base)
+    assert isinstance(mlp.__dict__["_old_forward"], patch_mod._Fused)
+    assert torch.equal(_logits(model, inputs), patched)
+    handle.remove()
+    assert mlp.__dict__["_old_forward"].__self__ is mlp
+    assert torch.equal(_logits(model, inputs), base)
+
+
+@pytest.mark.parametrize("mode", ["fused", "fold", "hook"])
+def test_a_patched_model_is_not_pickled_but_its_state_dict_saves(mode, tmp_path):
+    import copy
+    import io
+    import pickle
+    import zipfile
+
+    model, inputs = build("llama")
+    fresh = copy.deepcopy(model)
+    base = _logits(model, inputs)
+    handle = sgm_ext.patch(model, _scales(model, seed=15), mode=mode)
+    patched, patched_hash, marks = _logits(model, inputs), _param_hash(model), _marked(model)
+    message = (r"a model patched by sgm-ext cannot be pickled .*remove the patch first "
+               r"\(handle\.remove\(\) / sgm_ext\.unpatch\(model\)\), save, and patch again")
+    path = tmp_path / "model.pt"
+    for save in (lambda: pickle.dumps(model), lambda: torch.save(model, io.BytesIO()),
+                 lambda: torch.save(model, path), lambda: pickle.dumps(handle)):
+        with pytest.raises(TypeError, match=message):
+            save()
+        assert handle.active and _marked(model) == marks
+        assert _param_hash(model) == patched_hash
+        assert torch.equal(_logits(model, inputs), patched)
+    assert not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())
+
+    torch.save(model.state_dict(), tmp_path / "state.pt")  # works while patched
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    fresh.load_state_dict(state)  # fold: the folded weights; else the model's own
+    assert torch.equal(_logits(fresh, inputs), patched if mode == "fold" else base)
+    handle.remove()
+    assert torch.equal(_logits(model, inputs), base)
+    pickle.loads(pickle.dumps(model))  # unpatched, it pickles as before

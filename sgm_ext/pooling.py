@@ -38,9 +38,17 @@ def resolve_sites(model, sites=("mid",)):
     every = registry.site_index(registry.find_mlps(model))
     if not lm:
         raise ValueError(f"no MLP the sgm-ext registry knows in {type(model).__name__}")
+    profiled = registry.site_index(lm)
     out = {}
     for entry in sites:
         if entry in every:
+            if entry not in profiled:
+                info = every[entry][0]
+                raise ValueError(f"site {entry!r} is in {info.path} ({info.class_name}), outside "
+                                 "the language model: the profiler pools activations per token "
+                                 "of the input sequence, which only the language model's MLPs "
+                                 "have (`sgm-ext sites --model DIR` lists the sites it can "
+                                 "profile)")
             out[entry] = every[entry]
             continue
         kinds = {k for layout in registry.SITE_KINDS.values() for k in layout}
@@ -55,6 +63,18 @@ def resolve_sites(model, sites=("mid",)):
         for info in matched:
             out[info.site(entry)] = (info, entry)
     return out
+
+
+def site_table(model):
+    """Every site of the model's MLPs, in module order: [{"site", "mlp", "mlp_class", "kind",
+    "size", "profiled"}]; size: how many values a scale for it has; profiled: whether the
+    profiler can observe it (the language model's MLPs, whose activations line up with the
+    input tokens). Any site can be patched."""
+    lm = language_mlps(model)
+    return [{"site": site, "mlp": path, "mlp_class": info.class_name, "kind": kind,
+             "size": info.site_size(kind), "profiled": path in lm}
+            for path, info in registry.find_mlps(model).items()
+            for site, kind in info.sites().items()]
 
 
 class Pooler:
