@@ -37,7 +37,7 @@ NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr")  # + gencode_flag
 LINK_FLAGS = ("-fopenmp",)
 
 # What a build takes on a 2-core x86 CPU (the figure the progress message quotes).
-BUILD_MINUTES = {"cuda": 3, "cpu": 1}
+BUILD_TIME = {"cuda": "about a minute", "cpu": "about 20 seconds"}
 
 
 class BuildError(RuntimeError):
@@ -280,6 +280,7 @@ def build(verbose=True, *, cuda=None, archs=None):
     os.makedirs(directory, exist_ok=True)
     if root and not (env.get("CUDA_HOME") or env.get("CUDA_PATH")):
         env["CUDA_HOME"] = root  # before torch.utils.cpp_extension guesses it
+    _check_tools(env)
     files = sources(csrc, cuda)
     env.setdefault("MAX_JOBS", str(max(1, min(len(files), os.cpu_count() or 1))))
     kwargs = dict(name=NAME, sources=files, extra_cflags=list(CXX_FLAGS),
@@ -290,9 +291,8 @@ def build(verbose=True, *, cuda=None, archs=None):
     what = (f"CPU and CUDA {torch.version.cuda} kernels for sm_" +
             ", sm_".join(a.replace(".", "") for a in arch_list)) if cuda else "CPU kernels"
     if verbose:
-        minutes = BUILD_MINUTES["cuda" if cuda else "cpu"]
         _say(f"building sgm_ext._C for torch {torch.__version__} ({what}) in {directory} "
-             f"(about {minutes} minute{'s' * (minutes != 1)} on 2 cores)...")
+             f"({BUILD_TIME['cuda' if cuda else 'cpu']} on 2 cores)...")
     start = time.monotonic()
     tail = _run([sys.executable, "-c", _CHILD, json.dumps(kwargs)], env, echo=verbose)
     path = library_file(directory)
@@ -301,6 +301,25 @@ def build(verbose=True, *, cuda=None, archs=None):
     if verbose:
         _say(f"built {path} in {time.monotonic() - start:.0f} s")
     return path
+
+
+def _check_tools(env):
+    """ninja and a C++ compiler on the build's PATH (the ninja wheel's binary is added when it
+    is not there: a virtual environment used without activating it), else BuildError."""
+    if _which("ninja", env) is None:
+        try:
+            import ninja
+
+            bin_dir = ninja.BIN_DIR
+        except Exception:  # not installed, or an old ninja package
+            bin_dir = os.path.dirname(sys.executable)
+        if not _which("ninja", {"PATH": bin_dir}):
+            raise BuildError("building sgm_ext._C needs ninja: pip install ninja")
+        env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH")) if p)
+    compiler = env.get("CXX") or "c++"
+    if _which(compiler, env) is None and not os.path.isfile(compiler):
+        raise BuildError(f"building sgm_ext._C needs a C++ compiler ({compiler} is not on PATH): "
+                         "install g++ or clang++, or set CXX")
 
 
 def _say(message):

@@ -1,0 +1,351 @@
+"""Bad input through the command line, as a user runs it: one line on stderr naming the bad
+entry, a non-zero exit status, no traceback, and the model directory, the scale file and the
+output directory exactly as they were. Also what a user expects beside (sites, inspect)."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from _profile_models import planted_llama, planted_rows, tokenizer
+
+from sgm_ext import synthetic
+from sgm_ext.scales import ScaleSet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, timeout=240, **kwargs):
+    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")  # as a user has it
+    res = subprocess.run([sys.executable, "-m", "sgm_ext", *map(str, args)], capture_output=True,
+                         text=True, timeout=timeout, cwd=kwargs.get("cwd", ROOT), env=env)
+    return res.returncode, res.stdout, res.stderr
+
+
+def snapshot(*paths):
+    """{file: sha256} of every file under the paths (a missing path is recorded as missing)."""
+    out = {}
+    for path in map(str, paths):
+        if not os.path.exists(path):
+            out[path] = "missing"
+        elif os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[path] = hashlib.sha256(f.read()).hexdigest()
+        else:
+            for d, _, files in os.walk(path):
+                for name in files:
+                    out.update(snapshot(os.path.join(d, name)))
+    return out
+
+
+def refused(args, message, *unchanged, status=2):
+    """Run the CLI; assert it failed with `message` on one stderr line, left no traceback and
+    changed none of `unchanged`. Returns stderr."""
+    before = snapshot(*unchanged)
+    rc, out, err = cli(*args)
+    assert rc == status, (rc, out[-2000:], err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], err[-3000:]
+    assert snapshot(*unchanged) == before
+    return err
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_input")
+    for name, seed in (("model", 0), ("other_model", 1)):
+        model, tok = planted_llama(seed=seed), tokenizer()
+        if seed:  # same config, other weights
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    rows = planted_rows()
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = cli("profile", "--model", root / "model", "--data", root / "data.jsonl",
+                       "--out", root / "scales.safetensors", "--quiet", "--no-plot",
+                       "--threshold", "0.8")
+    assert rc == 0, err
+    (root / "prompts.jsonl").write_text(json.dumps({"text": "word1 word2"}) + "\n")
+    (root / "notes.txt").write_text("my notes\n")
+    return root
+
+
+def profile_args(home, out=None, **options):
+    """profile on the saved model and data; --out last (default home/new.safetensors)."""
+    args = ["profile", "--model", home / "model", "--data", home / "data.jsonl", "--quiet",
+            "--no-plot"]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [value])
+    return args + ["--out", out or home / "new.safetensors"]
+
+
+# ------------------------------------------------------------------ silent wrong results
+
+def test_a_checkpoint_of_another_model_is_not_resumed(home, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "a.safetensors"
+    rc, _, err = cli(*profile_args(home, out, checkpoint_dir=ckpt))
+    assert rc == 0, err
+    args = ["profile", "--model", home / "other_model", "--data", home / "data.jsonl",
+            "--quiet", "--no-plot", "--checkpoint-dir", ckpt, "--out", tmp_path / "b.safetensors"]
+    refused(args, "differs in: the model's weights", ckpt, out, home / "other_model")
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_out_never_overwrites_model_weights_or_a_foreign_file(home, tmp_path):
+    model = home / "model"
+    refused(profile_args(home, model / "model.safetensors"),
+            "is a weight file name in a model directory", model)
+    refused(profile_args(home, model / "model.safetensors", force=True),
+            "is a weight file name in a model directory", model)
+    refused(profile_args(home, home / "notes.txt"),
+            "exists and is not a file sgm-ext wrote; refusing to overwrite it (pass --force",
+            home / "notes.txt")
+    refused(profile_args(home, tmp_path), "is a directory; give a file name", tmp_path)
+    refused(profile_args(home, tmp_path / "missing" / "s.safetensors"), "does not exist",
+            tmp_path)
+    refused(profile_args(home, expertise_out=home / "notes.txt"),
+            "--expertise-out", home / "notes.txt")
+    # an sgm-ext scale file may be rewritten, and --force writes over a foreign file
+    forced = tmp_path / "forced.safetensors"
+    forced.write_text("not a scale file")
+    rc, _, err = cli(*profile_args(home, forced, force=True))
+    assert rc == 0, err
+    rc, _, err = cli(*profile_args(home, forced))
+    assert rc == 0, err
+
+
+def test_long_rows_are_cut_with_one_warning_or_refused(home, tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = planted_rows()[:8]
+    rows[3]["text"] = " ".join(["word1"] * 300)
+    rows[5]["text"] = " ".join(["tox1"] * 200)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["profile", "--model", home / "model", "--data", data, "--quiet", "--no-plot",
+            "--out", tmp_path / "s.safetensors", "--max-length", "16"]
+    rc, _, err = cli(*args)
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if "were cut" in line]
+    assert len(warned) == 1 and "2 rows were longer than 16 tokens" in warned[0]
+    assert "(the first: row 4)" in warned[0]
+    refused(args + ["--no-truncate", "--out", tmp_path / "t.safetensors"],
+            "row 4 has 300 tokens, more than the maximum length 16 (--no-truncate)", home)
+
+
+# ------------------------------------------------------------------ checked before the model runs
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"method": "damp"}, "method 'damp' needs alpha in [0, 1]"),
+    ({"alpha": "0.3"}, "alpha is for method 'damp' only"),
+    ({"top_k": "-1"}, "--top-k is -1; it must be >= 0"),
+    ({"checkpoint_every": "0"}, "--checkpoint-every is 0; it must be >= 1"),
+    ({"batch_size": "0"}, "--batch-size is 0; it must be >= 1"),
+    ({"max_length": "0"}, "--max-length is 0; it must be >= 1"),
+    ({"device": "cuda"}, "--device cuda: no CUDA GPU is visible here"),
+    ({"sites": "neuron"}, "unknown site 'neuron'"),
+], ids=lambda v: str(v))
+def test_profile_options_are_refused_before_any_work(home, options, message):
+    if options.get("device") == "cuda" and torch.cuda.is_available():
+        options = {"device": f"cuda:{torch.cuda.device_count()}"}
+        message = "CUDA device(s)"
+    refused(profile_args(home, **options), message, home)
+    assert not (home / "new.safetensors").exists()
+
+
+def test_data_with_one_class_is_refused_before_the_model_loads(home, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text("".join(json.dumps({"text": f"word{i}", "label": 0}) + "\n"
+                            for i in range(5)))
+    args = profile_args(home)
+    args[args.index("--data") + 1] = data
+    refused(args, "one.jsonl: AUROC needs both classes; got 0 positive (toxic) and 5 negative",
+            home)
+
+
+def test_vision_tower_sites_are_refused_before_the_forward(tmp_path):
+    vocab = synthetic.vocabulary()
+    processor = synthetic.build_processor(vocab)
+    model, _ = synthetic.build_model(vocab, processor.tokenizer, bigram_steps=1)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "please describe the cook", "label": i % 2})
+                            + "\n" for i in range(4)))
+    site = "model.vision_tower.encoder.layers.0.mlp.mid"
+    refused(["profile", "--model", tmp_path / "llava", "--data", data, "--quiet", "--no-plot",
+             "--out", tmp_path / "s.safetensors", "--sites", site],
+            f"site '{site}' is in model.vision_tower", tmp_path)
+    rc, out, err = cli("sites", "--model", tmp_path / "llava")
+    assert rc == 0, err
+    assert "model.language_model.layers.0.mlp.mid" in out
+    line = next(r for r in out.splitlines() if r.startswith(site))
+    assert line.split()[1] == "mid" and line.split()[3] == "no", line
+    assert " can be profiled (the language model's)" in out
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--latency-prompts", "0"], "--latency-prompts is 0; it must be >= 1"),
+    (["--latency-runs", "-1"], "--latency-runs is -1; it must be >= 0"),
+    (["--threshold", "7"], "--threshold must be in [0, 1], got 7.0"),
+    (["--strength", "1.5"], "--strength is 1.5; --strength must be in [0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens is 0; it must be >= 1"),
+    (["--judge", "hf:MODEL"], "is a LlamaForCausalLM checkpoint, not a text classifier"),
+], ids=lambda v: str(v))
+def test_eval_options_are_refused_before_any_work(home, tmp_path, options, message):
+    options = [f"hf:{home / 'model'}" if o == "hf:MODEL" else o for o in options]
+    out = tmp_path / "report"
+    refused(["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+             "--prompts", home / "prompts.jsonl", "--out", out, "--quiet", *options],
+            message, home)
+    assert not out.exists()
+
+
+def test_eval_out_that_is_a_file_is_refused(home):
+    refused(["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+             "--prompts", home / "prompts.jsonl", "--out", home / "notes.txt"],
+            "is a file; eval writes a directory of report files", home)
+
+
+# ------------------------------------------------------------------ one line, never a traceback
+
+@pytest.mark.parametrize("content", [b"", b"not safetensors at all", "truncated"], ids=str)
+def test_unreadable_scale_files_are_named(home, tmp_path, content):
+    bad = tmp_path / "bad.safetensors"
+    if content == "truncated":
+        content = (home / "scales.safetensors").read_bytes()[:100]
+    bad.write_bytes(content)
+    for args in (["inspect", bad],
+                 ["eval", "--model", home / "model", "--scales", bad, "--prompts",
+                  home / "prompts.jsonl", "--out", tmp_path / "r"]):
+        refused(args, f"{bad} is not a readable safetensors scale file", home, bad)
+
+
+def test_inspect_on_a_directory_an_empty_set_and_a_missing_file(home, tmp_path):
+    refused(["inspect", tmp_path], "is a directory, not a scale file", tmp_path)
+    refused(["inspect", tmp_path / "nope.safetensors"], "no such scale file", tmp_path)
+    empty = tmp_path / "empty.safetensors"
+    ScaleSet({}).save(empty)
+    refused(["inspect", empty], "holds no sites (an empty scale set)", empty)
+
+
+def test_missing_model_directory_is_named_at_once_and_nothing_is_downloaded(home, tmp_path):
+    start = time.perf_counter()
+    refused(["profile", "--model", "does_not_exist_relative", "--data", home / "data.jsonl",
+             "--out", tmp_path / "s.safetensors"],
+            "no such model directory: does_not_exist_relative", tmp_path)
+    refused(["sites", "--model", "does_not_exist_relative"], "no such model directory", tmp_path)
+    assert time.perf_counter() - start < 60  # no Hub retries
+
+
+def test_a_scale_key_without_dots_is_named_as_the_unknown_site(home, tmp_path):
+    scales = tmp_path / "foo.safetensors"
+    ScaleSet({"foo": torch.ones(64)}).save(scales)
+    refused(["eval", "--model", home / "model", "--scales", scales, "--prompts",
+             home / "prompts.jsonl", "--out", tmp_path / "r", "--judge", "refusal", "--quiet"],
+            "unknown site 'foo': no such module in the model", home, scales)
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_utf8_rows_are_named_or_skipped_and_a_bom_is_accepted(home, tmp_path):
+    rows = planted_rows()[:8]
+    data = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(r).encode() for r in rows]
+    lines[2] = json.dumps({"text": "caf_", "label": 0}).encode().replace(b"_", b"\xe9")
+    data.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM, and one bad row
+    args = ["profile", "--model", home / "model", "--data", data, "--quiet", "--no-plot",
+            "--out", tmp_path / "s.safetensors"]
+    refused(args, "latin1.jsonl row 3 (line 3): not valid UTF-8 (byte 0xe9", home)
+    rc, out, err = cli(*args, "--skip-bad-rows")
+    assert rc == 0, err
+    assert "skipped 1 bad rows (first: row 3: not valid UTF-8" in err
+    assert "from 7 samples" in out
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
+    many = tmp_path / "many.safetensors"  # more output than a pipe buffers (64 KB)
+    ScaleSet({f"model.layers.{i}.mlp.mid": torch.rand(8) for i in range(3000)}).save(many)
+    proc = subprocess.Popen([sys.executable, "-m", "sgm_ext", "inspect", many],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_ctrl_c_during_profile_says_how_to_resume(home, tmp_path):
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in planted_rows(n_per_class=1500)))
+    ckpt = tmp_path / "ckpt"
+    args = [sys.executable, "-m", "sgm_ext", "profile", "--model", home / "model", "--data",
+            data, "--out", tmp_path / "s.safetensors", "--quiet", "--no-plot",
+            "--batch-size", "1", "--checkpoint-dir", ckpt, "--checkpoint-every", "10"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            text=True)
+    deadline = time.time() + 180
+    while not (ckpt / "state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert "profile: interrupted at batch" in err and "of 3000; rerun the same command to " \
+        f"resume from the checkpoint in {ckpt}" in err, err
+
+
+# ------------------------------------------------------------------ what a user expects
+
+def test_a_text_only_model_warns_about_images_and_refuses_modality_image(home, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "red.png")
+    rows = planted_rows()[:8]
+    for r in rows[:3]:
+        r["image"] = "red.png"
+    data = tmp_path / "with_images.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["profile", "--model", home / "model", "--data", data, "--quiet", "--no-plot",
+            "--out", tmp_path / "s.safetensors"]
+    rc, _, err = cli(*args)
+    assert rc == 0, err
+    assert "warning: 3 rows have an image, but the processor" in err
+    assert "takes text only: their images are ignored (the first: row 1)" in err
+    refused(args + ["--modality", "image"], "modality 'image' needs a processor that takes "
+            "images", home)
+
+
+def test_inspect_flags_illegal_scales_and_shows_the_histogram(home, tmp_path):
+    rc, out, err = cli("inspect", home / "scales.safetensors")
+    assert rc == 0, err
+    assert "scales (all sites):" in out and "1 (untouched)" in out and "damped per layer:" in out
+    assert "INVALID" not in out
+    bad = tmp_path / "bad_values.safetensors"
+    ScaleSet({"model.layers.0.mlp.mid": torch.tensor([0.5, float("nan"), -1.0, 2.0])}).save(bad)
+    rc, out, err = cli("inspect", bad)
+    assert rc == 1, (out, err)
+    assert "INVALID: model.layers.0.mlp.mid: 1 not finite, 1 negative, 1 above 1" in out
+
+
+def test_profile_warns_when_the_selection_is_noise(home, tmp_path):
+    data = tmp_path / "shuffled.jsonl"
+    rows = planted_rows()
+    labels = [r["label"] for r in rows]
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    data.write_text("".join(json.dumps({"text": r["text"], "label": labels[j]}) + "\n"
+                            for r, j in zip(rows, order)))
+    rc, _, err = cli("profile", "--model", home / "model", "--data", data, "--quiet",
+                     "--no-plot", "--out", tmp_path / "s.safetensors")
+    assert rc == 0, err
+    assert "pass the threshold 0.5: most are sampling noise" in err
+    # the planted model on its real labels at a strict threshold: no noise warning
+    rc, _, err = cli(*profile_args(home, tmp_path / "t.safetensors", threshold="0.8"))
+    assert rc == 0 and "warning" not in err, err
