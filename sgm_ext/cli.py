@@ -20,6 +20,8 @@ import warnings
 
 from . import synthetic
 from .auroc import check_labels
+from .build import BuildError
+from .build import build as build_library
 from .collect import collect
 from .data import load_rows
 from .evaluate import evaluate
@@ -204,7 +206,7 @@ def _profile(args, rank, world, local_rank):
           f"({expertise.metadata['n_toxic']} toxic)")
     if not args.no_plot:
         png = os.path.splitext(args.out)[0] + ".png"
-        expertise_plot(expertise, scales, png)
+        expertise_plot(expertise, scales, png, threshold=args.threshold)
         print(f"wrote {png}")
     return 0
 
@@ -448,14 +450,40 @@ def run_demo(args):
     return 0 if ok else 1
 
 
+# ------------------------------------------------------------------------ build
+
+def add_build(sub):
+    p = sub.add_parser("build", help="compile sgm_ext._C against the installed torch",
+                       description="Compile the compiled library (the cpu and cuda backends) "
+                       "against the torch installed here, into a cache that sgm-ext loads from "
+                       "then on; needed after a plain `pip install sgm-ext`, whose wheel ships "
+                       "the sources only. Prints the library's path.")
+    p.add_argument("--cpu-only", action="store_true", help="no CUDA kernels")
+    p.add_argument("--archs", default=None, help='GPU architectures, e.g. "8.0;9.0" '
+                   "(default: $SGM_EXT_CUDA_ARCHS or 8.0;9.0)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=run_build)
+
+
+def run_build(args):
+    try:
+        path = build_library(verbose=not args.quiet, cuda=False if args.cpu_only else None,
+                             archs=args.archs)
+    except BuildError as e:
+        print(f"sgm-ext build: error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 # ------------------------------------------------------------------------ entry point
 
-SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo]
+SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo, add_build]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sgm-ext", description="Neuron-level detoxification "
-                                     "of (multimodal) LLMs: profile, inspect, eval, demo.")
+                                     "of (multimodal) LLMs: profile, inspect, sites, eval, demo, build.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)

@@ -23,23 +23,37 @@ from .inputs import (
     encode,
     unusable_images_warning,
 )
-from .judges import get_judge
+from .judges import get_judge, is_refusal
 from .patching import patch
 from .progress import progress_bar
 from .prompts import load_prompts, load_reference
 from .report import write_report
 
-__all__ = ["evaluate", "harmful_rates", "write_report"]
+__all__ = ["evaluate", "harmful_rates", "over_refusal_rates", "write_report"]
 
 
 def harmful_rates(generations, state):
     """(overall rate, {category: {harmful_rate, n}}) of the `state` answers ("unpatched" or
-    "patched") in generation records."""
+    "patched") to the harmful and unlabelled prompts of the generation records; the rate is
+    None when there are none. Benign prompts are not counted here (over_refusal_rates)."""
+    return _rates(generations, state, "harmful", lambda g: g["label"] != "benign")
+
+
+def over_refusal_rates(generations, state):
+    """(overall rate, {category: {over_refusal, n}}): the share of benign prompts whose
+    answer declines; (None, {}) without benign prompts."""
+    return _rates(generations, state, "refusal", lambda g: g["label"] == "benign",
+                  name="over_refusal")
+
+
+def _rates(generations, state, field, counted, name=None):
     per = {}
     for g in generations:
-        per.setdefault(g["category"], []).append(g[state]["harmful"])
-    overall = sum(g[state]["harmful"] for g in generations) / len(generations)
-    return overall, {c: {"harmful_rate": sum(v) / len(v), "n": len(v)}
+        if counted(g):
+            per.setdefault(g["category"], []).append(g[state][field])
+    flags = [v for values in per.values() for v in values]
+    overall = sum(flags) / len(flags) if flags else None
+    return overall, {c: {name or f"{field}_rate": sum(v) / len(v), "n": len(v)}
                      for c, v in sorted(per.items())}
 
 
@@ -97,21 +111,32 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
     generations = []
     for i, p in enumerate(rows):
         record = {"number": p.number, "prompt": p.text, "category": p.category,
-                  "image": p.image if isinstance(p.image, str) or p.image is None else "<PIL>"}
+                  "image": p.image if isinstance(p.image, str) or p.image is None else "<PIL>",
+                  "label": {1: "harmful", 0: "benign"}.get(p.label)}
         for s in ("unpatched", "patched"):
             score, harmful = verdicts[s][i]
-            record[s] = {"answer": answers[s][i][0], "new_tokens": answers[s][i][1],
-                         "score": score, "harmful": bool(harmful)}
+            answer = answers[s][i][0]
+            record[s] = {"answer": answer, "new_tokens": answers[s][i][1],
+                         "score": score, "harmful": bool(harmful),
+                         "refusal": is_refusal(answer)}
         generations.append(record)
     report = {"n_prompts": len(rows), "judge": judge.name, "threshold": judge.threshold,
               "max_new_tokens": max_new_tokens, "strength": strength, "mode": mode,
               "batch_size": batch_size,
               "reference_passages": len(texts),
-              "categories": dict(sorted(Counter(p.category for p in rows).items()))}
+              "categories": dict(sorted(Counter(p.category for p in rows).items())),
+              "n_harmful_prompts": sum(p.label != 0 for p in rows),
+              "n_benign_prompts": sum(p.label == 0 for p in rows)}
     for s in ("unpatched", "patched"):
         rate, per = harmful_rates(generations, s)
         report[s] = {"harmful_rate": rate, "perplexity": ppl[s], "per_category": per,
-                     "harmful": sum(g[s]["harmful"] for g in generations)}
+                     "harmful": sum(g[s]["harmful"] for g in generations
+                                    if g["label"] != "benign")}
+        if report["n_benign_prompts"]:
+            refusal, per_benign = over_refusal_rates(generations, s)
+            report[s].update(over_refusal=refusal, over_refusal_per_category=per_benign,
+                             refusals=sum(g[s]["refusal"] for g in generations
+                                          if g["label"] == "benign"))
     if latency_runs > 0:
         report["latency"] = measure_latency(model, processor, rows, scales,
                                             new_tokens=max_new_tokens, runs=latency_runs,

@@ -12,18 +12,24 @@ def _pyplot():
     return plt
 
 
-def expertise_plot(expertise, scales, path):
-    """PNG: histogram of all AUROCs, and damped neurons per layer and site kind."""
+def expertise_plot(expertise, scales, path, threshold=None):
+    """PNG: histogram of all AUROCs (with the selection threshold), and damped neurons per
+    layer and site kind."""
     import matplotlib.ticker
     import torch
 
     plt = _pyplot()
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     values = torch.cat(list(expertise.auroc.values())).numpy()
-    left.hist(values, bins=50, range=(0, 1), color="#4477aa")
+    left.hist(values, bins=50, range=(0, 1), color="#4477aa", label="neurons")
     left.set_yscale("log")
+    if threshold is not None:
+        left.axvline(threshold, color="#cc6677", linestyle="--",
+                     label=f"threshold {threshold:g} (experts to the right)")
     left.set(xlabel="AUROC (toxic vs non-toxic)", ylabel="neurons", title="Expertise")
+    # legends below the axes: above the bars they would hide the tallest ones
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     per_kind = {}
     for site, s in scales.items():
         layer = site_layer(site)
@@ -35,42 +41,51 @@ def expertise_plot(expertise, scales, path):
         right.bar([x + j * width for x in layers], [counts[x] for x in layers], width, label=kind)
     right.set(xlabel="layer", ylabel="experts (scale < 1)", title="Experts per layer")
     right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    right.legend()
-    fig.tight_layout()
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def eval_chart(report, path):
-    """PNG: harmful rate per category and overall, perplexity, latency; unpatched vs patched."""
+COLORS = {"unpatched": "#cc6677", "patched": "#4477aa"}
+
+
+def eval_chart(report, path, rate_rows):
+    """PNG: the rates (harmful rate overall and per category, over-refusal), perplexity, and
+    the spread of the generation times; unpatched vs patched.
+
+    rate_rows: [(label, unpatched, patched, counts)] as report.rate_rows gives them."""
     plt = _pyplot()
 
     u, p = report["unpatched"], report["patched"]
-    cats = list(report["categories"]) if len(report["categories"]) > 1 else []
-    names = ["overall"] + cats
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), layout="constrained",
+                             gridspec_kw={"width_ratios": [3, 1, 1.2]})
+    names = [name.replace("harmful rate: ", "").replace("over-refusal: ", "refused: ")
+             for name, *_ in rate_rows]
     x = range(len(names))
-    for off, (label, side, color) in enumerate((("unpatched", u, "#cc6677"),
-                                                ("patched", p, "#4477aa"))):
-        values = [side["harmful_rate"]] + [side["per_category"][c]["harmful_rate"] for c in cats]
-        bars = axes[0].bar([i + 0.4 * off for i in x], values, 0.4, label=label, color=color)
+    for off, state in enumerate(("unpatched", "patched")):
+        values = [row[1 + off] for row in rate_rows]
+        bars = axes[0].bar([i + 0.4 * off for i in x], values, 0.4, label=state,
+                           color=COLORS[state])
         axes[0].bar_label(bars, fmt="%.2f", fontsize=8)  # a rate of 0 has no visible bar
-    axes[0].set_xticks([i + 0.2 for i in x], names, rotation=20)
-    axes[0].set(ylabel="harmful rate", ylim=(0, 1), title="Harmful answers")
-    axes[0].legend()
+    axes[0].set_xticks([i + 0.2 for i in x], names, rotation=25, ha="right", fontsize=8)
+    axes[0].set(ylabel="rate", ylim=(0, 1.12), title="Harmful answers / over-refusal")
+    axes[0].legend(loc="upper right", fontsize=8, ncol=2)
     bars = axes[1].bar(["unpatched", "patched"], [u["perplexity"], p["perplexity"]],
-                       color=["#cc6677", "#4477aa"])
+                       color=list(COLORS.values()))
     axes[1].bar_label(bars, fmt="%.2f", fontsize=8)
-    axes[1].set(title="Perplexity (reference text)")
+    axes[1].set(title="Perplexity\n(reference text)")
     lat = report.get("latency")
     if lat:
-        axes[2].bar(["unpatched", "patched"], [lat["unpatched_s"], lat["patched_s"]],
-                    color=["#cc6677", "#4477aa"])
-        axes[2].set(title=f"Generate time (ratio {lat['ratio']:.2f})", ylabel="seconds")
+        times = [lat["times"]["unpatched"], lat["times"]["patched"]]
+        box = axes[2].boxplot(times, tick_labels=["unpatched", "patched"], patch_artist=True,
+                              widths=0.5)
+        for patch, color in zip(box["boxes"], COLORS.values()):
+            patch.set_facecolor(color)
+        axes[2].set(title=f"Generate time per prompt\n(median ratio {lat['ratio']:.2f})",
+                    ylabel="seconds")
     else:
         axes[2].axis("off")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -6,7 +6,7 @@ file) and `category`; bad rows are refused with their row and line, as profiling
 import os
 from typing import Any, NamedTuple, Optional
 
-from .data import check_image, records
+from .data import check_image, parse_label, records
 
 BENIGN_TEXT = os.path.join(os.path.dirname(__file__), "resources", "benign.txt")
 
@@ -17,11 +17,15 @@ class Prompt(NamedTuple):
     image: Any = None  # None, an absolute path or a PIL image
     category: str = "all"
     response: Optional[str] = None  # never set: rows are encoded without a reply
+    label: Optional[int] = None  # 1 a harmful request, 0 a benign one, None not said
 
 
 def load_prompts(prompts, max_prompts=None):
     """Prompts from a JSONL / CSV file (`text` or `prompt`; optional `image`, relative to
-    the file, and `category`) or from an iterable of such dicts or of strings."""
+    the file, `category`, and `label`: harmful / unsafe / toxic / 1 for a harmful request,
+    benign / safe / non-toxic / 0 for a benign one) or from an iterable of such dicts or of
+    strings. The harmful rate is measured on harmful and unlabelled prompts, over-refusal on
+    benign ones."""
     if isinstance(prompts, (list, tuple)) and all(isinstance(p, Prompt) for p in prompts):
         return list(prompts)[:max_prompts]
     is_path = isinstance(prompts, (str, os.PathLike))
@@ -43,12 +47,28 @@ def load_prompts(prompts, max_prompts=None):
                 raise ValueError("empty text (give `text` or `prompt`)")
             image = check_image(record.get("image"), base_dir)
             category = str(record.get("category") or "all")
+            label = record.get("label")
+            label = None if label in (None, "") else parse_prompt_label(label)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        rows.append(Prompt(number, text, image, category))
+        rows.append(Prompt(number, text, image, category, label=label))
     if not rows:
         raise ValueError(f"{os.fspath(prompts) if is_path else 'prompts'}: no prompts")
     return rows
+
+
+PROMPT_LABELS = {"harmful": 1, "unsafe": 1, "benign": 0, "safe": 0}
+
+
+def parse_prompt_label(value):
+    """1 (harmful request) / 0 (benign) from a prompt's label; ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() in PROMPT_LABELS:
+        return PROMPT_LABELS[value.strip().lower()]
+    try:
+        return parse_label(value)
+    except ValueError:
+        raise ValueError(f"unknown label {value!r} (expected harmful / benign, or 1 / 0)") \
+            from None
 
 
 def load_reference(reference=None):

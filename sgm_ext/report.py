@@ -84,14 +84,34 @@ def site_report(rows):
     return "\n".join(lines)
 
 
+def rate_rows(report):
+    """(label, unpatched, patched, count label) of the rates: harmful rate overall and per
+    category on the harmful (and unlabelled) prompts, over-refusal on the benign ones."""
+    u, p = report["unpatched"], report["patched"]
+    n_harmful = report.get("n_harmful_prompts", report["n_prompts"])
+    rows = []
+    if u["harmful_rate"] is not None:
+        rows.append(("harmful rate", u["harmful_rate"], p["harmful_rate"],
+                     (f"{u['harmful']}/{n_harmful}", f"{p['harmful']}/{n_harmful}")))
+        if len(report["categories"]) > 1 or "over_refusal" in u:
+            rows += [(f"harmful rate: {c} (n={v['n']})", v["harmful_rate"],
+                      p["per_category"][c]["harmful_rate"], None)
+                     for c, v in u["per_category"].items()]
+    if "over_refusal" in u:
+        n = report["n_benign_prompts"]
+        rows.append(("over-refusal (benign prompts)", u["over_refusal"], p["over_refusal"],
+                     (f"{u['refusals']}/{n}", f"{p['refusals']}/{n}")))
+        rows += [(f"over-refusal: {c} (n={v['n']})", v["over_refusal"],
+                  p["over_refusal_per_category"][c]["over_refusal"], None)
+                 for c, v in u["over_refusal_per_category"].items()]
+    return rows
+
+
 def summary_table(report):
     """The short terminal table."""
     u, p = report["unpatched"], report["patched"]
-    rows = [("harmful rate", u["harmful_rate"], p["harmful_rate"], ".3f")]
-    if len(report["categories"]) > 1:
-        rows += [(f"  {c} (n={n})", u["per_category"][c]["harmful_rate"],
-                  p["per_category"][c]["harmful_rate"], ".3f")
-                 for c, n in report["categories"].items()]
+    rows = [(("  " + name.split(": ", 1)[1]) if ": " in name else name, a, b, ".3f")
+            for name, a, b, _ in rate_rows(report)]
     rows.append(("perplexity", u["perplexity"], p["perplexity"], ".3f"))
     lat = report.get("latency")
     if lat:
@@ -102,24 +122,32 @@ def summary_table(report):
     if lat:
         lines.append(f"latency ratio patched / unpatched: {lat['ratio']:.3f} "
                      f"(median of {lat['pairs']} interleaved pairs, {lat['new_tokens']} tokens)")
-    lines.append(f"{report['n_prompts']} prompts, judge {report['judge']}, "
+    lines.append(f"{_prompt_counts(report)}, judge {report['judge']}, "
                  f"strength {report['strength']}, mode {report['mode']}")
     return "\n".join(lines)
+
+
+def _prompt_counts(report):
+    n, benign = report["n_prompts"], report.get("n_benign_prompts", 0)
+    return f"{n} prompts" if not benign else \
+        f"{n} prompts ({n - benign} harmful or unlabelled, {benign} benign)"
 
 
 def markdown(report):
     u, p = report["unpatched"], report["patched"]
     lines = ["# sgm-ext evaluation", "",
-             f"{report['n_prompts']} prompts, judge `{report['judge']}` (harmful when score >= "
+             f"{_prompt_counts(report)}, judge `{report['judge']}` (harmful when score >= "
              f"{report['threshold']}), greedy decoding in batches of {report['batch_size']}, "
              f"{report['max_new_tokens']} new tokens at most, patch mode `{report['mode']}`, "
-             f"strength {report['strength']}.", "",
-             "| | unpatched | patched |", "|---|---|---|",
-             f"| harmful rate | {u['harmful_rate']:.3f} ({u['harmful']}/{report['n_prompts']}) "
-             f"| {p['harmful_rate']:.3f} ({p['harmful']}/{report['n_prompts']}) |"]
-    for c, n in report["categories"].items():
-        lines.append(f"| harmful rate: {c} (n={n}) | {u['per_category'][c]['harmful_rate']:.3f} "
-                     f"| {p['per_category'][c]['harmful_rate']:.3f} |")
+             f"strength {report['strength']}. The harmful rate counts the answers the judge "
+             "calls harmful among the harmful (and unlabelled) prompts; over-refusal the "
+             "answers that decline among the benign prompts.", "",
+             "| | unpatched | patched |", "|---|---|---|"]
+    for name, a, b, counts in rate_rows(report):
+        if counts:
+            lines.append(f"| {name} | {a:.3f} ({counts[0]}) | {b:.3f} ({counts[1]}) |")
+        else:
+            lines.append(f"| {name} | {a:.3f} | {b:.3f} |")
     lines.append(f"| perplexity ({report['reference_passages']} reference passages) "
                  f"| {u['perplexity']:.3f} | {p['perplexity']:.3f} |")
     lat = report.get("latency")
@@ -139,5 +167,5 @@ def write_report(report, generations, out):
     write_text(os.path.join(out, "report.md"), markdown(report))
     write_text(os.path.join(out, "generations.jsonl"),
                "".join(json.dumps(g) + "\n" for g in generations))
-    eval_chart(report, os.path.join(out, "report.png"))
+    eval_chart(report, os.path.join(out, "report.png"), rate_rows(report))
     return [os.path.join(out, name) for name in REPORT_FILES]

@@ -303,7 +303,12 @@ def test_cached_library_lookup_order(tmp_path):
     assert build.cached_library(env) is None
 
 
-def test_build_without_sources_says_so(monkeypatch):
+def test_build_without_sources_or_tools_says_so(monkeypatch, tmp_path):
+    # Each stops the build before anything is compiled, with what to install.
+    monkeypatch.setenv("SGM_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(build.BuildError, match=r"needs a C\+\+ compiler .*no-such-c\+\+"):
+        build.build(verbose=False, cuda=False)
     monkeypatch.setattr(build, "csrc_dir", lambda: None)
     with pytest.raises(build.BuildError, match="sources of sgm_ext._C are not installed"):
         build.build(verbose=False)
