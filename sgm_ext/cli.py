@@ -482,8 +482,9 @@ SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo, add_buil
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="sgm-ext", description="Neuron-level detoxification "
-                                     "of (multimodal) LLMs: profile, inspect, sites, eval, demo, build.")
+    parser = argparse.ArgumentParser(prog="sgm-ext", description="Neuron-level "
+                                     "detoxification of (multimodal) LLMs: profile, inspect, "
+                                     "sites, eval, demo, build.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
