@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # All the set-up a fresh machine needs: a virtual environment in .venv with the pinned toolchain
 # (requirements-dev.txt) and sgm-ext installed editable, which builds sgm_ext._C from csrc/.
-# Safe to run again: it only installs what is missing and rebuilds what changed.
+# Safe to run again: when nothing it depends on changed since its last run (the stamp holds a
+# hash of the pins, the build files and csrc/), it installs and compiles nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
+STAMP=.venv/.sgm-ext-setup
+digest=$( { echo "${SGM_EXT_NO_BUILD:-}" "${SGM_EXT_CUDA_ARCHS:-}"; .venv/bin/python -V;
+            cat requirements-dev.txt setup.py pyproject.toml MANIFEST.in sgm_ext/build.py;
+            find csrc -type f | LC_ALL=C sort | xargs cat; } | sha256sum | cut -d' ' -f1)
+check="import sgm_ext._C"  # the library this set-up builds is there and loads
+if [ -n "${SGM_EXT_NO_BUILD:-}" ]; then check="import sgm_ext"; fi
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$digest" ] \
+        && .venv/bin/python -c "$check" 2>/dev/null; then
+    exit 0
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements-dev.txt
 # --no-build-isolation: compile against the torch just installed (its CUDA 13.0 headers)
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .
+echo "$digest" > "$STAMP"

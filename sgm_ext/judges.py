@@ -46,7 +46,7 @@ class ProfanityJudge(Judge):
             from profanity_check import predict_prob  # noqa: F401
         except ImportError:
             raise ValueError("the profanity judge needs the package alt-profanity-check: "
-                             "pip install 'sgm-ext[eval]', or pick another --judge (refusal, "
+                             "pip install alt-profanity-check, or pick another --judge (refusal, "
                              "hf:DIR)") from None
 
     def scores(self, answers, prompts):

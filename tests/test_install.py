@@ -177,6 +177,19 @@ print("ok")
     assert out.strip() == "ok", out
 
 
+def test_installed_wheel_runs_the_demo(wheel, tmp_path):
+    # `pip install sgm-ext` then `sgm-ext demo`: without the compiled library (the torch
+    # backend serves) and with only the package's declared dependencies
+    target = tmp_path / "site"
+    res = _pip("install", "--no-deps", "--no-compile", "--target", str(target), str(wheel))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    script = ("from sgm_ext.cli import main\n"
+              "sys.exit(main(['demo', '--fast', '--quiet', '--out', sys.argv[2]]))")
+    out = _run_python(script, str(target), tmp_path / "cache", str(tmp_path / "demo"))
+    assert "[ok] harmful rate at least halved" in out, out
+    assert "MISSED" not in out, out
+
+
 # ------------------------------------------------------------------ sources, flags, cache keys
 
 def test_build_definitions_load_without_torch():

@@ -48,3 +48,29 @@ def test_workflow_example_runs(tmp_path, monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "forward" not in model.model.layers[0].mlp.__dict__
     assert sgm_ext.patch(model, ns["scales"]).remove() is None  # not marked as patched
+
+
+def test_loading_example_runs(tmp_path, monkeypatch):
+    # the README's loading lines on a LLaVA saved where the example looks for one (the demo's
+    # synthetic LLaVA, given a chat template as released checkpoints have)
+    from PIL import Image
+
+    from sgm_ext import synthetic
+
+    monkeypatch.chdir(tmp_path)
+    vocab = synthetic.vocabulary()
+    processor = synthetic.build_processor(vocab)
+    processor.chat_template = ("{% for m in messages %}{% for c in m['content'] %}"
+                               "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}"
+                               "{% endif %}{% endfor %}{% endfor %}")
+    model, _ = synthetic.build_model(vocab, processor.tokenizer, bigram_steps=1)
+    model.save_pretrained("path/to/llava-1.5-7b-hf")
+    processor.save_pretrained("path/to/llava-1.5-7b-hf")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save("photo.jpg")
+    ns = {}
+    exec(python_block("AutoModelForImageTextToText.from_pretrained("), ns)
+    inputs = ns["inputs"]
+    assert inputs["pixel_values"].shape[0] == 1
+    assert (inputs["input_ids"] == vocab["<image>"]).sum() > 0  # the image's tokens are there
+    assert type(ns["model"]).__name__ == "LlavaForConditionalGeneration"
+    assert ns["model"](**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
