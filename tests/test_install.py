@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import time
 import zipfile
 
 import pytest
@@ -406,3 +407,19 @@ print("ok")
                       os.path.join(ROOT, "tests"))
     assert out.strip() == "ok", out
 
+
+
+def test_setup_script_does_nothing_when_nothing_changed():
+    # scripts/setup.sh ran before the tests (scripts/test.sh): run again, it must neither
+    # install nor compile. Its stamp is the hash of what it depends on.
+    stamp = os.path.join(ROOT, ".venv", ".sgm-ext-setup")
+    if not os.path.exists(stamp):
+        (pytest.fail if IN_CI else pytest.skip)("scripts/setup.sh has not run in this checkout")
+    start = time.perf_counter()
+    res = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup.sh")],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    took = time.perf_counter() - start
+    assert res.returncode == 0, res.stderr[-3000:]
+    if took > 30 and not IN_CI:  # it rebuilt: the checkout changed since its last run
+        pytest.skip(f"setup.sh rebuilt ({took:.0f} s): this checkout changed since it ran")
+    assert took < 30 and not res.stdout.strip(), (took, res.stdout[-2000:])

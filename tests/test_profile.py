@@ -344,3 +344,20 @@ def test_other_registry_architectures(planted, arch):
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(r[f"model.layers.1.mlp.{second}"][i], got["lin"].mean(0),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_modality_image_skips_rows_without_an_image_when_asked(tmp_path):
+    model, processor = _tiny_llava()
+    Image.new("RGB", (30, 28), (200, 10, 10)).save(tmp_path / "im.png")
+    rows = [{"text": "word1 tox2", "image": str(tmp_path / "im.png"), "label": i % 2}
+            for i in range(4)]
+    rows.insert(2, {"text": "word5 word6", "label": 1})  # row 3: no image
+    site = "model.language_model.layers.1.mlp.mid"
+    with pytest.raises(ValueError, match="row 3 has no tokens to pool for modality='image': "
+                       "it has no image .1 rows have none; --skip-bad-rows skips them"):
+        P.collect(model, rows, processor=processor, sites=[site], modality="image")
+    with pytest.warns(UserWarning, match=r"skipped 1 rows without an image .modality 'image'; "
+                      r"the first: row 3\)"):
+        got = P.collect(model, rows, processor=processor, sites=[site], modality="image",
+                        skip_bad_rows=True)
+    assert len(got) == 4 and got.labels.tolist() == [0, 1, 0, 1]
