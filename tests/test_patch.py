@@ -326,8 +326,9 @@ def test_peft_lora_matches_hook_and_unpatches_exactly(mode):
     assert _param_hash(model) == before
 
 
-def test_accelerate_hook_on_the_mlp_keeps_running():
-    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+def _counting_hook():
+    """An accelerate ModelHook class counting the forwards it wraps (Count.calls)."""
+    from accelerate.hooks import ModelHook
 
     class Count(ModelHook):
         calls = 0
@@ -336,6 +337,13 @@ def test_accelerate_hook_on_the_mlp_keeps_running():
             Count.calls += 1
             return args, kwargs
 
+    return Count
+
+
+def test_accelerate_hook_on_the_mlp_keeps_running():
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    Count = _counting_hook()
     model, inputs = build("llama")
     mlp = model.model.layers[0].mlp
     add_hook_to_module(mlp, Count())
@@ -554,15 +562,9 @@ def test_deepcopy_of_a_patched_model_is_an_independent_patched_model(mode):
 def test_deepcopy_keeps_an_accelerate_hook_on_the_mlp():
     import copy
 
-    from accelerate.hooks import ModelHook, add_hook_to_module
+    from accelerate.hooks import add_hook_to_module
 
-    class Count(ModelHook):
-        calls = 0
-
-        def pre_forward(self, module, *args, **kwargs):
-            Count.calls += 1
-            return args, kwargs
-
+    Count = _counting_hook()
     model, inputs = build("llama")
     mlp = model.model.layers[0].mlp
     add_hook_to_module(mlp, Count())
