@@ -15,6 +15,7 @@ of equal values. Float64 scores, which leave no spare bit, go the general way: a
 average ranks of runs. Counts and position sums are integers far below 2**53, so the
 float64 result is exact up to the final division.
 """
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -166,3 +167,61 @@ def auroc(scores, labels, *, name="scores", block_elements=BLOCK_ELEMENTS,
 
             list(pool.map(block, range(0, x.shape[0], step)))  # list(): a block's error raises
     return torch.from_numpy(out)
+
+
+# ------------------------------------------------------------------ chance: p-values, FDR
+
+# Up to this many positive x negative pairs the null distribution of U is computed exactly.
+EXACT_PAIRS = 2500
+
+
+def auroc_p_values(values, n_pos, n_neg):
+    """One-sided p-values of AUROCs against chance: P(AUROC >= observed) when the labels are
+    exchangeable (toxic and non-toxic rows alike for that neuron). values: AUROCs [...]
+    (float64). AUROC = U / (n_pos n_neg) with Mann-Whitney's U; under the null U has the
+    distribution of the number of (positive, negative) pairs in order over all orderings,
+    computed exactly up to EXACT_PAIRS pairs (the Gaussian binomial coefficient's terms),
+    beyond by the normal approximation with continuity correction. Ties are not corrected
+    for: they only narrow U's spread, so the p-values err on the large (safe) side."""
+    a = torch.as_tensor(values, dtype=torch.float64)
+    pairs = n_pos * n_neg
+    u = a * pairs
+    if pairs <= EXACT_PAIRS:
+        tail = torch.from_numpy(_exact_upper_tail(n_pos, n_neg))  # P(U >= k), k = 0..pairs
+        k = torch.ceil(u - 1e-9).clamp(0, pairs).long()
+        return tail[k]
+    sd = math.sqrt(pairs * (n_pos + n_neg + 1) / 12.0)
+    z = (u - pairs / 2.0 - 0.5) / sd
+    return 0.5 * torch.erfc(z / math.sqrt(2.0))
+
+
+def _exact_upper_tail(m, n):
+    """P(U >= k) for k = 0 .. m n under the null: the coefficients of prod_{i=1..m}
+    (1 - q^(n+i)) / (1 - q^i) count the orderings with U = k (exact integers)."""
+    counts = [1] + [0] * (m * n)
+    for i in range(1, m + 1):
+        for k in range(m * n, n + i - 1, -1):  # times (1 - q^(n+i))
+            counts[k] -= counts[k - n - i]
+        for k in range(i, m * n + 1):  # divided by (1 - q^i)
+            counts[k] += counts[k - i]
+    total = math.comb(m + n, m)
+    tail, running = [0.0] * (m * n + 1), 0
+    for k in range(m * n, -1, -1):
+        running += counts[k]
+        tail[k] = running / total
+    return np.array(tail)
+
+
+def benjamini_hochberg(p_values, q):
+    """bool mask of the same shape: the discoveries of the Benjamini-Hochberg procedure at
+    false discovery rate q over all the p-values given (the largest k with p_(k) <= q k / M,
+    and every p at most p_(k))."""
+    p = torch.as_tensor(p_values, dtype=torch.float64)
+    flat = p.reshape(-1)
+    order = torch.sort(flat).values
+    m = flat.numel()
+    below = order <= q * torch.arange(1, m + 1, dtype=torch.float64) / m
+    if not below.any():
+        return torch.zeros_like(p, dtype=torch.bool)
+    cut = order[int(below.nonzero().max())]
+    return p <= cut

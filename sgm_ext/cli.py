@@ -25,7 +25,14 @@ from .build import build as build_library
 from .collect import collect
 from .data import load_rows
 from .evaluate import evaluate
-from .expertise import Expertise, is_expertise_file
+from .expertise import (
+    DEFAULT_FDR,
+    SELECTIONS,
+    Expertise,
+    check_selection,
+    is_expertise_file,
+    shuffled_label_experts,
+)
 from .expertise import expertise as compute_expertise
 from .files import check_output_file
 from .inputs import MODALITIES
@@ -87,6 +94,12 @@ def add_profile(sub):
     p.add_argument("--modality", choices=MODALITIES, default="all",
                    help="pool over all tokens, image tokens, text tokens or the response")
     p.add_argument("--method", choices=METHODS, default="aura")
+    p.add_argument("--selection", choices=SELECTIONS, default="fdr",
+                   help="fdr (default): experts are the neurons whose AUROC beats chance, "
+                   "Benjamini-Hochberg at --fdr over all neurons; threshold: AurA's rule, "
+                   "AUROC above --threshold alone")
+    p.add_argument("--fdr", type=float, default=DEFAULT_FDR,
+                   help=f"false discovery rate of the fdr selection (default {DEFAULT_FDR})")
     p.add_argument("--threshold", type=_fraction, default=0.5,
                    help="experts have AUROC above this (default 0.5)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k best experts")
@@ -134,6 +147,7 @@ def _positive(value, option, zero=False):
 def check_profile_args(args):
     """Every option checked before the data is read or the model loaded."""
     check_method(args.method, args.alpha)
+    check_selection(args.selection, args.fdr)
     _positive(args.top_k, "--top-k", zero=True)
     for option in ("batch_size", "checkpoint_every", "max_samples", "max_length"):
         _positive(getattr(args, option), "--" + option.replace("_", "-"))
@@ -194,13 +208,20 @@ def _profile(args, rank, world, local_rank):
     if responses is None:  # a rank other than 0: rank 0 writes
         return 0
     expertise = compute_expertise(responses)
+    selection = dict(selection=args.selection, fdr=args.fdr)
     scales = expertise.to_scales(method=args.method, threshold=args.threshold, top_k=args.top_k,
-                                 strength=args.strength, alpha=args.alpha)
+                                 strength=args.strength, alpha=args.alpha, **selection)
+    experts = expertise.experts(args.threshold, args.top_k, **selection)
     scales.save(args.out)
     if args.expertise_out:
         expertise.save(args.expertise_out)
-    print(expertise_table(expertise, scales, args.threshold, args.top_k))
-    for line in expertise.noise_warnings(args.threshold, args.top_k):
+    print(expertise_table(expertise, scales, experts))
+    rule = (f"AUROC above chance at FDR {args.fdr:g} and above {args.threshold:g}"
+            if args.selection == "fdr" else f"AUROC above {args.threshold:g}")
+    floor = shuffled_label_experts(responses, args.threshold, args.top_k, **selection)
+    print(f"experts ({rule}): {sum(int(e.sum()) for e in experts.values())}; with the labels "
+          f"shuffled (the noise floor, one permutation): {floor}")
+    for line in expertise.noise_warnings(args.threshold, args.top_k, **selection):
         warnings.warn(line, stacklevel=1)
     print(f"wrote {args.out}: {scales!r} from {len(responses)} samples "
           f"({expertise.metadata['n_toxic']} toxic)")

@@ -10,12 +10,15 @@ from typing import Optional
 import torch
 
 from . import scale_math
-from .auroc import auroc, check_labels
+from .auroc import auroc, auroc_p_values, benjamini_hochberg, check_labels
 from .files import atomic_path
+from .registry import site_order
 from .responses import Responses
 from .scales import ScaleSet, read_metadata
 
 EXPERTISE_KIND = "sgm-ext expertise"  # the file's `kind` metadata
+SELECTIONS = ("fdr", "threshold")
+DEFAULT_FDR = 0.05
 
 
 class Expertise:
@@ -30,10 +33,26 @@ class Expertise:
         n = sum(a.numel() for a in self.auroc.values())
         return f"Expertise({len(self.auroc)} sites, {n} neurons)"
 
-    def experts(self, threshold: float = 0.5, top_k: Optional[int] = None) -> dict:
-        """site -> bool [neurons]: AUROC > threshold, and among the top_k highest over all
-        sites when top_k is given (ties broken by site order, then neuron index)."""
+    def experts(self, threshold: float = 0.5, top_k: Optional[int] = None, *,
+                selection: str = "fdr", fdr: float = DEFAULT_FDR) -> dict:
+        """site -> bool [neurons]: the expert neurons.
+
+        selection "fdr" (the default): AUROC above chance beyond what the sample counts
+        allow by luck: the one-sided p-values of auroc.auroc_p_values (n_toxic x n_non_toxic
+        rows, from the metadata), Benjamini-Hochberg at false discovery rate `fdr` over all
+        neurons of all sites, and AUROC > threshold. "threshold": AurA's plain rule, AUROC >
+        threshold alone (at 0.5, about half the neurons of any model pass it by chance).
+        top_k: then only the top_k highest over all sites (ties broken by site order, then
+        neuron index).
+        """
+        check_selection(selection, fdr)
         chosen = {site: a > threshold for site, a in self.auroc.items()}
+        if selection == "fdr":
+            significant = benjamini_hochberg(self.p_values(), fdr)
+            start = 0
+            for site, a in self.auroc.items():
+                chosen[site] &= significant[start:start + a.numel()]
+                start += a.numel()
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < 0:
                 raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
@@ -47,15 +66,30 @@ class Expertise:
                 start += a.numel()
         return chosen
 
-    def noise_warnings(self, threshold: float = 0.5, top_k: Optional[int] = None) -> list:
+    def sample_counts(self):
+        """(toxic rows, non-toxic rows) the AUROCs were measured on; ValueError if unknown."""
+        try:
+            return int(self.metadata["n_toxic"]), int(self.metadata["n_non_toxic"])
+        except (KeyError, ValueError):
+            raise ValueError("this Expertise does not say how many toxic and non-toxic rows it "
+                             "was measured on (metadata n_toxic / n_non_toxic), which the "
+                             "'fdr' selection needs; use selection='threshold'") from None
+
+    def p_values(self):
+        """[all neurons] float64: the one-sided p-value of each AUROC (sites in order)."""
+        n_pos, n_neg = self.sample_counts()
+        return auroc_p_values(torch.cat(list(self.auroc.values())), n_pos, n_neg)
+
+    def noise_warnings(self, threshold: float = 0.5, top_k: Optional[int] = None, *,
+                       selection: str = "fdr", fdr: float = DEFAULT_FDR) -> list:
         """Lines that warn when the selection is mostly noise: no neuron beats what random
         labels give for these sample counts, or a large share of all neurons passes the
         threshold. Chance level: under random labels an AUROC of n_pos x n_neg samples has
         mean 0.5 and standard deviation sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg))
         (Mann-Whitney), and the largest of M of them lies near 0.5 + sd sqrt(2 ln M)."""
         try:
-            n_pos, n_neg = int(self.metadata["n_toxic"]), int(self.metadata["n_non_toxic"])
-        except (KeyError, ValueError):
+            n_pos, n_neg = self.sample_counts()
+        except ValueError:
             return []
         neurons = sum(a.numel() for a in self.auroc.values())
         if not (n_pos and n_neg and neurons):
@@ -70,7 +104,8 @@ class Expertise:
                          f"/ {n_neg} non-toxic rows the best of {neurons} neurons reaches about "
                          f"{chance_best:.3f} by chance alone; these scales would damp noise "
                          "(more labelled rows help)")
-        chosen = sum(int(e.sum()) for e in self.experts(threshold, top_k).values())
+        chosen = sum(int(e.sum()) for e in self.experts(threshold, top_k, selection=selection,
+                                                          fdr=fdr).values())
         if chosen > 0.4 * neurons:
             lines.append(f"{chosen} of {neurons} neurons ({100 * chosen / neurons:.0f}%) pass "
                          f"the threshold {threshold}: most are sampling noise (with these row "
@@ -79,12 +114,14 @@ class Expertise:
         return lines
 
     def to_scales(self, method: str = "aura", threshold: float = 0.5, top_k: Optional[int] = None,
-                  strength: float = 1.0, alpha: Optional[float] = None) -> ScaleSet:
+                  strength: float = 1.0, alpha: Optional[float] = None, *,
+                  selection: str = "fdr", fdr: float = DEFAULT_FDR) -> ScaleSet:
         """ScaleSet of per-neuron factors, [neurons] float32 per site (DESIGN.md section 2).
 
         aura: alpha = 1 - 2 (AUROC - 0.5) for experts; det0: alpha = 0 for experts; damp:
-        alpha = `alpha` (in [0, 1]) for experts. Experts: AUROC > threshold, and among the
-        top_k highest over the whole model if top_k is given. Everyone else gets 1. strength
+        alpha = `alpha` (in [0, 1]) for experts. Experts: as `experts` selects them (by
+        default AUROC significantly above chance at false discovery rate `fdr`, and above
+        threshold), among the top_k highest if top_k is given. Everyone else gets 1. strength
         lambda in [0, 1] blends: s_eff = 1 - lambda (1 - alpha), as patching at that strength
         does (bit for bit: the same scale_math.effective_scale on the float32 alphas).
         """
@@ -92,13 +129,16 @@ class Expertise:
         strength = scale_math.check_strength(strength, per_sequence=False)
         threshold = scale_math.check_fraction(threshold, "threshold")
         scales = {}
-        for site, chosen in self.experts(threshold, top_k).items():
+        for site, chosen in self.experts(threshold, top_k, selection=selection,
+                                         fdr=fdr).items():
             factor = scale_math.method_scales(self.auroc[site], chosen, method, alpha)
             scales[site] = scale_math.effective_scale(factor, strength)
         meta = {k: self.metadata.get(k, "") for k in ("model_type", "config_fingerprint",
                                                       "pooling", "modality", "data_fingerprint")}
         meta.update(method=method, threshold=threshold, top_k="" if top_k is None else top_k,
-                    strength=strength)
+                    strength=strength, selection=selection)
+        if selection == "fdr":
+            meta["fdr"] = fdr
         if alpha is not None:
             meta["alpha"] = alpha
         return ScaleSet(scales, meta).validate()
@@ -121,7 +161,26 @@ class Expertise:
         if meta.pop("kind", None) != EXPERTISE_KIND:
             raise ValueError(f"{path} is not an sgm-ext expertise file")
         with safe_open(str(path), framework="pt") as f:
-            return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+            return cls({k: f.get_tensor(k) for k in sorted(f.keys(), key=site_order)}, meta)
+
+
+def check_selection(selection, fdr):
+    """ValueError unless selection is one of SELECTIONS and fdr a level in (0, 1)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0.0 < fdr < 1.0:
+        raise ValueError(f"fdr must be a level in (0, 1), got {fdr!r}")
+
+
+def shuffled_label_experts(responses, threshold=0.5, top_k=None, *, selection="fdr",
+                           fdr=DEFAULT_FDR, seed=0) -> int:
+    """How many experts the same selection finds when the labels are shuffled (one seeded
+    permutation): the noise floor to read the real count against."""
+    labels = responses.labels
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    shuffled = expertise(responses, labels[perm])
+    chosen = shuffled.experts(threshold, top_k, selection=selection, fdr=fdr)
+    return sum(int(c.sum()) for c in chosen.values())
 
 
 def is_expertise_file(path) -> bool:

@@ -148,6 +148,18 @@ def site_layer(site):
     return int(m.group(1)) if m else None
 
 
+def site_order(site):
+    """Sort key that orders site names as the model does: numbers by value (layers.2 before
+    layers.10), the kinds of one MLP in the order they act (gate, up, mid, down)."""
+    parts = re.split(r"(\d+)", site)
+    key = [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts[:-1]]
+    last = parts[-1].rsplit(".", 1)
+    rank = {"gate_proj": 0, "up_proj": 1, "gate_up_proj": 1, "fc1": 1, "mid": 2,
+            "down_proj": 3, "fc2": 3}
+    return key + [(1, 0, last[0]) if len(last) > 1 else (1, 0, ""),
+                  (2, rank.get(last[-1], 9), last[-1])]
+
+
 def site_kind(site):
     """The last part of a site name: `mid`, or the Linear's attribute (`up_proj`, `fc1`, ...)."""
     return site.rsplit(".", 1)[-1]

@@ -13,9 +13,9 @@ from .scale_math import illegal_counts
 REPORT_FILES = ("report.json", "report.md", "report.png", "generations.jsonl")
 
 
-def expertise_table(expertise, scales, threshold, top_k, strongest=10):
-    """Experts per site (layer, kind) and the strongest neurons, as text."""
-    experts = expertise.experts(threshold, top_k)
+def expertise_table(expertise, scales, experts, strongest=10):
+    """Experts per site (layer, kind) and the strongest neurons, as text; experts: site ->
+    bool [neurons], as Expertise.experts chose them."""
     lines = [f"{'layer':>5}  {'site':<8} {'neurons':>8} {'experts':>8} {'max AUROC':>10}  path"]
     for site, a in expertise.auroc.items():
         layer = site_layer(site)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from .files import atomic_path
 from .fingerprints import config_fingerprint  # noqa: F401  (part of the file format)
+from .registry import site_order
 from .scale_math import check_scale_values
 from .version import __version__
 
@@ -87,8 +88,8 @@ class ScaleSet:
         if version != FORMAT_VERSION:
             raise ValueError(f"{path}: scale file format version {version!r}, this sgm-ext "
                              f"reads {FORMAT_VERSION!r}")
-        with safe_open(os.fspath(path), framework="pt") as f:
-            return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+        with safe_open(os.fspath(path), framework="pt") as f:  # keys come sorted as strings
+            return cls({k: f.get_tensor(k) for k in sorted(f.keys(), key=site_order)}, meta)
 
 
 def read_metadata(path, what="file"):

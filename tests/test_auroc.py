@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sgm_ext.auroc import auroc
+from sgm_ext.auroc import auroc, auroc_p_values, benjamini_hochberg
 
 
 def _sklearn(scores, labels):
@@ -67,3 +67,45 @@ def test_auroc_rejects_bad_input():
     x[3, 2] = float("nan")
     with pytest.raises(ValueError, match=r"site\[3, 2\] is nan"):
         auroc(x, torch.tensor([0, 1] * 5), name="site")
+
+
+# ------------------------------------------------------------------ chance: p-values and FDR
+
+@pytest.mark.parametrize(("n_pos", "n_neg"), [(1, 5), (3, 4), (4, 4), (5, 3), (2, 7)])
+def test_p_values_equal_the_exact_permutation_null(n_pos, n_neg):
+    """P(AUROC >= observed) over every assignment of the labels, counted by brute force."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(10 * n_pos + n_neg)
+    n = n_pos + n_neg
+    scores = torch.randn(n, 6, generator=gen)
+    labels = torch.zeros(n, dtype=torch.bool)
+    labels[:n_pos] = True
+    observed = auroc(scores, labels)
+    at_least = torch.zeros(6, dtype=torch.float64)
+    splits = list(itertools.combinations(range(n), n_pos))
+    for positives in splits:
+        perm = torch.zeros(n, dtype=torch.bool)
+        perm[list(positives)] = True
+        at_least += (auroc(scores, perm) >= observed - 1e-12).double()
+    torch.testing.assert_close(auroc_p_values(observed, n_pos, n_neg), at_least / len(splits),
+                               rtol=1e-12, atol=0)
+
+
+def test_p_values_normal_approximation_joins_the_exact_one():
+    # beyond EXACT_PAIRS pairs the normal approximation takes over; at the border they agree
+    values = torch.tensor([0.5, 0.55, 0.6, 0.7])
+    exact = auroc_p_values(values, 50, 50)  # 2500 pairs: exact
+    approx = auroc_p_values(values, 50, 51)  # 2550 pairs: normal
+    torch.testing.assert_close(approx, exact, rtol=0.05, atol=2e-4)
+    assert approx[0] == pytest.approx(0.5, abs=0.01) and (approx.diff() < 0).all()
+
+
+def test_benjamini_hochberg_on_a_worked_example():
+    p = torch.tensor([0.01, 0.04, 0.03, 0.005, 0.2])
+    # sorted 0.005 0.01 0.03 0.04 0.2 against 0.01 0.02 0.03 0.04 0.05: the largest k is 4
+    assert benjamini_hochberg(p, 0.05).tolist() == [True, True, True, True, False]
+    # against 0.005 0.01 0.015 0.02 0.025: k is 2
+    assert benjamini_hochberg(p, 0.025).tolist() == [True, False, False, True, False]
+    assert not benjamini_hochberg(p, 0.01).any()
+    assert not benjamini_hochberg(torch.tensor([0.3, 0.9]), 0.05).any()

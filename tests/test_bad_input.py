@@ -342,10 +342,26 @@ def test_profile_warns_when_the_selection_is_noise(home, tmp_path):
     order = torch.randperm(len(rows), generator=gen).tolist()
     data.write_text("".join(json.dumps({"text": r["text"], "label": labels[j]}) + "\n"
                             for r, j in zip(rows, order)))
-    rc, _, err = cli("profile", "--model", home / "model", "--data", data, "--quiet",
-                     "--no-plot", "--out", tmp_path / "s.safetensors")
+    args = ["profile", "--model", home / "model", "--data", data, "--quiet", "--no-plot",
+            "--out", tmp_path / "s.safetensors"]
+    rc, out, err = cli(*args, "--selection", "threshold")  # AurA's rule takes half the model
     assert rc == 0, err
     assert "pass the threshold 0.5: most are sampling noise" in err
+    rc, out, err = cli(*args)  # the default fdr selection finds nothing on noise
+    assert rc == 0, err
+    assert "experts (AUROC above chance at FDR 0.05 and above 0.5): 0; with the labels " \
+        "shuffled (the noise floor, one permutation): 0" in out
     # the planted model on its real labels at a strict threshold: no noise warning
     rc, _, err = cli(*profile_args(home, tmp_path / "t.safetensors", threshold="0.8"))
     assert rc == 0 and "warning" not in err, err
+
+
+def test_inspect_lists_sites_in_model_order(tmp_path):
+    names = [f"model.layers.{i}.mlp.{k}" for i in range(12) for k in ("up_proj", "mid")]
+    path = tmp_path / "s.safetensors"
+    ScaleSet({n: torch.ones(4) for n in names}).save(path)
+    rc, out, err = cli("inspect", path)
+    assert rc == 0, err
+    listed = [line.split()[-1] for line in out.splitlines() if line.strip().endswith(
+        ("up_proj", "mid")) and line.split()[-1].startswith("model.layers.")]
+    assert listed == names  # layers.2 before layers.10, up_proj before mid

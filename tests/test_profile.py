@@ -19,6 +19,7 @@ from transformers import (
 
 import sgm_ext
 from sgm_ext import profile as P
+from sgm_ext.expertise import shuffled_label_experts
 
 
 @pytest.fixture(scope="module")
@@ -269,26 +270,32 @@ def test_expertise_from_mapping_save_load_and_scale_methods(tmp_path):
     for site in auroc_values:
         assert torch.equal(back.auroc[site], auroc_values[site])
 
-    s = exp.to_scales()  # aura, threshold 0.5
+    with pytest.raises(ValueError, match="does not say how many toxic and non-toxic rows"):
+        exp.to_scales()  # the default fdr selection needs the sample counts
+
+    def aura_rule(**options):  # AurA's plain threshold selection
+        return exp.to_scales(selection="threshold", **options)
+
+    s = aura_rule()  # aura, threshold 0.5
     torch.testing.assert_close(s["a.mid"], torch.tensor([0.2, 1.0, 0.6, 1.0]))
     torch.testing.assert_close(s["b.mid"], torch.tensor([0.1, 0.8]))
     assert s.metadata["method"] == "aura" and s.metadata["pooling"] == "max"
-    s = exp.to_scales(top_k=2)  # the two highest over both sites: b[0] and a[0]
+    s = aura_rule(top_k=2)  # the two highest over both sites: b[0] and a[0]
     torch.testing.assert_close(s["a.mid"], torch.tensor([0.2, 1.0, 1.0, 1.0]))
     torch.testing.assert_close(s["b.mid"], torch.tensor([0.1, 1.0]))
-    s = exp.to_scales(method="det0", top_k=3, strength=0.5)
+    s = aura_rule(method="det0", top_k=3, strength=0.5)
     torch.testing.assert_close(s["a.mid"], torch.tensor([0.5, 1.0, 0.5, 1.0]))
     torch.testing.assert_close(s["b.mid"], torch.tensor([0.5, 1.0]))
-    s = exp.to_scales(method="damp", alpha=0.25, threshold=0.65)
+    s = aura_rule(method="damp", alpha=0.25, threshold=0.65)
     torch.testing.assert_close(s["a.mid"], torch.tensor([0.25, 1.0, 0.25, 1.0]))
-    assert exp.to_scales(strength=0.0)["a.mid"].eq(1).all()  # strength 0 is a no-op
+    assert aura_rule(strength=0.0)["a.mid"].eq(1).all()  # strength 0 is a no-op
     for kwargs, msg in [({"method": "zero"}, "method must be one of"),
                         ({"strength": 1.5}, "strength must be in"),
                         ({"method": "damp"}, "needs alpha"),
                         ({"alpha": 0.3}, "alpha is for method 'damp' only"),
                         ({"top_k": -1}, "top_k must be")]:
         with pytest.raises(ValueError, match=msg):
-            exp.to_scales(**kwargs)
+            aura_rule(**kwargs)
 
     x = {"s": torch.tensor([[1.0, 3.0], [2.0, 3.0], [3.0, 3.0]])}
     e = P.expertise(x, torch.tensor([0, 1, 1]))
@@ -361,3 +368,29 @@ def test_modality_image_skips_rows_without_an_image_when_asked(tmp_path):
         got = P.collect(model, rows, processor=processor, sites=[site], modality="image",
                         skip_bad_rows=True)
     assert len(got) == 4 and got.labels.tolist() == [0, 1, 0, 1]
+
+
+# ------------------------------------------------------------------ selection against chance
+
+def test_fdr_selection_finds_the_planted_neurons_and_nothing_on_shuffled_labels(planted):
+    model, tok, rows = planted
+    responses = P.collect(model, rows, processor=tok, batch_size=8)
+    exp = P.expertise(responses)
+    chosen = exp.experts()  # the default: fdr 0.05, AUROC > 0.5
+    found = {(s, int(i)) for s, c in chosen.items() for i in c.nonzero().flatten()}
+    truth = {(s, i) for s, idx in planted_sites().items() for i in idx}
+    assert len(found & truth) / len(found) >= 0.9 and len(found & truth) / len(truth) >= 0.9
+    # AurA's plain rule takes about half of all neurons with these 48 rows
+    aura = sum(int(c.sum()) for c in exp.experts(selection="threshold").values())
+    assert aura > 30
+    # shuffled labels: at most the FDR level's share of the neurons, reproducible by seed
+    total = sum(a.numel() for a in exp.auroc.values())
+    floors = [shuffled_label_experts(responses, seed=s) for s in (0, 1, 2, 0)]
+    assert all(f <= 0.05 * total for f in floors) and floors[0] == floors[3]
+    assert shuffled_label_experts(responses, selection="threshold", seed=0) > 30
+    scales = exp.to_scales()
+    assert scales.metadata["selection"] == "fdr" and scales.metadata["fdr"] == "0.05"
+    with pytest.raises(ValueError, match="fdr must be a level in"):
+        exp.experts(fdr=0.0)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        exp.experts(selection="aura")

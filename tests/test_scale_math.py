@@ -48,8 +48,8 @@ def test_backends_float_and_per_row_strength_agree_to_the_bit(backend, lam, gen,
 def test_to_scales_at_a_strength_is_effective_scale_of_the_full_scales(lam):
     auroc = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
     exp = Expertise({"a.mid": auroc})
-    full = exp.to_scales(strength=1.0)["a.mid"]
-    assert torch.equal(exp.to_scales(strength=lam)["a.mid"],
+    full = exp.to_scales(strength=1.0, selection="threshold")["a.mid"]
+    assert torch.equal(exp.to_scales(strength=lam, selection="threshold")["a.mid"],
                        scale_math.effective_scale(full, lam))
     # AurA's alpha for the experts (AUROC > 0.5), 1 for the rest
     want = torch.where(auroc > 0.5, 1.0 - 2.0 * (auroc - 0.5), 1.0).float()
