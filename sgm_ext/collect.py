@@ -22,6 +22,7 @@ from .inputs import (
     drop_unusable_images,
     encode_batch,
     input_device,
+    resolve_format,
     takes_images,
     tokenizer_of,
     unusable_images_warning,
@@ -36,7 +37,7 @@ CHECKPOINT_STATE = "state.json"
 def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", modality=None,
             batch_size=8, padding_side=None, skip_bad_rows=False, max_samples=None,
             ram_budget=DEFAULT_RAM_BUDGET, spill_dir=None, checkpoint_dir=None,
-            checkpoint_every=50, max_length=None, truncate=True,
+            checkpoint_every=50, max_length=None, truncate=True, input_format="auto",
             progress=False) -> Optional[Responses]:
     """Pooled responses of `model`'s neurons to every row of `data` -> Responses.
 
@@ -47,9 +48,11 @@ def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", moda
     tokenizer or multimodal processor that prepares the rows. sites: site kinds ("mid",
     "gate", "up", "down", "gate_up", "fc1") over the language model's MLPs, or full site
     names. pooling: "mean", "max" or "last" over the sample's selected tokens, padding never
-    included. modality: None / "all", "text", "image" (tokens equal to the config's image
-    token id, or all others) or "response" (the tokens of the row's `response`, after the
-    chat prompt). padding_side: "left" / "right"; default the tokenizer's.
+    included. modality: None / "sample" (the row's own tokens: its text and image tokens, not
+    the chat template's), "all" (every token), "text", "image" (the sample's text / image
+    tokens) or "response" (the tokens of the row's `response`, after the chat prompt).
+    input_format: "chat" (the chat template), "raw" (the text as it is), "auto" (chat when the
+    processor has a template). padding_side: "left" / "right"; default the tokenizer's.
 
     ram_budget: bytes of responses kept in RAM before they spill to memory-mapped files in
     spill_dir (default a temporary directory). checkpoint_dir: responses and progress are
@@ -65,12 +68,13 @@ def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", moda
     Under torch.distributed (e.g. torchrun) batch b is run by rank b % world_size; rank 0
     gathers and returns all responses, the other ranks return None.
     """
-    modality = "all" if modality is None else modality
+    modality = "sample" if modality is None else modality
     padding_side = _check_options(processor, pooling, modality, batch_size, padding_side,
                                   checkpoint_every)
     dataset = data if isinstance(data, Dataset) else \
         load_rows(data, skip_bad_rows=skip_bad_rows, max_samples=max_samples)
     dataset = _check_images(dataset, processor, modality, skip_bad_rows)
+    fmt = resolve_format(processor, input_format)
     limit = LengthLimit(default_max_length(model) if max_length is None else max_length,
                         truncate)
     site_map = resolve_sites(model, sites)
@@ -80,7 +84,7 @@ def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", moda
     mine = [b for b in range(n_batches) if b % world == rank]
     signature = _run_signature(model, processor, dataset, site_map, pooling, modality,
                                batch_size, padding_side, world)
-    signature.update(max_length=limit.max_length, truncate=limit.truncate)
+    signature.update(max_length=limit.max_length, truncate=limit.truncate, input_format=fmt)
 
     checkpoint = None
     local_dir = spill_dir
@@ -93,7 +97,7 @@ def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", moda
         store.reopen(0, [])  # leftovers of an earlier run in the same directory
 
     _run_batches(model, processor, dataset.rows, mine, done, store, site_map, pooling, modality,
-                 batch_size, padding_side, limit, checkpoint, progress and rank == 0)
+                 batch_size, padding_side, limit, fmt, checkpoint, progress and rank == 0)
     if limit.summary():
         warnings.warn(limit.summary(), stacklevel=2)
     if world > 1:
@@ -103,7 +107,7 @@ def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", moda
             return None
     store.metadata = {key: signature[key] for key in
                       ("model_type", "config_fingerprint", "data_fingerprint", "pooling",
-                       "modality")}
+                       "modality", "input_format")}
     return store
 
 
@@ -223,7 +227,7 @@ def _forward_kwargs(model):
 
 
 def _run_batches(model, processor, rows, batches, done, store, site_map, pooling, modality,
-                 batch_size, padding_side, limit, checkpoint, progress):
+                 batch_size, padding_side, limit, fmt, checkpoint, progress):
     """Forward `batches` (indices into rows, batch_size each) from the done-th on, appending
     the pooled responses to the store and checkpointing as it goes. Ctrl-C raises
     ProfileInterrupted saying where it stopped and how to resume."""
@@ -238,7 +242,7 @@ def _run_batches(model, processor, rows, batches, done, store, site_map, pooling
             for k in range(done, len(batches)):
                 batch_rows = rows[batches[k] * batch_size:(batches[k] + 1) * batch_size]
                 inputs, select = encode_batch(model, processor, batch_rows, modality,
-                                              padding_side, limit)
+                                              padding_side, limit, fmt)
                 pooler.start(select)
                 model(**{key: v.to(device) for key, v in inputs.items()}, **forward_kwargs)
                 missing = set(site_map) - set(pooler.out)

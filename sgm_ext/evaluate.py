@@ -21,6 +21,7 @@ from .inputs import (
     default_max_length,
     drop_unusable_images,
     encode,
+    resolve_format,
     unusable_images_warning,
 )
 from .judges import get_judge, is_refusal
@@ -60,13 +61,14 @@ def _rates(generations, state, field, counted, name=None):
 def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_tokens=64,
              strength=1.0, mode="fused", reference=None, batch_size=8, latency_runs=3,
              latency_prompts=8, max_prompts=None, max_length=None, truncate=True,
-             progress=True) -> tuple:
+             input_format="auto", progress=True) -> tuple:
     """(report dict, generation records) for `model` without and with `scales`.
 
     scales: a ScaleSet, a {site: [n] tensor} dict or a scale file; prompts: a JSONL / CSV
     file or a list of strings / dicts / Prompt; judge: a name, a Judge or a callable.
     max_length / truncate: as for profile.collect (a prompt longer than max_length tokens is
-    cut, with one warning, or refused).
+    cut, with one warning, or refused). input_format: "chat", "raw" or "auto" (chat when the
+    processor has a chat template); only the continuation is judged in either.
 
     Answers are generated batch_size prompts at a time; latency is measured on single
     prompts. Leaves the model unpatched. report: top-level `unpatched` and `patched`
@@ -86,7 +88,8 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
         warnings.warn(unusable_images_warning(n_images, processor, first_image), stacklevel=2)
     limit = LengthLimit(default_max_length(model) if max_length is None else max_length,
                         truncate)
-    encoded = [encode(processor, p, limit) for p in rows]
+    fmt = resolve_format(processor, input_format)
+    encoded = [encode(processor, p, limit, fmt) for p in rows]
     if limit.summary():
         warnings.warn(limit.summary(), stacklevel=2)
     answers = {}
@@ -122,7 +125,7 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
         generations.append(record)
     report = {"n_prompts": len(rows), "judge": judge.name, "threshold": judge.threshold,
               "max_new_tokens": max_new_tokens, "strength": strength, "mode": mode,
-              "batch_size": batch_size,
+              "batch_size": batch_size, "input_format": fmt,
               "reference_passages": len(texts),
               "categories": dict(sorted(Counter(p.category for p in rows).items())),
               "n_harmful_prompts": sum(p.label != 0 for p in rows),
@@ -141,7 +144,7 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
         report["latency"] = measure_latency(model, processor, rows, scales,
                                             new_tokens=max_new_tokens, runs=latency_runs,
                                             n_prompts=latency_prompts, mode=mode,
-                                            strength=strength, limit=limit)
+                                            strength=strength, limit=limit, fmt=fmt)
         report["latency_ratio"] = report["latency"]["ratio"]
     else:
         report["latency"], report["latency_ratio"] = None, None

@@ -82,11 +82,12 @@ class Expertise:
 
     def noise_warnings(self, threshold: float = 0.5, top_k: Optional[int] = None, *,
                        selection: str = "fdr", fdr: float = DEFAULT_FDR) -> list:
-        """Lines that warn when the selection is mostly noise: no neuron beats what random
-        labels give for these sample counts, or a large share of all neurons passes the
-        threshold. Chance level: under random labels an AUROC of n_pos x n_neg samples has
-        mean 0.5 and standard deviation sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg))
-        (Mann-Whitney), and the largest of M of them lies near 0.5 + sd sqrt(2 ln M)."""
+        """Lines that warn when the selection is mostly noise: no neuron's AUROC beats chance
+        at false discovery rate `fdr` for these sample counts (auroc_p_values and
+        Benjamini-Hochberg, as the fdr selection), or a large share of all neurons is
+        selected (AurA's threshold rule on noise passes about half). Under random labels an
+        AUROC of n_pos x n_neg rows has mean 0.5 and standard deviation
+        sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg)) (Mann-Whitney)."""
         try:
             n_pos, n_neg = self.sample_counts()
         except ValueError:
@@ -94,19 +95,19 @@ class Expertise:
         neurons = sum(a.numel() for a in self.auroc.values())
         if not (n_pos and n_neg and neurons):
             return []
-        sd = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
-        chance_best = 0.5 + sd * math.sqrt(2 * math.log(max(neurons, 2)))
-        best = max(float(a.max()) for a in self.auroc.values())
         lines = []
-        if best <= chance_best:
-            lines.append(f"no neuron separates toxic from non-toxic rows better than random "
-                         f"labels would: the best AUROC is {best:.3f}, and with {n_pos} toxic "
-                         f"/ {n_neg} non-toxic rows the best of {neurons} neurons reaches about "
-                         f"{chance_best:.3f} by chance alone; these scales would damp noise "
+        p = self.p_values()
+        if not benjamini_hochberg(p, fdr).any():
+            best = max(float(a.max()) for a in self.auroc.values())
+            lines.append(f"no neuron separates toxic from non-toxic rows better than chance at "
+                         f"false discovery rate {fdr:g}: with {n_pos} toxic / {n_neg} non-toxic "
+                         f"rows the best AUROC ({best:.3f}, p = {float(p.min()):.2g}) is what "
+                         f"{neurons} neurons reach by luck; these scales would damp noise "
                          "(more labelled rows help)")
         chosen = sum(int(e.sum()) for e in self.experts(threshold, top_k, selection=selection,
                                                           fdr=fdr).values())
         if chosen > 0.4 * neurons:
+            sd = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
             lines.append(f"{chosen} of {neurons} neurons ({100 * chosen / neurons:.0f}%) pass "
                          f"the threshold {threshold}: most are sampling noise (with these row "
                          f"counts an AUROC spreads by about +-{2 * sd:.3f} around 0.5 by "
@@ -134,7 +135,8 @@ class Expertise:
             factor = scale_math.method_scales(self.auroc[site], chosen, method, alpha)
             scales[site] = scale_math.effective_scale(factor, strength)
         meta = {k: self.metadata.get(k, "") for k in ("model_type", "config_fingerprint",
-                                                      "pooling", "modality", "data_fingerprint")}
+                                                      "pooling", "modality", "input_format",
+                                                      "data_fingerprint")}
         meta.update(method=method, threshold=threshold, top_k="" if top_k is None else top_k,
                     strength=strength, selection=selection)
         if selection == "fdr":

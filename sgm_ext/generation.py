@@ -70,14 +70,14 @@ def perplexity(model, processor, texts, max_length=512):
 
 
 def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_prompts=8,
-                    mode="fused", strength=1.0, limit=None):
+                    mode="fused", strength=1.0, limit=None, fmt="auto"):
     """Generation time patched / unpatched, side by side.
 
     Each of the first n_prompts prompts is generated to exactly new_tokens tokens with and
     without the patch, `runs` times, alternating which goes first; one untimed warm-up each.
-    limit: the inputs.LengthLimit the prompts are encoded with.
+    limit, fmt: the inputs.LengthLimit and format the prompts are encoded with.
     """
-    encoded = [encode(processor, p, limit) for p in prompts[:n_prompts]]
+    encoded = [encode(processor, p, limit, fmt) for p in prompts[:n_prompts]]
     times = {"unpatched": [], "patched": []}
 
     def timed(enc, patched):

@@ -7,7 +7,14 @@ each sample pools over for a modality.
 """
 import torch
 
-MODALITIES = ("all", "text", "image", "response")
+# Which tokens a sample's responses are pooled over: "sample" (the default) the row's own
+# tokens (its text and image; never the chat template's), "all" every token, "text" / "image"
+# the sample's text / image tokens, "response" the tokens of the row's assistant reply.
+MODALITIES = ("sample", "all", "text", "image", "response")
+# How a row's text becomes the model's input: "chat" through the chat template (a user turn,
+# with the generation prompt), "raw" as plain text (AurA's recipe: continuation prompts);
+# "auto": chat when the processor has a chat template.
+FORMATS = ("auto", "chat", "raw")
 
 
 def tokenizer_of(processor):
@@ -31,9 +38,22 @@ def _chat_template_owner(processor):
     return None
 
 
-def _prompt_text(processor, row, with_response):
-    """(text, from_template) for one row: the chat template's rendering when there is one."""
-    owner = _chat_template_owner(processor)
+def resolve_format(processor, fmt="auto"):
+    """"chat" or "raw" for this processor; ValueError for chat without a chat template."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    has_template = _chat_template_owner(processor) is not None
+    if fmt == "chat" and not has_template:
+        raise ValueError(f"format 'chat' needs a chat template; {type(processor).__name__} has "
+                         "none (use format 'raw')")
+    return "chat" if fmt == "auto" and has_template else ("raw" if fmt == "auto" else fmt)
+
+
+def _prompt_text(processor, row, with_response, fmt="auto"):
+    """(text, from_template) for one row: the chat template's rendering in the chat format,
+    the text itself (after the image token for a row with an image) in the raw one."""
+    owner = _chat_template_owner(processor) if resolve_format(processor, fmt) == "chat" \
+        else None
     response = row.response if with_response else None
     if owner is None:
         text = row.text
@@ -56,12 +76,11 @@ def _prompt_text(processor, row, with_response):
     return text, True
 
 
-def encode_row(processor, row, with_response, image, limit=None):
+def encode_row(processor, row, with_response, image, limit=None, fmt="auto"):
     """Model inputs ({name: [1, T, ...] tensor}) for one row: text (and the row's response
-    when with_response) through the chat template when the processor has one, `image` (a PIL
-    image or None) through the processor; `limit` (a LengthLimit) cuts or refuses a row that
-    is too long."""
-    text, templated = _prompt_text(processor, row, with_response)
+    when with_response) in the format `fmt` (see FORMATS), `image` (a PIL image or None)
+    through the processor; `limit` (a LengthLimit) cuts or refuses a row that is too long."""
+    text, templated = _prompt_text(processor, row, with_response, fmt)
     kwargs = {"return_tensors": "pt", "add_special_tokens": not templated}
     if image is not None:
         enc = processor(text=[text], images=[image], **kwargs)
@@ -73,10 +92,11 @@ def encode_row(processor, row, with_response, image, limit=None):
     return enc if limit is None else limit.apply(enc, row, image is not None)
 
 
-def encode(processor, row, limit=None):
+def encode(processor, row, limit=None, fmt="auto"):
     """Model inputs for one row or prompt (its image loaded), without a response: the chat
-    template with the generation prompt when the processor has one, the image token otherwise."""
-    return encode_row(processor, row, False, load_image(row.image), limit)
+    template with the generation prompt in the chat format, the text (after the image token)
+    in the raw one."""
+    return encode_row(processor, row, False, load_image(row.image), limit, fmt)
 
 
 def takes_images(processor):
@@ -204,32 +224,54 @@ def collate(encodings, pad_id, padding_side):
     return batch, lengths
 
 
-def encode_batch(model, processor, rows, modality, padding_side, limit=None):
-    """(inputs, select [B, T] bool): the model inputs and the tokens each sample pools over.
-    limit: a LengthLimit for the rows, or None."""
+def _sample_span(processor, row, image, ids, fmt):
+    """(start, end) of the row's own tokens in its encoding `ids` [T]: what the encoding
+    with the row's text and the encoding with an empty text do not share at either end (the
+    template's tokens, a BOS); image tokens stay in the shared part (see encode_batch)."""
+    bare = encode_row(processor, row._replace(text=""), False, image, None, fmt)["input_ids"][0]
+    n, m = len(ids), len(bare)
+    start = 0
+    while start < min(n, m) and ids[start] == bare[start]:
+        start += 1
+    end = 0
+    while end < min(n, m) - start and ids[n - 1 - end] == bare[m - 1 - end]:
+        end += 1
+    return start, n - end
+
+
+def encode_batch(model, processor, rows, modality, padding_side, limit=None, fmt="auto"):
+    """(inputs, select [B, T] bool): the model inputs and the tokens each sample pools over
+    (see MODALITIES). limit: a LengthLimit for the rows, or None; fmt: see FORMATS."""
     images = [load_image(r.image) for r in rows]
     with_response = modality == "response"
-    encodings = [encode_row(processor, r, with_response, im, limit)
+    encodings = [encode_row(processor, r, with_response, im, limit, fmt)
                  for r, im in zip(rows, images)]
     batch, lengths = collate(encodings, pad_token_id(processor), padding_side)
     if "attention_mask" not in batch:
         raise ValueError("the processor gives no attention_mask; sgm-ext needs it to mask padding")
     select = batch["attention_mask"].bool()
     ids = batch["input_ids"]
-    if modality in ("image", "text"):
-        image_id = image_token_id(model)
+    image_id = image_token_id(model)
+    is_image = ids == image_id if image_id is not None else torch.zeros_like(select)
+    if modality in ("sample", "text"):
+        own = torch.zeros_like(select)
+        for i, (row, n, im, enc) in enumerate(zip(rows, lengths, images, encodings)):
+            start, end = _sample_span(processor, row, im, enc["input_ids"][0], fmt)
+            offset = ids.shape[1] - n if padding_side == "left" else 0
+            own[i, offset + start:offset + end] = True
+        select = select & ((own | is_image) if modality == "sample" else (own & ~is_image))
+    elif modality == "image":
         if image_id is None:
             raise ValueError(f"modality={modality!r} needs the model config's image token id "
                              f"(image_token_id); {type(model.config).__name__} has none")
-        is_image = ids == image_id
-        select = select & is_image if modality == "image" else select & ~is_image
+        select = select & is_image
     elif modality == "response":
         longest = ids.shape[1]
         for i, (row, n, im) in enumerate(zip(rows, lengths, images)):
             if not row.response:
                 raise ValueError(f"row {row.number}: modality='response' needs a response in "
                                  "every row")
-            prompt_len = encode_row(processor, row, False, im)["input_ids"].shape[1]
+            prompt_len = encode_row(processor, row, False, im, None, fmt)["input_ids"].shape[1]
             start = longest - n if padding_side == "left" else 0
             select[i, start:start + min(prompt_len, n)] = False
     empty = (select.sum(1) == 0).nonzero()

