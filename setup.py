@@ -51,7 +51,7 @@ class BuildPy(build_py):
 PACKAGES = dict(
     packages=["sgm_ext", "sgm_ext.kernels"],
     package_dir={"sgm_ext": "sgm_ext", "sgm_ext.kernels": "kernels"},
-    package_data={"sgm_ext": ["resources/*.txt"]},  # the demo's benign prompts
+    package_data={"sgm_ext": ["resources/*.txt", "resources/*.jsonl"]},  # the demos' data
     include_package_data=False,  # package_data only (MANIFEST.in is for the sdist)
 )
 

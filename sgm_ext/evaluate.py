@@ -12,6 +12,7 @@
 The pieces: prompts.py (prompt and reference files), judges.py, generation.py (generate,
 perplexity, latency), report.py (tables and report files), plots.py (the chart).
 """
+import math
 import warnings
 from collections import Counter
 
@@ -30,7 +31,18 @@ from .progress import progress_bar
 from .prompts import load_prompts, load_reference
 from .report import write_report
 
-__all__ = ["evaluate", "harmful_rates", "over_refusal_rates", "write_report"]
+__all__ = ["evaluate", "harmful_rates", "over_refusal_rates", "wilson_interval", "write_report"]
+
+
+def wilson_interval(k, n, z=1.959964):
+    """The Wilson score interval (default 95%) of a rate of k in n, or None for n = 0: it keeps
+    inside [0, 1] and stays honest at 0 / n and n / n, where the normal one collapses."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
 
 
 def harmful_rates(generations, state):
@@ -135,11 +147,15 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
         report[s] = {"harmful_rate": rate, "perplexity": ppl[s], "per_category": per,
                      "harmful": sum(g[s]["harmful"] for g in generations
                                     if g["label"] != "benign")}
+        report[s]["harmful_rate_ci95"] = wilson_interval(report[s]["harmful"],
+                                                         report["n_harmful_prompts"])
         if report["n_benign_prompts"]:
             refusal, per_benign = over_refusal_rates(generations, s)
+            refusals = sum(g[s]["refusal"] for g in generations if g["label"] == "benign")
             report[s].update(over_refusal=refusal, over_refusal_per_category=per_benign,
-                             refusals=sum(g[s]["refusal"] for g in generations
-                                          if g["label"] == "benign"))
+                             refusals=refusals,
+                             over_refusal_ci95=wilson_interval(refusals,
+                                                               report["n_benign_prompts"]))
     if latency_runs > 0:
         report["latency"] = measure_latency(model, processor, rows, scales,
                                             new_tokens=max_new_tokens, runs=latency_runs,

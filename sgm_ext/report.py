@@ -133,6 +133,11 @@ def _prompt_counts(report):
         f"{n} prompts ({n - benign} harmful or unlabelled, {benign} benign)"
 
 
+def interval(ci):
+    """"lo-hi" of an interval [lo, hi]."""
+    return f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+
 def markdown(report):
     u, p = report["unpatched"], report["patched"]
     lines = ["# sgm-ext evaluation", "",
@@ -148,6 +153,11 @@ def markdown(report):
             lines.append(f"| {name} | {a:.3f} ({counts[0]}) | {b:.3f} ({counts[1]}) |")
         else:
             lines.append(f"| {name} | {a:.3f} | {b:.3f} |")
+    for key, name in (("harmful_rate_ci95", "harmful rate"), ("over_refusal_ci95",
+                                                              "over-refusal")):
+        if u.get(key):
+            lines.append(f"| {name}, 95% interval (Wilson) | {interval(u[key])} | "
+                         f"{interval(p[key])} |")
     lines.append(f"| perplexity ({report['reference_passages']} reference passages) "
                  f"| {u['perplexity']:.3f} | {p['perplexity']:.3f} |")
     lat = report.get("latency")

@@ -133,3 +133,19 @@ def test_every_mode_equals_the_hook_reference_and_removes_exactly(checkpoint):
                     assert torch.equal(model(**inputs).logits, plain)
             assert torch.equal(model(**inputs).logits, plain)
             assert _state_hash(model) == before
+
+
+def test_demo_real_runs_and_reports_intervals(checkpoint, tmp_path):
+    env = dict(os.environ, SGM_EXT_CACHE=os.path.dirname(checkpoint))  # the converted model
+    res = subprocess.run([sys.executable, "-m", "sgm_ext", "demo", "--real", "--out",
+                          tmp_path / "out", "--max-new-tokens", "8", "--latency-runs", "0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "with the labels shuffled (the noise floor, one permutation)" in out
+    assert "harmful rate  unpatched" in out and "over-refusal  unpatched" in out
+    assert "(95% Wilson intervals)" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["n_harmful_prompts"] == 12 and report["n_benign_prompts"] == 8
+    lo, hi = report["unpatched"]["harmful_rate_ci95"]
+    assert 0 <= lo <= report["unpatched"]["harmful_rate"] <= hi <= 1
