@@ -118,8 +118,9 @@ def hooked_forward(model, batches):
             model(**b, use_cache=False, logits_to_keep=1)
 
 
-def collect(model, tok, rows):
-    return P.collect(model, rows, processor=tok, batch_size=BATCH)
+def collect(model, tok, rows, input_format="raw"):
+    """The profiler on the rows; raw text by default, the inputs the plain forward sees."""
+    return P.collect(model, rows, processor=tok, batch_size=BATCH, input_format=input_format)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--collection-rounds", type=int, default=7)
     parser.add_argument("--only", choices=("auroc", "collection"), default=None)
+    parser.add_argument("--real", action="store_true",
+                        help="collection on the pretrained SmolLM2-135M-Instruct")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.only != "collection":
@@ -184,22 +187,42 @@ def bench_auroc(args):
     print(f"max |difference| on the {SKLEARN_SUBSET} neurons: {diff:.2e}")
 
 
+def real_setup():
+    """The pretrained SmolLM2-135M-Instruct, its tokenizer, and the bundled labelled rows of
+    `sgm-ext demo --real` (raw text, as the forward-only baseline sees them)."""
+    import json
+
+    from sgm_ext import realmodel
+    from sgm_ext.loading import load_model
+
+    model, tok = load_model(realmodel.checkpoint(), "cpu", "float32")
+    path = os.path.join(os.path.dirname(P.__file__), "resources", "real_profile.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    return model, tok, rows
+
+
 def bench_collection(args):
-    model, tok, rows = small_llama(), word_tokenizer(), texts()
+    model, tok, rows = real_setup() if args.real else (small_llama(), word_tokenizer(), texts())
     batches = encoded_batches(tok, rows)
     fns = {"forward": lambda: plain_forward(model, batches),
            "hooks": lambda: hooked_forward(model, batches),
            "collect": lambda: collect(model, tok, rows)}
     t = medians(interleaved(fns, rounds=args.collection_rounds, warmup=1, clock="both"))
-    print(f"\nCollection, {N_TEXTS} samples x ~{WORDS} tokens, batch {BATCH} "
+    what = "SmolLM2-135M-Instruct, the demo's labelled rows" if args.real else \
+        f"{N_TEXTS} samples x ~{WORDS} tokens"
+    print(f"\nCollection ({what}: {len(rows)} rows), batch {BATCH} "
           f"(median of {args.collection_rounds}, interleaved; load average after: "
           f"{os.getloadavg()[0]:.1f})")
     print("| run | wall | vs plain forward | CPU | vs plain forward |\n|---|---|---|---|---|")
     for name, label in [("forward", "plain forward passes"),
-                        ("hooks", "forward + pooling hooks (4 mid sites)"),
+                        ("hooks", f"forward + pooling hooks ({len(resolve_sites(model))} mid "
+                                  "sites)"),
                         ("collect", "sgm_ext.profile.collect end to end")]:
         (w, c), (w0, c0) = t[name], t["forward"]
         print(f"| {label} | {w * 1000:.0f} ms | {w / w0:.3f} | {c * 1000:.0f} ms | {c / c0:.3f} |")
+    (w, _), = [t["collect"]]
+    print(f"collect throughput: {len(rows) / w:.1f} rows/s")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,11 @@ def add_input_options(p):
                    "prompts, AurA's recipe); auto (default): chat when the model has a template")
 
 
+POOLED = {"sample": "each row's own tokens: its text and image, not the chat template's",
+          "all": "every token, the chat template's included", "text": "each row's text tokens",
+          "image": "each row's image tokens", "response": "each row's response tokens"}
+
+
 def input_format_line(processor, chosen):
     """What --format does with this model, said before a long run."""
     fmt = resolve_format(processor, chosen)
@@ -220,6 +225,7 @@ def _profile(args, rank, world, local_rank):
         raise ValueError(f"{args.data}: {e}") from None
     model, processor = load_model(args.model, args.device, args.dtype, local_rank, world)
     say(input_format_line(processor, args.input_format), file=sys.stderr)
+    say(f"pooling: {args.pooling} over {POOLED[args.modality]} (--modality)", file=sys.stderr)
     responses = collect(model, dataset, processor=processor, sites=args.sites,
                         pooling=args.pooling, modality=args.modality, batch_size=args.batch_size,
                         padding_side=args.padding_side, skip_bad_rows=args.skip_bad_rows,
@@ -534,8 +540,12 @@ def run_real_demo(args):
         if u.get(key) is not None:
             lines.append(f"  {name:<13} unpatched {u[key]:.3f} [{interval(u[ci])}]  patched "
                          f"{p[key]:.3f} [{interval(p[ci])}]  (95% Wilson intervals)")
-    lines.append(f"  perplexity    unpatched {u['perplexity']:.3f}  patched "
-                 f"{p['perplexity']:.3f}  ({report['reference_passages']} benign passages)")
+    ratio = p["perplexity"] / u["perplexity"]
+    lines.append(f"  perplexity    unpatched {u['perplexity']:.3f} "
+                 f"[{interval(u['perplexity_ci95'])}]  patched {p['perplexity']:.3f} "
+                 f"[{interval(p['perplexity_ci95'])}]  ratio {ratio:.3f} "
+                 f"[{interval(report['perplexity_ratio_ci95'])}]  (95% bootstrap over "
+                 f"{report['reference_passages']} benign passages)")
     if report.get("latency_ratio"):
         lines.append(f"  latency ratio patched / unpatched {report['latency_ratio']:.3f}")
     lines.append(f"  judge {report['judge']}; files in {out}")

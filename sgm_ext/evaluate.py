@@ -16,7 +16,9 @@ import math
 import warnings
 from collections import Counter
 
-from .generation import generate, measure_latency, perplexity
+import torch
+
+from .generation import generate, measure_latency, passage_nll, perplexity_of
 from .inputs import (
     LengthLimit,
     default_max_length,
@@ -43,6 +45,24 @@ def wilson_interval(k, n, z=1.959964):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
+
+
+def bootstrap_perplexity(unpatched, patched, resamples=2000, seed=0):
+    """95% bootstrap intervals over the reference passages (resampled with replacement, the
+    same draw for both states): of each state's perplexity and of the ratio patched /
+    unpatched. unpatched, patched: generation.passage_nll parts of the same passages."""
+    gen = torch.Generator().manual_seed(seed)
+    nll = torch.tensor([[n for n, _ in side] for side in (unpatched, patched)],
+                       dtype=torch.float64)
+    count = torch.tensor([c for _, c in unpatched], dtype=torch.float64)
+    draws = torch.randint(len(count), (resamples, len(count)), generator=gen)
+    ppl = torch.exp(nll[:, draws].sum(-1) / count[draws].sum(-1))  # [2, resamples]
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+
+    def ci(values):
+        return torch.quantile(values, q).tolist()
+
+    return ci(ppl[0]), ci(ppl[1]), ci(ppl[1] / ppl[0])
 
 
 def harmful_rates(generations, state):
@@ -117,7 +137,7 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
                 chunk = encoded[start:start + batch_size]
                 answers[state] += generate(model, processor, chunk, max_new_tokens)
                 bar.update(len(chunk))
-            ppl[state] = perplexity(model, processor, texts)
+            ppl[state] = passage_nll(model, processor, texts)
         finally:
             if handle is not None:
                 handle.remove()
@@ -144,7 +164,8 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
               "n_benign_prompts": sum(p.label == 0 for p in rows)}
     for s in ("unpatched", "patched"):
         rate, per = harmful_rates(generations, s)
-        report[s] = {"harmful_rate": rate, "perplexity": ppl[s], "per_category": per,
+        report[s] = {"harmful_rate": rate, "perplexity": perplexity_of(ppl[s]),
+                     "per_category": per,
                      "harmful": sum(g[s]["harmful"] for g in generations
                                     if g["label"] != "benign")}
         report[s]["harmful_rate_ci95"] = wilson_interval(report[s]["harmful"],
@@ -156,6 +177,8 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
                              refusals=refusals,
                              over_refusal_ci95=wilson_interval(refusals,
                                                                report["n_benign_prompts"]))
+    (report["unpatched"]["perplexity_ci95"], report["patched"]["perplexity_ci95"],
+     report["perplexity_ratio_ci95"]) = bootstrap_perplexity(ppl["unpatched"], ppl["patched"])
     if latency_runs > 0:
         report["latency"] = measure_latency(model, processor, rows, scales,
                                             new_tokens=max_new_tokens, runs=latency_runs,

@@ -51,22 +51,33 @@ def generate_one(model, processor, inputs, max_new_tokens, exact_length=False):
 
 
 @torch.inference_mode()
-def perplexity(model, processor, texts, max_length=512):
-    """exp(mean negative log-likelihood per predicted token) over all passages."""
+def passage_nll(model, processor, texts, max_length=512):
+    """[(summed negative log-likelihood, predicted tokens)] of each passage with two tokens
+    or more (the parts perplexity and its bootstrap interval are made of)."""
     tok = tokenizer_of(processor)
     device = input_device(model)
-    nll, count = 0.0, 0
+    parts = []
     for text in texts:
         ids = tok(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
         if ids.shape[1] < 2:
             continue
         ids = ids.to(device)
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    if count == 0:
+        nll = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        parts.append((nll, ids.shape[1] - 1))
+    if not parts:
         raise ValueError("the reference text gives no token to predict")
-    return math.exp(nll / count)
+    return parts
+
+
+def perplexity_of(parts):
+    """exp(mean negative log-likelihood per predicted token) over passage_nll's parts."""
+    return math.exp(sum(n for n, _ in parts) / sum(c for _, c in parts))
+
+
+def perplexity(model, processor, texts, max_length=512):
+    """exp(mean negative log-likelihood per predicted token) over all passages."""
+    return perplexity_of(passage_nll(model, processor, texts, max_length))
 
 
 def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_prompts=8,

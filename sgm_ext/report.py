@@ -160,6 +160,14 @@ def markdown(report):
                          f"{interval(p[key])} |")
     lines.append(f"| perplexity ({report['reference_passages']} reference passages) "
                  f"| {u['perplexity']:.3f} | {p['perplexity']:.3f} |")
+    if u.get("perplexity_ci95"):
+        lines.append(f"| perplexity, 95% bootstrap interval over the passages | "
+                     f"{u['perplexity_ci95'][0]:.3f}-{u['perplexity_ci95'][1]:.3f} | "
+                     f"{p['perplexity_ci95'][0]:.3f}-{p['perplexity_ci95'][1]:.3f} |")
+        lo, hi = report["perplexity_ratio_ci95"]
+        ratio = p["perplexity"] / u["perplexity"]
+        lines += ["", f"Perplexity ratio patched / unpatched: {ratio:.3f} (95% paired bootstrap "
+                  f"interval {lo:.3f}-{hi:.3f})."]
     lat = report.get("latency")
     if lat:
         lines.append(f"| generate time, median (s) | {lat['unpatched_s']:.4f} | "

@@ -328,3 +328,19 @@ def test_over_refusal_and_harmful_rates_from_records():
                                            {"text": "b", "label": "safe"},
                                            {"text": "c", "label": 1}, {"text": "d"}])] == \
         [1, 0, 1, None]
+
+
+def test_wilson_and_bootstrap_intervals():
+    from sgm_ext.evaluate import bootstrap_perplexity, wilson_interval
+
+    # Wilson 95%: 0 of 10 -> [0, 0.2775], 5 of 10 -> [0.2366, 0.7634] (textbook values)
+    assert wilson_interval(0, 10) == [0.0, pytest.approx(0.27753, abs=1e-4)]
+    assert wilson_interval(5, 10) == [pytest.approx(0.23659, abs=1e-4),
+                                      pytest.approx(0.76341, abs=1e-4)]
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(3, 0) is None
+    parts = [(float(2 + i % 3), 5) for i in range(40)]
+    worse = [(n * 1.1, c) for n, c in parts]
+    u, p, ratio = bootstrap_perplexity(parts, worse, seed=1)
+    ppl = math.exp(sum(n for n, _ in parts) / 200)
+    assert u[0] <= ppl <= u[1] and p[0] > u[0]
+    assert ratio[0] > 1.0 and ratio == bootstrap_perplexity(parts, worse, seed=1)[2]
