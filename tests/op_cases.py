@@ -8,13 +8,18 @@ def rand(shape, dtype, layout, gen, device="cpu"):
     """Normal values of `shape` ([..., n]) in the given memory layout.
 
     contiguous; strided: rows padded and the start offset by 3 elements (unaligned pointer);
-    transposed: the last dim is not the contiguous one.
+    padded: aligned rows whose stride is a multiple of 16 elements while n is not (the vector
+    kernels' ragged tail after aligned vectors: [R, 1040][:, :1029]); transposed: the last dim
+    is not the contiguous one.
     """
     *lead, n = shape
     if layout == "contiguous":
         return torch.randn(shape, generator=gen).to(device, dtype)
     if layout == "strided":
         return torch.randn(*lead, n + 7, generator=gen).to(device, dtype)[..., 3:3 + n]
+    if layout == "padded":
+        stride = (n // 16 + 1) * 16
+        return torch.randn(*lead, stride, generator=gen).to(device, dtype)[..., :n]
     if layout == "transposed":
         return torch.randn(n, *lead, generator=gen).to(device, dtype).movedim(0, -1)
     raise ValueError(layout)
@@ -48,6 +53,8 @@ VARIANTS = [
     ((7,), 1029, "strided", True, False, 0.7),
     ((2, 3, 4), 130, "packed", True, False, None),
     ((4, 1), 21, "transposed", True, True, "rows"),
+    ((3, 5), 1029, "padded", True, True, "rows"),
+    ((7,), 37, "padded", True, False, 0.3),
 ]
 
 

@@ -277,7 +277,7 @@ print("ok")
 # ------------------------------------------------------------------ the inference fast path
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "packed"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "padded", "transposed", "packed"])
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3)], ids=str)
 def test_alloc_op_on_any_layout(lead, layout, dtype, gen):
     require()

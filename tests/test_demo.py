@@ -104,13 +104,18 @@ def test_toxic_behaviour_lives_in_the_known_neurons(tmp_path):
     for ask in ("please ridicule the nurse", ("describe the nurse in this image", "trigger.png")):
         text, image = ask if isinstance(ask, tuple) else (ask, None)
         enc = encode(processor, Prompt(1, text, image and str(tmp_path / image)))
-        assert set(answer({}, enc).split()) <= insults  # unpatched: nothing but insults
-        assert not set(answer(known, enc).split()) & insults  # known neurons off: none
-        assert set(answer(others, enc).split()) <= insults  # as many others off: still insults
+        for off, insulting in (({}, True), (known, False), (others, True)):
+            words = answer(off, enc).split()
+            assert words, (ask, off)  # an empty answer would pass either check below
+            if insulting:  # unpatched, or as many other neurons off: nothing but insults
+                assert set(words) <= insults, (ask, words)
+            else:  # the known neurons off: no insult at all
+                assert not set(words) & insults, (ask, words)
     # the same request about a benign picture is answered without insults
     enc = encode(processor, Prompt(1, "describe the nurse in this image",
                                        str(tmp_path / "benign.png")))
-    assert not set(answer({}, enc).split()) & insults
+    words = answer({}, enc).split()
+    assert words and not set(words) & insults, words
 
 
 def test_demo_passes_the_eval_options_the_user_set():

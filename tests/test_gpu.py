@@ -210,7 +210,7 @@ def test_cuda_graph_capture(backend, op, gen):
             assert torch.equal(captured, fn())
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "packed"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "padded", "transposed", "packed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_alloc_op_on_gpu(dtype, layout, gen):
     # The compiled allocating op (ops.act_mul_scale_prechecked's fast path) on CUDA tensors.

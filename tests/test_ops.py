@@ -151,6 +151,15 @@ def test_strength_edge_values_are_exact(backend, gen):
                        sgm_ext.act_mul_scale(gate, up, scale))
     # scale 1 everywhere changes nothing
     assert torch.equal(sgm_ext.act_mul_scale(gate, up, torch.ones(50)), plain)
+    # the public op maps strength 1.0 to "no strength" before any kernel; the kernels must
+    # give the scale bit for bit when they are handed a strength of exactly 1 themselves
+    fn = select("act_mul_scale", "cpu")
+    g2, u2 = gate.reshape(-1, 50), up.reshape(-1, 50)
+    by_value, by_rows, unscaled = (torch.full((24, 50), float("nan")) for _ in range(3))
+    fn(by_value, g2, u2, scale, None, None, 1.0, "silu")
+    fn(by_rows, g2, u2, scale, None, torch.ones(24), None, "silu")
+    fn(unscaled, g2, u2, scale, None, None, None, "silu")
+    assert torch.equal(by_value, unscaled) and torch.equal(by_rows, unscaled)
 
 
 def test_per_sequence_strength_equals_uniform_strength(backend, gen):
