@@ -82,9 +82,12 @@ def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", moda
     rank, world = _dist()
     n_batches = math.ceil(len(dataset.rows) / batch_size)
     mine = [b for b in range(n_batches) if b % world == rank]
-    signature = _run_signature(model, processor, dataset, site_map, pooling, modality,
-                               batch_size, padding_side, world)
+    signature = _run_signature(model, dataset, site_map, pooling, modality, batch_size,
+                               padding_side, world)
     signature.update(max_length=limit.max_length, truncate=limit.truncate, input_format=fmt)
+    if checkpoint_dir is not None:  # hashing the weights is for resuming only
+        signature.update(weights_fingerprint=weights_fingerprint(model),
+                         processor_fingerprint=processor_fingerprint(processor))
 
     checkpoint = None
     local_dir = spill_dir
@@ -162,14 +165,13 @@ def _dist():
     return 0, 1
 
 
-def _run_signature(model, processor, dataset, sites, pooling, modality, batch_size,
-                   padding_side, world):
-    """What the collected responses depend on (the weights, the processor, the data's
-    content, the options); a checkpoint resumes only when it is equal."""
+def _run_signature(model, dataset, sites, pooling, modality, batch_size, padding_side,
+                   world):
+    """What the collected responses depend on: the data's content and the options (collect
+    adds the weights' and the processor's fingerprints when it checkpoints); a checkpoint
+    resumes only when it is equal."""
     return {"model_type": str(getattr(model.config, "model_type", "")),
             "config_fingerprint": config_fingerprint(model.config),
-            "weights_fingerprint": weights_fingerprint(model),
-            "processor_fingerprint": processor_fingerprint(processor),
             "data_fingerprint": dataset.fingerprint(), "rows": len(dataset.rows),
             "sites": list(sites), "pooling": pooling, "modality": modality,
             "batch_size": batch_size, "padding_side": padding_side, "world_size": world}
