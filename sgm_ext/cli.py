@@ -294,7 +294,6 @@ def add_sites(sub):
 
 
 def run_sites(args):
-    check_model_dir(args.model)
     model, _ = load_model(args.model, "cpu", "auto")
     print(site_report(site_table(model)))
     return 0
@@ -373,9 +372,7 @@ def run_eval(args):
     judge = judge_from_args(args)
     scales = load_scales(args.scales)
     prompts = load_prompts(args.prompts, args.max_prompts)
-    check_model_dir(args.model)
-    check_device(args.device)
-    model, processor = load_model(args.model, args.device, args.dtype)
+    model, processor = load_model(args.model, args.device, args.dtype)  # checks dir and device
     print(input_format_line(processor, args.input_format), file=sys.stderr)
     report, generations = evaluate(
         model, processor, scales, prompts, judge=judge, max_new_tokens=args.max_new_tokens,

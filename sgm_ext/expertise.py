@@ -48,11 +48,7 @@ class Expertise:
         check_selection(selection, fdr)
         chosen = {site: a > threshold for site, a in self.auroc.items()}
         if selection == "fdr":
-            significant = benjamini_hochberg(self.p_values(), fdr)
-            start = 0
-            for site, a in self.auroc.items():
-                chosen[site] &= significant[start:start + a.numel()]
-                start += a.numel()
+            self._and_over_sites(chosen, benjamini_hochberg(self.p_values(), fdr))
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < 0:
                 raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
@@ -60,11 +56,15 @@ class Expertise:
             keep = torch.zeros_like(flat, dtype=torch.bool)
             order = torch.sort(flat, descending=True, stable=True).indices[:top_k]
             keep[order] = True
-            start = 0
-            for site, a in self.auroc.items():
-                chosen[site] &= keep[start:start + a.numel()]
-                start += a.numel()
+            self._and_over_sites(chosen, keep)
         return chosen
+
+    def _and_over_sites(self, chosen, flat):
+        """chosen[site] &= the site's part of `flat` (bool [all neurons], sites in order)."""
+        start = 0
+        for site, a in self.auroc.items():
+            chosen[site] &= flat[start:start + a.numel()]
+            start += a.numel()
 
     def sample_counts(self):
         """(toxic rows, non-toxic rows) the AUROCs were measured on; ValueError if unknown."""

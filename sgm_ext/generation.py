@@ -75,11 +75,6 @@ def perplexity_of(parts):
     return math.exp(sum(n for n, _ in parts) / sum(c for _, c in parts))
 
 
-def perplexity(model, processor, texts, max_length=512):
-    """exp(mean negative log-likelihood per predicted token) over all passages."""
-    return perplexity_of(passage_nll(model, processor, texts, max_length))
-
-
 def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_prompts=8,
                     mode="fused", strength=1.0, limit=None, fmt="auto"):
     """Generation time patched / unpatched, side by side.
