@@ -580,24 +580,39 @@ def patch(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.PathLike], 
     if mode == "fold" and not isinstance(strength, float):
         raise ValueError("fold mode bakes one strength into the weights; per-sequence "
                          "strength needs mode='fused' or mode='hook'")
-    scales = _as_scaleset(scales)
-    if len(scales) == 0:
-        raise ValueError("the scale set is empty: nothing to patch")
-    scales.validate(allow_amplify=allow_amplify)
     root = _unwrap(model)
+    if type(root).__module__.startswith("vllm."):
+        raise ValueError("this is a model vLLM runs: vLLM models are patched when they load, "
+                         "through the sgm_ext plugin (additional_config={'sgm_ext': {'scales': "
+                         "...}}); a change made after start-up would be ignored by its compiled "
+                         "graphs")
     for path, m in root.named_modules():
         existing = m.__dict__.get(_HANDLE_ATTR)
         if existing is not None:
             where = f"the model's {path}" if path else "the model"
             raise ValueError(f"{where} is already patched ({existing!r}); call "
                              "unpatch / handle.remove() first")
-    _check_fingerprint(root, scales)
-    targets = _resolve(root, scales)
+    targets = check_scales(root, scales, allow_amplify=allow_amplify)
     handle = PatchHandle(model, root, targets, mode, strength)
     if mode == "fold":
         handle._plan(strength)  # every Linear foldable? raises before anything changes
     handle._apply()
     return handle
+
+
+def check_scales(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.PathLike], *,
+                 allow_amplify: bool = False) -> list:
+    """Check scales against a model without changing it, as patch does: values, the config
+    fingerprint, every site and its size. Returns the targets, one per MLP (info: its
+    registry.MLPInfo, module, scales: {site kind: tensor}); raises naming the first bad
+    entry. A model built on the meta device is enough (no weights are read)."""
+    scales = _as_scaleset(scales)
+    if len(scales) == 0:
+        raise ValueError("the scale set is empty: nothing to patch")
+    scales.validate(allow_amplify=allow_amplify)
+    root = _unwrap(model)
+    _check_fingerprint(root, scales)
+    return _resolve(root, scales)
 
 
 def unpatch(model: nn.Module) -> None:

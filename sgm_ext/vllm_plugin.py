@@ -1,0 +1,227 @@
+"""The vLLM plugin: a scale file served by vLLM, with CUDA graphs and torch.compile left on.
+
+Installed as the entry point `sgm_ext` of the group `vllm.general_plugins`, so vLLM calls
+register() in each of its processes (front end, engine core, every worker) before any model is
+built. Settings come in vLLM's additional_config (part of its compile-cache key):
+
+    LLM(model=DIR, additional_config={"sgm_ext": {"scales": "scales.safetensors",
+                                                  "strength": 1.0, "per_request": True}})
+    python -m vllm.entrypoints.openai.api_server --model DIR \\
+        --additional-config '{"sgm_ext": {"scales": "scales.safetensors"}}'
+
+register() wraps four vLLM functions (each once, however often it runs):
+- EngineArgs.create_engine_config (front end): the settings are read, the scale file is checked
+  against the model's config as sgm_ext.patch checks a model (unknown site, size, values,
+  another model's file) and for what vLLM can serve; its content hash goes into the settings,
+  so a compiled graph of another file, or of the unpatched model, is never reused. A bad file
+  stops LLM() / the server here, before it listens.
+- BaseModelLoader.load_model (workers): the loaded model is patched (sgm_ext.serving) before
+  vLLM's warm-up, torch.compile and CUDA-graph capture.
+- InputProcessor.process_inputs (front end): a request's `sgm_strength` is checked, and with
+  per_request its cache_salt gets the strength, so requests of different strengths never share
+  prefix-cache blocks (KV computed at one strength is wrong at another).
+- GPUModelRunner._prepare_inputs (workers, V1 runner; the CPU runner subclasses it): with
+  per_request, each token row's strength is written into the model's strength buffer before
+  the forward, in place.
+A change after start-up is in place only (set_strength): vLLM's compiled graph ignores a module
+replaced later, silently, so patching a running model is refused.
+"""
+import functools
+import logging
+
+from .scale_math import check_strength
+from .serving import (
+    REQUEST_KEY,
+    SETTINGS_KEY,
+    check_for_serving,
+    file_sha256,
+    patch_vllm_model,
+    read_settings,
+    request_strength,
+)
+
+WORKER_EXTENSION = "sgm_ext.vllm_plugin.WorkerExtension"
+_SERVED_ATTR = "sgm_ext_served"  # on the vLLM model: the serving.ServedModel
+log = logging.getLogger("vllm.sgm_ext")  # under vLLM's logger: its handler and format
+
+
+def _wrap(owner, name, make):
+    """Replace owner.name by make(original), once."""
+    original = getattr(owner, name)
+    if getattr(original, "_sgm_ext_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._sgm_ext_wrapped = True
+    setattr(owner, name, wrapper)
+
+
+def register():
+    """vLLM's plugin hook (entry point group vllm.general_plugins)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap(EngineArgs, "create_engine_config", _checked_config)
+    _wrap(BaseModelLoader, "load_model", _patched_load)
+    _wrap(InputProcessor, "process_inputs", _strength_salted)
+    _wrap(GPUModelRunner, "_prepare_inputs", _strengths_filled)
+
+
+# ------------------------------------------------------------------ front end: start-up
+
+def _checked_config(original):
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        settings = read_settings(config.additional_config)
+        if settings is None:
+            return config
+        targets = check_for_serving(config.model_config.hf_config, settings)
+        if settings.per_request and config.use_v2_model_runner:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                raise ValueError("sgm_ext per_request needs vLLM's V1 model runner: set "
+                                 "VLLM_USE_V2_MODEL_RUNNER=0")
+        digest = file_sha256(settings.scales)
+        entry = config.additional_config[SETTINGS_KEY]
+        if entry.get("scales_sha256") not in (None, digest):
+            raise ValueError(f"{settings.scales}: its content hash is {digest}, not the "
+                             f"scales_sha256 given ({entry['scales_sha256']})")
+        entry.update(scales=settings.scales, scales_sha256=digest)
+        parallel = config.parallel_config
+        if not parallel.worker_extension_cls:
+            parallel.worker_extension_cls = WORKER_EXTENSION
+        sites = sum(len(t.scales) for t in targets)
+        log.info("sgm-ext: serving %s (%d sites on %d MLPs, strength %s%s)", settings.scales,
+                 sites, len(targets), settings.strength,
+                 ", per request" if settings.per_request else "")
+        return config
+
+    return create_engine_config
+
+
+# ------------------------------------------------------------------ workers: the patch
+
+def _patched_load(original):
+    def load_model(self, vllm_config, model_config, prefix=""):
+        model = original(self, vllm_config, model_config, prefix)
+        settings = read_settings(vllm_config.additional_config)
+        if settings is None or prefix:  # prefix: a draft or sub-model
+            return model
+        if settings.scales_sha256 != file_sha256(settings.scales):
+            raise ValueError(f"{settings.scales} changed since vLLM started (its content hash "
+                             "differs from the one in the settings): restart the server")
+        targets = check_for_serving(model_config.hf_config, settings)
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        served = patch_vllm_model(
+            model, targets, settings, mapper=None if mapper is None else mapper.map_name,
+            max_tokens=(vllm_config.scheduler_config.max_num_batched_tokens
+                        if settings.per_request else 0),
+            dtype=model_config.dtype)
+        model.__dict__[_SERVED_ATTR] = served
+        rank, size = _tp_rank()
+        log.info("sgm-ext: rank %d/%d patched %d sites on %d modules: %s", rank, size,
+                 len(served.lines), len(served.modules),
+                 ", ".join(f"{site} -> {path} ({n})" for site, path, n in served.lines))
+        return model
+
+    return load_model
+
+
+def _tp_rank():
+    try:
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # no parallel groups (a model loaded outside an engine)
+        return 0, 1
+
+
+def served_of(model):
+    """The serving.ServedModel a vLLM model was patched with, or None."""
+    return None if model is None else model.__dict__.get(_SERVED_ATTR)
+
+
+# ------------------------------------------------------------------ per request
+
+def _strength_salted(original):
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        settings = read_settings(self.vllm_config.additional_config)
+        strength = None
+        if settings is not None:
+            strength = request_strength(getattr(params, "extra_args", None), settings)
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if settings is not None and settings.per_request:
+            mark = "default" if strength is None else repr(strength)
+            request.cache_salt = f"{request.cache_salt or ''}|{REQUEST_KEY}={mark}"
+        return request
+
+    return process_inputs
+
+
+def _strengths_filled(original):
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        out = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        served = served_of(self.get_model())
+        if served is not None and served.token_strength is not None:
+            strengths = []
+            for request_id in self.input_batch.req_ids:
+                params = self.requests[request_id].sampling_params
+                extra = (getattr(params, "extra_args", None) or {}) if params else {}
+                value = extra.get(REQUEST_KEY)  # checked by process_inputs
+                strengths.append(None if value is None else float(value))
+            served.fill_token_strengths(strengths, num_scheduled_tokens[: len(strengths)])
+        return out
+
+    return _prepare_inputs
+
+
+# ------------------------------------------------------------------ at run time
+
+class WorkerExtension:
+    """Methods vLLM adds to each worker (worker_extension_cls; set by the plugin when none is
+    given); called through LLM.collective_rpc. Use set_strength / describe below."""
+
+    def _sgm_served(self):
+        served = served_of(self.model_runner.get_model())
+        if served is None:
+            raise ValueError("this vLLM model is not served with sgm-ext scales "
+                             f"(additional_config={{{SETTINGS_KEY!r}: {{'scales': ...}}}})")
+        return served
+
+    def sgm_set_strength(self, value):
+        return self._sgm_served().set_strength(value)
+
+    def sgm_describe(self):
+        served = self._sgm_served()
+        rank, size = _tp_rank()
+        return {"rank": rank, "tp_size": size, "scales": served.settings.scales,
+                "strength": served.default, "per_request": served.token_strength is not None,
+                "sites": [list(line) for line in served.lines],
+                "modules": sorted({type(m).__name__ for m in served.modules})}
+
+    def sgm_patch(self, *args, **kwargs):
+        raise ValueError("a running vLLM model cannot be patched: its compiled graph would "
+                         "ignore the change. Give the scales at start-up (additional_config="
+                         f"{{{SETTINGS_KEY!r}: {{'scales': ...}}}}); change the strength with "
+                         "sgm_ext.vllm_plugin.set_strength")
+
+
+def set_strength(llm, value: float) -> float:
+    """One strength for every request from now on (the default of requests that set none, in
+    per-request mode), on every worker, in place; then vLLM's prefix cache is emptied, since
+    its blocks were computed at the old strength."""
+    value = check_strength(value, per_sequence=False)
+    llm.collective_rpc("sgm_set_strength", args=(value,))
+    llm.reset_prefix_cache()
+    return value
+
+
+def describe(llm) -> list:
+    """One dict per worker: rank, scales, strength, per_request, sites (site, vLLM module,
+    neurons on that rank), the module classes patched in."""
+    return llm.collective_rpc("sgm_describe")
