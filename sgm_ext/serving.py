@@ -222,7 +222,7 @@ def activation_of(module):
     return ACTIVATIONS.get(name) or ACTIVATIONS.get((name, getattr(module, "approximate", None)))
 
 
-def _vllm_path(hf_path, mapper):
+def vllm_path(hf_path, mapper):
     """A Hugging Face MLP path in vLLM's module tree, by the model's own weight-name mapper."""
     probe = f"{hf_path}.down_proj.weight"
     if mapper is not None:
@@ -272,7 +272,7 @@ def patch_vllm_model(model, targets, settings: Settings, *, mapper=None, max_tok
     found = []
     for target in targets:
         hf_path, scales = target.info.path, target.scales
-        path = _vllm_path(hf_path, mapper)
+        path = vllm_path(hf_path, mapper)
         mlp = modules.get(path)
         if mlp is None:
             parent = modules.get(path.rpartition(".")[0])

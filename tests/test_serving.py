@@ -1,0 +1,338 @@
+"""sgm_ext.serving without vLLM: settings, the start-up checks, and the modules it puts into
+vLLM's MLPs, run here in stand-ins with vLLM's MLP layout (gate_up_proj returning (out,
+bias), act_fn, down_proj) built from the weights of real transformers models, against
+sgm_ext.patch on those models. tests_vllm/ runs the same in vLLM itself (.venv-vllm)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from patch_models import build
+from torch import nn
+
+import sgm_ext
+from sgm_ext import serving
+from sgm_ext.pooling import language_mlps
+from sgm_ext.scales import ScaleSet, config_fingerprint
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- vLLM's layout, by hand
+
+class SiluAndMul(nn.Module):  # vLLM's class names are what serving reads
+    def forward(self, x):
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
+
+
+class GeluAndMul(nn.Module):
+    def __init__(self, approximate):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x):
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]
+
+
+class MergedColumnParallelLinear(nn.Module):
+    def __init__(self, gate, up, rank, size):
+        super().__init__()
+        n = gate.out_features // size
+        rows = slice(rank * n, (rank + 1) * n)
+        self.weight = nn.Parameter(torch.cat([gate.weight[rows], up.weight[rows]]))
+        self.bias = None if gate.bias is None else \
+            nn.Parameter(torch.cat([gate.bias[rows], up.bias[rows]]))
+        self.output_size_per_partition, self.tp_rank, self.tp_size = 2 * n, rank, size
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias), None
+
+
+class RowParallelLinear(nn.Module):  # one rank's part; the test sums the ranks
+    def __init__(self, down, rank, size):
+        super().__init__()
+        n = down.in_features // size
+        self.weight = nn.Parameter(down.weight[:, rank * n:(rank + 1) * n].clone())
+        self.bias = None if down.bias is None or rank else nn.Parameter(down.bias.clone())
+        self.output_size = down.out_features
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias), None
+
+
+class VllmMLP(nn.Module):
+    def __init__(self, hf_mlp, act, rank=0, size=1):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hf_mlp.gate_proj, hf_mlp.up_proj, rank,
+                                                       size)
+        self.act_fn = act
+        self.down_proj = RowParallelLinear(hf_mlp.down_proj, rank, size)
+
+    def forward(self, x):
+        x, _ = self.gate_up_proj(x)
+        x = self.act_fn(x)
+        x, _ = self.down_proj(x)
+        return x
+
+
+def vllm_like(hf_model, act, mapper=None, rank=0, size=1):
+    """A module tree holding a VllmMLP for every language-model MLP of hf_model, at the path
+    vLLM's model would have it (mapper: HF weight name -> vLLM's)."""
+    root = nn.Module()
+    for path in language_mlps(hf_model):
+        where = serving.vllm_path(path, mapper)
+        parent = root
+        for part in where.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(where.split(".")[-1],
+                          VllmMLP(hf_model.get_submodule(path), act(), rank, size))
+    return root
+
+
+def llava_mapper(name):  # what vLLM 0.32's LlavaForConditionalGeneration maps
+    for old, new in (("model.language_model.", "language_model.model."),
+                     ("lm_head.", "language_model.lm_head.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def scales_for(model, kinds, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for info in language_mlps(model).values():
+        for kind in kinds:
+            n = info.site_size(kind)
+            s = torch.ones(n)
+            s[torch.randperm(n, generator=gen)[: n // 2]] = torch.rand(n // 2, generator=gen)
+            out[info.site(kind)] = s
+    return out
+
+
+def settings(path, **kw):
+    return serving.Settings(str(path), **kw)
+
+
+def served_model(hf, scales, tmp_path, act=SiluAndMul, mapper=None, rank=0, size=1, **kw):
+    ScaleSet(scales).save(tmp_path / "s.safetensors")
+    st = settings(tmp_path / "s.safetensors", **kw)
+    targets = serving.check_for_serving(hf.config, st)
+    model = vllm_like(hf, act, mapper, rank, size)
+    served = serving.patch_vllm_model(model, targets, st, mapper=mapper,
+                                      max_tokens=64 if st.per_request else 0)
+    return model, served
+
+
+def mlp_pairs(hf, model, mapper=None):
+    return [(hf.get_submodule(p), model.get_submodule(serving.vllm_path(p, mapper)))
+            for p in language_mlps(hf)]
+
+
+# ---------------------------------------------------------------- the modules
+
+ALL_KINDS = ("gate", "up", "mid", "down")
+
+
+@pytest.mark.parametrize("kinds", [("gate",), ("up",), ("mid",), ("down",), ALL_KINDS])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_served_mlp_equals_patched_transformers_mlp(tmp_path, kinds, strength):
+    hf, _ = build("llama")
+    scales = scales_for(hf, kinds)
+    model, served = served_model(hf, scales, tmp_path, strength=strength)
+    x = torch.randn(9, hf.config.hidden_size)
+    with torch.no_grad():
+        plain = [hf_mlp(x) for hf_mlp, _ in mlp_pairs(hf, model)]
+        with sgm_ext.patched(hf, scales, mode="hook", strength=strength):
+            for (hf_mlp, mlp), before in zip(mlp_pairs(hf, model), plain):
+                want = hf_mlp(x)
+                torch.testing.assert_close(mlp(x), want, **TOL)
+                assert not torch.allclose(want, before, rtol=1e-3, atol=1e-6)  # they change it
+    assert {line[0] for line in served.lines} == set(scales)
+
+
+def test_gelu_tanh_mlp_and_the_llava_name_mapping(tmp_path):
+    hf, _ = build("gemma3")
+    scales = scales_for(hf, ALL_KINDS)
+    model, _ = served_model(hf, scales, tmp_path, act=lambda: GeluAndMul("tanh"))
+    x = torch.randn(5, hf.config.text_config.hidden_size)
+    with torch.no_grad(), sgm_ext.patched(hf, scales, mode="hook"):
+        for hf_mlp, mlp in mlp_pairs(hf, model):
+            torch.testing.assert_close(mlp(x), hf_mlp(x), **TOL)
+    hf, _ = build("llava")
+    scales = scales_for(hf, ("mid", "down"))
+    model, served = served_model(hf, scales, tmp_path, mapper=llava_mapper)
+    assert served.lines[0][1].startswith("language_model.model.layers.0.mlp")
+    x = torch.randn(5, hf.config.text_config.hidden_size)
+    with torch.no_grad(), sgm_ext.patched(hf, scales, mode="hook"):
+        for hf_mlp, mlp in mlp_pairs(hf, model, llava_mapper):
+            torch.testing.assert_close(mlp(x), hf_mlp(x), **TOL)
+
+
+def test_tensor_parallel_ranks_take_their_slice(tmp_path):
+    hf, _ = build("llama")
+    scales = scales_for(hf, ALL_KINDS)
+    ranks = [served_model(hf, scales, tmp_path, rank=r, size=2)[0] for r in range(2)]
+    x = torch.randn(6, hf.config.hidden_size)
+    with torch.no_grad(), sgm_ext.patched(hf, scales, mode="hook"):
+        for path in language_mlps(hf):
+            total = sum(m.get_submodule(path)(x) for m in ranks)
+            torch.testing.assert_close(total, hf.get_submodule(path)(x), **TOL)
+
+
+def test_per_token_strength_rows_equal_per_sequence_strength(tmp_path):
+    hf, _ = build("llama")
+    scales = scales_for(hf, ALL_KINDS)
+    model, served = served_model(hf, scales, tmp_path, per_request=True, strength=0.25)
+    x = torch.randn(3, 4, hf.config.hidden_size)  # 3 requests of 4 tokens
+    wanted = [1.0, None, 0.7]  # None: the server's strength (0.25)
+    served.fill_token_strengths(wanted, [4, 4, 4])
+    rows = torch.tensor([1.0, 0.25, 0.7])
+    with torch.no_grad(), sgm_ext.patched(hf, scales, mode="hook", strength=rows):
+        for hf_mlp, mlp in mlp_pairs(hf, model):
+            torch.testing.assert_close(mlp(x.reshape(12, -1)), hf_mlp(x).reshape(12, -1), **TOL)
+    assert served.token_strength[12:].eq(0.25).all()  # rows past the batch: the default
+
+
+def test_set_strength_changes_buffers_in_place(tmp_path):
+    hf, _ = build("llama")
+    scales = scales_for(hf, ALL_KINDS)
+    model, served = served_model(hf, scales, tmp_path)
+    buffers = {name: b.data_ptr() for name, b in model.named_buffers()}
+    assert served.set_strength(0.5) == 0.5
+    assert {name: b.data_ptr() for name, b in model.named_buffers()} == buffers
+    x = torch.randn(4, hf.config.hidden_size)
+    with torch.no_grad(), sgm_ext.patched(hf, scales, mode="hook", strength=0.5):
+        for hf_mlp, mlp in mlp_pairs(hf, model):
+            torch.testing.assert_close(mlp(x), hf_mlp(x), **TOL)
+    with pytest.raises(ValueError, match="strength is 1.5"):
+        served.set_strength(1.5)
+
+
+def test_a_model_that_does_not_fit_is_left_whole(tmp_path):
+    hf, _ = build("llama")
+    scales = scales_for(hf, ("mid",))
+    ScaleSet(scales).save(tmp_path / "s.safetensors")
+    st = settings(tmp_path / "s.safetensors")
+    targets = serving.check_for_serving(hf.config, st)
+    model = vllm_like(hf, SiluAndMul)
+    model.get_submodule("model.layers.1.mlp").act_fn = nn.ReLU()  # an activation serving does not know
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp.*not a gated MLP"):
+        serving.patch_vllm_model(model, targets, st)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+
+
+# ---------------------------------------------------------------- settings and checks
+
+@pytest.mark.parametrize("entry, message", [
+    ("x", "must be an object"),
+    ({}, "has no 'scales'"),
+    ({"scales": "a", "strenght": 1}, "unknown option 'strenght'"),
+    ({"scales": "a", "strength": "1"}, r"\['strength'\] is '1'; it must be a float"),
+    ({"scales": "a", "per_request": 1}, "must be a bool"),
+    ({"scales": "a", "strength": 2.0}, "strength is 2.0"),
+])
+def test_bad_settings_are_named(entry, message):
+    with pytest.raises(ValueError, match=message):
+        serving.read_settings({"sgm_ext": entry})
+
+
+def test_settings_and_request_strength():
+    assert serving.read_settings({}) is None
+    st = serving.read_settings({"sgm_ext": {"scales": "s.safetensors", "strength": 1}})
+    assert st.scales == os.path.abspath("s.safetensors") and st.strength == 1.0
+    assert serving.request_strength(None, st) is None
+    with pytest.raises(ValueError, match="one strength for all requests"):
+        serving.request_strength({"sgm_strength": 0.5}, st)
+    st = st._replace(per_request=True)
+    assert serving.request_strength({"sgm_strength": 0.5}, st) == 0.5
+    for bad in (1.5, "0.5", float("nan")):
+        with pytest.raises((ValueError, TypeError), match="sgm_strength"):
+            serving.request_strength({"sgm_strength": bad}, st)
+
+
+def test_start_up_checks_name_the_bad_entry(tmp_path):
+    hf, _ = build("llava")
+    good = scales_for(hf, ("mid",))
+    index = sgm_ext.registry.site_index(sgm_ext.registry.find_mlps(hf))
+    vision = next(s for s in index if "vision_tower" in s)
+    width = index[vision][0].site_size(index[vision][1])
+    site = next(iter(good))
+    cases = [({**good, vision: torch.ones(width)},
+              "cannot be served: " + vision.replace(".", r"\.")),
+             ({site + "x": torch.ones(48)}, "unknown site"),
+             ({site: torch.ones(5)}, "has 5 values"),
+             ({site: torch.full((48,), float("nan"))}, "not finite|NaN|nan")]
+    for scales, message in cases:
+        ScaleSet(scales).save(tmp_path / "s.safetensors")
+        with pytest.raises(ValueError, match=message):
+            serving.check_for_serving(hf.config, settings(tmp_path / "s.safetensors"))
+    other, _ = build("qwen3")
+    ScaleSet(good, {"config_fingerprint": config_fingerprint(other.config)}).save(
+        tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="config fingerprint"):
+        serving.check_for_serving(hf.config, settings(tmp_path / "s.safetensors"))
+
+
+# ---------------------------------------------------------------- sgm-ext serve
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sgm_ext", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_serve_checks_everything_before_vllm(tmp_path):
+    hf, _ = build("llama")
+    hf.save_pretrained(tmp_path / "model")
+    scales = scales_for(hf, ("mid",))
+    ScaleSet(scales).save(tmp_path / "good.safetensors")
+    ScaleSet({next(iter(scales)): torch.ones(3)}).save(tmp_path / "bad.safetensors")
+    base = ["serve", "--model", str(tmp_path / "model")]
+    r = run_cli(*base, "--scales", str(tmp_path / "bad.safetensors"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has 3 values" in r.stderr
+    r = run_cli(*base, "--scales", str(tmp_path / "good.safetensors"), "--strength", "2")
+    assert r.returncode == 2 and "--strength is 2.0" in r.stderr
+    r = run_cli(*base, "--scales", str(tmp_path / "good.safetensors"), "--additional-config",
+                "{}")
+    assert r.returncode == 2 and "--additional-config: sgm-ext serve sets it" in r.stderr
+    r = run_cli(*base, "--scales", str(tmp_path / "missing.safetensors"))
+    assert r.returncode == 2 and "no such scale file" in r.stderr
+    r = run_cli("inspect", str(tmp_path / "good.safetensors"), "--port", "1")
+    assert r.returncode == 2 and "unrecognized arguments: --port 1" in r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                    reason="vLLM is installed here (tests_vllm/ serves with it)")
+def test_serve_without_vllm_says_where_it_is(tmp_path):
+    hf, _ = build("llama")
+    hf.save_pretrained(tmp_path / "model")
+    ScaleSet(scales_for(hf, ("mid",))).save(tmp_path / "good.safetensors")
+    r = run_cli("serve", "--model", str(tmp_path / "model"), "--scales",
+                str(tmp_path / "good.safetensors"))
+    assert r.returncode == 2 and "vLLM is not installed" in r.stderr
+    assert "scripts/setup_vllm.sh" in r.stderr
+
+
+def test_serve_command_carries_the_settings(tmp_path):
+    from sgm_ext.cli import build_parser, serve_command
+
+    (tmp_path / "config.json").write_text("{}")
+    args, rest = build_parser().parse_known_args(
+        ["serve", "--model", str(tmp_path), "--scales", "s.safetensors", "--per-request",
+         "--tensor-parallel-size", "2", "--port", "8001", "--dtype", "float32"])
+    args.vllm_args = rest
+    command = serve_command(args)
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    config = json.loads(command[command.index("--additional-config") + 1])
+    assert config == {"sgm_ext": {"scales": os.path.abspath("s.safetensors"), "strength": 1.0,
+                                  "per_request": True, "allow_amplify": False}}
+    assert command[-4:] == ["--port", "8001", "--dtype", "float32"]
+    assert command[command.index("--tensor-parallel-size") + 1] == "2"
