@@ -151,8 +151,10 @@ def fit_bigram(sequences, vocab_size, dim, steps, seed):
         return math.sqrt(dim) * torch.nn.functional.normalize(raw, dim=1), out.detach()
 
 
-def build_model(vocab, tokenizer, *, seed=0, bigram_steps=300):
-    """(model, known) where known = {site name: [neuron indices]} of the toxic neurons."""
+def build_model(vocab, tokenizer, *, seed=0, bigram_steps=300, heads=HEADS):
+    """(model, known) where known = {site name: [neuron indices]} of the toxic neurons.
+    heads: attention heads (head size HIDDEN / heads); vLLM's CPU attention needs a head
+    size of 32 or more, so its tests build the toy with 2."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -162,9 +164,9 @@ def build_model(vocab, tokenizer, *, seed=0, bigram_steps=300):
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head_dim = HIDDEN // HEADS
+    head_dim = HIDDEN // heads
     text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                       num_attention_heads=heads, num_key_value_heads=heads,
                        vocab_size=len(vocab), max_position_embeddings=512,
                        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                        pad_token_id=vocab["[PAD]"], bos_token_id=vocab["<s>"],
