@@ -153,7 +153,12 @@ def _strength_salted(original):
         settings = read_settings(self.vllm_config.additional_config)
         strength = None
         if settings is not None:
-            strength = request_strength(getattr(params, "extra_args", None), settings)
+            try:
+                strength = request_strength(getattr(params, "extra_args", None), settings)
+            except (ValueError, TypeError) as e:  # vLLM answers its own error type with a 400
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(str(e), parameter=REQUEST_KEY) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if settings is not None and settings.per_request:
             mark = "default" if strength is None else repr(strength)

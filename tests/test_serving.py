@@ -223,7 +223,7 @@ def test_a_model_that_does_not_fit_is_left_whole(tmp_path):
     st = settings(tmp_path / "s.safetensors")
     targets = serving.check_for_serving(hf.config, st)
     model = vllm_like(hf, SiluAndMul)
-    model.get_submodule("model.layers.1.mlp").act_fn = nn.ReLU()  # an activation serving does not know
+    model.get_submodule("model.layers.1.mlp").act_fn = nn.ReLU()  # not an act serving knows
     before = {name: type(m) for name, m in model.named_modules()}
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp.*not a gated MLP"):
         serving.patch_vllm_model(model, targets, st)
