@@ -48,19 +48,13 @@ def make_model(root, name):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sgm_ext import ScaleSet
-    from sgm_ext.pooling import language_mlps
+    from sgm_ext.synthetic import random_scales
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODELS[name], max_position_embeddings=512,
                                          tie_word_embeddings=False)).eval()
     model.save_pretrained(os.path.join(root, "model"))
-    gen = torch.Generator().manual_seed(0)
-    scales = {}
-    for info in language_mlps(model).values():
-        n = info.intermediate_size
-        s = torch.ones(n)
-        s[torch.randperm(n, generator=gen)[: int(DAMPED * n)]] = 0.0
-        scales[info.site("mid")] = s
+    scales = random_scales(model, ("mid",), fraction=DAMPED, top=0.0)
     path = os.path.join(root, "scales.safetensors")
     ScaleSet(scales).save(path)
     return os.path.join(root, "model"), path, scales

@@ -42,6 +42,7 @@ import re
 
 import torch
 
+from .pooling import language_mlps
 from .prompts import BENIGN_TEXT
 
 SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>"]
@@ -360,6 +361,24 @@ def write_data(root, n_profile, n_eval, seed):
         with open(paths[-1], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return paths
+
+
+# ------------------------------------------------------------------------ random scale sets
+
+def random_scales(model, kinds=("mid",), fraction=0.5, top=0.5, seed=0):
+    """{site: [n] float32} for tests and benchmarks: on each site kind of each language-model
+    MLP, a random `fraction` of the neurons scaled by uniform values in [0, top) (top 0: off),
+    the others left at 1."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for info in language_mlps(model).values():
+        for kind in kinds:
+            n = info.site_size(kind)
+            k = int(fraction * n)
+            s = torch.ones(n)
+            s[torch.randperm(n, generator=gen)[:k]] = top * torch.rand(k, generator=gen)
+            out[info.site(kind)] = s
+    return out
 
 
 # ------------------------------------------------------------------------ scoring the demo

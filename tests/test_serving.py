@@ -15,7 +15,7 @@ from patch_models import build
 from torch import nn
 
 import sgm_ext
-from sgm_ext import serving
+from sgm_ext import serving, synthetic
 from sgm_ext.pooling import language_mlps
 from sgm_ext.scales import ScaleSet, config_fingerprint
 
@@ -105,16 +105,8 @@ def llava_mapper(name):  # what vLLM 0.32's LlavaForConditionalGeneration maps
     return name
 
 
-def scales_for(model, kinds, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for info in language_mlps(model).values():
-        for kind in kinds:
-            n = info.site_size(kind)
-            s = torch.ones(n)
-            s[torch.randperm(n, generator=gen)[: n // 2]] = torch.rand(n // 2, generator=gen)
-            out[info.site(kind)] = s
-    return out
+def scales_for(model, kinds):
+    return synthetic.random_scales(model, kinds)
 
 
 def settings(path, **kw):

@@ -30,7 +30,6 @@ import sgm_ext  # noqa: E402
 from sgm_ext import synthetic, vllm_plugin  # noqa: E402
 from sgm_ext.evaluate import evaluate  # noqa: E402
 from sgm_ext.judges import get_judge  # noqa: E402
-from sgm_ext.pooling import language_mlps  # noqa: E402
 from sgm_ext.prompts import load_prompts  # noqa: E402
 from sgm_ext.scales import ScaleSet  # noqa: E402
 
@@ -61,19 +60,6 @@ def tiny_llama(path):
     return model
 
 
-def damping(model, kinds, seed=0):
-    """Half the neurons of every site of `kinds` in each language MLP scaled into [0, 0.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for info in language_mlps(model).values():
-        for kind in kinds:
-            n = info.site_size(kind)
-            s = torch.ones(n)
-            s[torch.randperm(n, generator=gen)[: n // 2]] = 0.5 * torch.rand(n // 2, generator=gen)
-            out[info.site(kind)] = s
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -81,7 +67,7 @@ def tiny(tmp_path_factory):
     files = {}
     for name, kinds in [("all", KINDS)] + [(k, (k,)) for k in KINDS]:
         files[name] = str(root / f"{name}.safetensors")
-        ScaleSet(damping(model, kinds)).save(files[name])
+        ScaleSet(synthetic.random_scales(model, kinds)).save(files[name])
     tok = synthetic.build_tokenizer(synthetic.vocabulary())
     texts = ["please insult the teacher", "describe the cook in a line",
              "what do you think of the farmer ? talk about them", "say something to the band"]
