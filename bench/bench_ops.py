@@ -35,7 +35,29 @@ def chain(g, u, s):
     return F.silu(g) * u * s
 
 
-compiled_chain = torch.compile(chain, dynamic=False)
+def compiled_for_case():
+    """A compiled chain of its own for one shape / dtype case, dynamo's caches reset first: one
+    compiled function for all 16 cases hits dynamo's recompile limit (8) and then runs the
+    rest eagerly, silently. fullgraph: a graph break is an error, not a partly eager chain."""
+    torch._dynamo.reset()
+    _graphs_before[0] = _graph_count()
+    return torch.compile(chain, dynamic=False, fullgraph=True)
+
+
+def _graph_count():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+_graphs_before = [0]  # the graph count when the last case's chain was made
+
+
+def check_compiled():
+    """Raise unless exactly one graph was compiled since compiled_for_case: a compiled variant
+    that ran eagerly (or recompiled) must not be reported as compiled."""
+    graphs = _graph_count() - _graphs_before[0]
+    if graphs != 1:
+        raise RuntimeError(f"the compiled chain made {graphs} graphs for one case (expected 1): "
+                           "its timings would not be of one compiled kernel")
 
 
 def backends_here():
@@ -82,8 +104,10 @@ def runner(variant, g, u, s):
         def fn():
             return chain(g, u, s_data)
     elif variant == "compiled":
+        compiled = compiled_for_case()
+
         def fn():
-            return compiled_chain(g, u, s_data)
+            return compiled(g, u, s_data)
     elif variant == "_C direct":
         def fn():
             out = torch.empty_like(g)
@@ -118,6 +142,8 @@ def test_act_mul_scale(benchmark, dtype, t, i, variant):
     g, u, s = inputs(t, i, DTYPES[dtype])
     run = runner(variant, g, u, s)
     run()  # compile / warm up outside the timing
+    if variant == "compiled":
+        check_compiled()
     nbytes, launches = traffic(variant, t, i, DTYPES[dtype])
     benchmark.group = f"act_mul_scale {dtype} [{t}, {i}] {DEVICE}"
     benchmark.extra_info.update(bytes=nbytes, launches=launches, threads=THREADS)
@@ -136,8 +162,11 @@ def table(tokens=TOKENS, widths=WIDTHS, min_time=0.3):
             for i in widths:
                 g, u, s = inputs(t, i, dtype)
                 # two untimed calls each, then at least 5 and at most 200 rounds, min_time long
-                med = medians(interleaved({n: runner(n, g, u, s) for n in names}, warmup=2,
-                                          min_time=min_time, min_reps=5, max_reps=200))
+                runs = {n: runner(n, g, u, s) for n in names}
+                samples = interleaved(runs, warmup=2, min_time=min_time, min_reps=5,
+                                      max_reps=200)
+                check_compiled()  # after every call of this case: still one graph
+                med = medians(samples)
                 row = [dtype_name, f"[{t}, {i}]"] + [f"{med[n] * 1e3:.3g}" for n in names]
                 row += [f"{med['eager'] / med[n]:.2f}" for n in names[1:]]
                 row += [f"{med['compiled'] / med[n]:.2f}" for n in names[2:]]

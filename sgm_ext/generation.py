@@ -80,7 +80,9 @@ def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_
     """Generation time patched / unpatched, side by side.
 
     Each of the first n_prompts prompts is generated to exactly new_tokens tokens with and
-    without the patch, `runs` times, alternating which goes first; one untimed warm-up each.
+    without the patch, `runs` times, alternating which goes first; one untimed warm-up each,
+    and before every timed generation one untimed token in the same state (steady state, not
+    the patch's first call).
     limit, fmt: the inputs.LengthLimit and format the prompts are encoded with.
     """
     encoded = [encode(processor, p, limit, fmt) for p in prompts[:n_prompts]]
@@ -89,6 +91,9 @@ def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_
     def timed(enc, patched):
         handle = patch(model, scales, mode=mode, strength=strength) if patched else None
         try:
+            # one untimed token first, in both states: a fresh patch fills its caches (s_eff
+            # on the device, in the dtype) on its first call, which is not what a token costs
+            generate_one(model, processor, enc, 1, exact_length=True)
             start = time.perf_counter()
             generate_one(model, processor, enc, new_tokens, exact_length=True)
             return time.perf_counter() - start
