@@ -107,6 +107,14 @@ def rate_rows(report):
     return rows
 
 
+def latency_text(lat):
+    """The latency ratio with its spread, and what it is a ratio of."""
+    q1, q3 = lat["ratio_quartiles"]
+    return (f"{lat['ratio']:.3f} (median of {lat['pairs']} interleaved pairs of {lat['new_tokens']}"
+            f"-token generations; middle half of the pairs {q1:.3f}-{q3:.3f}, all "
+            f"{lat['ratio_range'][0]:.3f}-{lat['ratio_range'][1]:.3f})")
+
+
 def summary_table(report):
     """The short terminal table."""
     u, p = report["unpatched"], report["patched"]
@@ -120,8 +128,7 @@ def summary_table(report):
     lines = [f"{'':<{width}}{'unpatched':>11}{'patched':>11}"]
     lines += [f"{name:<{width}}{a:>11{fmt}}{b:>11{fmt}}" for name, a, b, fmt in rows]
     if lat:
-        lines.append(f"latency ratio patched / unpatched: {lat['ratio']:.3f} "
-                     f"(median of {lat['pairs']} interleaved pairs, {lat['new_tokens']} tokens)")
+        lines.append(f"latency ratio patched / unpatched: {latency_text(lat)}")
     lines.append(f"{_prompt_counts(report)}, judge {report['judge']}, "
                  f"strength {report['strength']}, mode {report['mode']}")
     return "\n".join(lines)
@@ -172,9 +179,8 @@ def markdown(report):
     if lat:
         lines.append(f"| generate time, median (s) | {lat['unpatched_s']:.4f} | "
                      f"{lat['patched_s']:.4f} |")
-        lines += ["", f"Latency ratio patched / unpatched: **{lat['ratio']:.3f}** (median of "
-                  f"{lat['pairs']} interleaved pairs, each generating exactly "
-                  f"{lat['new_tokens']} tokens for one prompt)."]
+        lines += ["", f"Latency ratio patched / unpatched: {latency_text(lat)}; each pair "
+                  "generates exactly that many tokens for one prompt, unpatched and patched."]
     return "\n".join(lines) + "\n"
 
 
