@@ -12,8 +12,9 @@
 # of that run's time). Both runs are made even when the first fails; the status is the first
 # failure's.
 #
-# SGM_EXT_GPU: auto (default: torch.cuda.is_available() decides), 1 (the GPU runs) or 0 (the
-# one run). PYTHON: the interpreter (default .venv/bin/python).
+# SGM_EXT_GPU: auto (default: torch.cuda.is_available() decides), 1 (the two runs), 0 (the one
+# run) or only (the GPU run alone: scripts/gpu_check.sh). PYTHON: the interpreter (default
+# .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -27,8 +28,8 @@ if [ "$gpu" = auto ]; then
 fi
 case $gpu in
     0) exec "$PYTHON" -m pytest "$@" ;;
-    1) ;;
-    *) echo "run_tests.sh: SGM_EXT_GPU must be auto, 0 or 1, not '$gpu'" >&2; exit 2 ;;
+    1 | only) ;;
+    *) echo "run_tests.sh: SGM_EXT_GPU must be auto, 0, 1 or only, not '$gpu'" >&2; exit 2 ;;
 esac
 workers=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then
@@ -36,8 +37,10 @@ if "$PYTHON" -c "import xdist" 2>/dev/null; then
     workers=(-n "$(( n < 8 ? n : 8 ))")
 fi
 status=0
-TRITON_INTERPRET=1 SGM_EXT_GPU_RUN= "$PYTHON" -m pytest --ignore=tests/test_gpu.py "$@" \
-    || status=$?
+if [ "$gpu" = 1 ]; then
+    TRITON_INTERPRET=1 SGM_EXT_GPU_RUN= "$PYTHON" -m pytest --ignore=tests/test_gpu.py "$@" \
+        || status=$?
+fi
 # (${a[@]+...}: an empty array is "unbound" to set -u in bash before 4.4)
 TRITON_INTERPRET=0 SGM_EXT_GPU_RUN=1 "$PYTHON" -m pytest tests/test_gpu.py \
     ${workers[@]+"${workers[@]}"} "$@" || { rc=$?; [ "$status" != 0 ] || status=$rc; }

@@ -3,6 +3,7 @@ of pytest runs (one without a GPU, two with one: the interpreter run and the GPU
 stand-in interpreter that records what it is asked to run, and scripts/gpu_check.sh's refusal
 where there is no NVIDIA GPU. Nothing here needs a GPU, and nothing here runs the suite."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -44,7 +45,8 @@ def run_tests(tmp_path, *args, cuda, xdist=True, pytest_status=0, **env):
 
 
 def _workers():
-    return min(os.cpu_count(), 8)
+    # as the script counts them (nproc: this process's CPUs, OMP_NUM_THREADS if set)
+    return min(int(subprocess.check_output(["nproc"], text=True)), 8)
 
 
 def test_without_a_gpu_one_run_of_everything(tmp_path):
@@ -75,6 +77,14 @@ def test_the_choice_can_be_forced(tmp_path, forced, cuda, n_runs):
     assert len(runs) == n_runs, runs
 
 
+def test_only_the_gpu_run(tmp_path):
+    # what scripts/gpu_check.sh asks for; the GPU run's status is the script's
+    res, runs = run_tests(tmp_path, "-q", cuda=False, xdist=False, pytest_status=3,
+                          SGM_EXT_GPU="only")
+    assert res.returncode == 3
+    assert runs == ["TRITON_INTERPRET=0 SGM_EXT_GPU_RUN=1 -m pytest tests/test_gpu.py -q"]
+
+
 def test_a_failing_first_run_still_makes_the_gpu_run_and_fails(tmp_path):
     res, runs = run_tests(tmp_path, cuda=True, pytest_status=1)
     assert res.returncode == 1
@@ -83,7 +93,7 @@ def test_a_failing_first_run_still_makes_the_gpu_run_and_fails(tmp_path):
 
 def test_a_bad_choice_is_refused(tmp_path):
     res, runs = run_tests(tmp_path, cuda=True, SGM_EXT_GPU="yes")
-    assert res.returncode == 2 and "SGM_EXT_GPU must be auto, 0 or 1" in res.stderr
+    assert res.returncode == 2 and "SGM_EXT_GPU must be auto, 0, 1 or only" in res.stderr
     assert runs == []
 
 
@@ -108,3 +118,59 @@ def test_gpu_run_fails_where_the_gpu_tests_skip():
                              text=True, cwd=ROOT, timeout=300)
     assert gpu_run.returncode != 0, gpu_run.stdout[-2000:]
     assert "skipped in the GPU run" in gpu_run.stdout and "no CUDA GPU" in gpu_run.stdout
+
+
+def _gpu_check(tmp_path, path):
+    # The script alone in an empty checkout: were its check broken, the set-up it would go on
+    # to (scripts/setup.sh) is not there, so nothing gets installed or run.
+    (tmp_path / "repo" / "scripts").mkdir(parents=True)
+    script = shutil.copy(os.path.join(SCRIPTS, "gpu_check.sh"), tmp_path / "repo" / "scripts")
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": path, "SGM_EXT_GPU_CHECK_OUT": str(out)}
+    res = subprocess.run(["/bin/bash", str(script)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    return res, out
+
+
+@pytest.mark.parametrize("answer", [
+    "exit 9",  # NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver
+    "echo 'No devices were found'; exit 6",
+    "echo",  # a driver that lists no GPU and says so with a blank line
+])
+def test_gpu_check_refuses_where_nvidia_smi_finds_no_gpu(tmp_path, answer):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\n{answer}\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    res, out = _gpu_check(tmp_path, f"{fake}{os.pathsep}{os.environ['PATH']}")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.stderr.strip() == ("gpu_check.sh: no NVIDIA GPU here (nvidia-smi missing, "
+                                  "failing or listing none)"), res.stderr
+    assert not out.exists() and not res.stdout  # refused before any stage
+
+
+def test_gpu_check_refuses_without_nvidia_smi(tmp_path):
+    # a PATH with only the tools the script needs before its check, nvidia-smi not among them
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("dirname", "head", "tr"):
+        (tools / name).symlink_to(shutil.which(name))
+    res, out = _gpu_check(tmp_path, str(tools))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "no NVIDIA GPU here" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bench_gpu_refuses_without_a_gpu():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--quick"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "torch sees no CUDA GPU here" in res.stderr
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(SCRIPTS) if f.endswith(".sh")))
+def test_scripts_parse(script):
+    res = subprocess.run(["bash", "-n", os.path.join(SCRIPTS, script)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
