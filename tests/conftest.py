@@ -13,6 +13,9 @@ os.environ.pop("SGM_EXT_BACKEND", None)
 # Fresh random inputs every run; the seed is printed so a failure can be replayed with
 # SGM_EXT_TEST_SEED=<seed>.
 SEED = int(os.environ.get("SGM_EXT_TEST_SEED") or random.SystemRandom().randrange(2**31))
+# pytest-xdist's workers (the GPU run) start after this and inherit it: one seed for the run,
+# the one in the header, rather than one per worker that nothing prints
+os.environ["SGM_EXT_TEST_SEED"] = str(SEED)
 
 
 def pytest_report_header(config):
