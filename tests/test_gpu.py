@@ -93,15 +93,21 @@ def test_act_scale_matches_float64(backend, dtype, act, gen):
 def test_backend_writes_every_output_element(backend, dtype, gated, layout, shape, gen):
     # NaN-poisoned output: an element the kernel skips (vector body, scalar tail, unaligned
     # path) stays NaN. 11008 rows are 16-byte aligned in every dtype; 1029 and 7 are not.
-    # "padded" ([R, 1040][:, :1029]): every row starts aligned but its width is not a multiple
-    # of the vector, the CUDA kernel's ragged-tail branch, which no other layout reaches.
+    # "padded" ([R, 1040][:, :1029], the output too): every row starts aligned, every row
+    # stride is a multiple of the vector and the width is not, so the CUDA kernel takes its
+    # vector path and then the ragged tail, which no other layout reaches (the kernel goes
+    # scalar when any stride, the output's included, is not a multiple of the vector); the
+    # padding past the width must stay NaN.
     rows, n = shape
     gate, up = rand(shape, dtype, layout, gen, DEV), rand(shape, dtype, layout, gen, DEV)
     scale, strength = rand_scale(n, gen, device=DEV), torch.rand(rows, generator=gen).to(DEV)
-    out = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    width = gate.stride(0) if layout == "padded" else n
+    out_buf = torch.full((rows, width), float("nan"), dtype=dtype, device=DEV)
+    out = out_buf[:, :n]
     select("act_mul_scale", DEV)(out, gate, up if gated else None, scale, None, strength, None,
                                  "silu")
     assert_matches(out, expected(gate, up if gated else None, "silu", scale, None, strength))
+    assert out_buf[:, n:].isnan().all()
 
 
 def test_output_rounds_to_nearest_even(backend, gen):
