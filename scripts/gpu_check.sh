@@ -45,7 +45,7 @@ failed=0
 # stage NAME LIMIT_S COMMAND...: run it, its output on the terminal and in $OUT/NAME.log. The
 # limit only guards against a hang eating the borrowed time; the budget is the 8 minutes.
 stage() {
-    local name=$1 limit=$2 start=$SECONDS rc=0 status=ok
+    local name=$1 limit=$2 start=$SECONDS rc=0 status=ok took
     shift 2
     echo "== $name: $*"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
@@ -54,8 +54,9 @@ stage() {
         if [ "$rc" = 124 ]; then status="FAILED (over its $limit s limit)"; fi
         failed=1
     fi
-    echo "== $name: $((SECONDS - start)) s, $status"
-    rows+=("| $name | $((SECONDS - start)) | $status |")
+    took=$((SECONDS - start))
+    echo "== $name: $took s, $status"
+    rows+=("| $name | $took | $status |")
     return "$rc"
 }
 
@@ -100,7 +101,7 @@ PYEOF
             fi
         done
     } > "$OUT/results.md"
-    echo "gpu_check.sh: $total s in all; results in $OUT/results.md"
+    echo "gpu_check.sh: $total s in all (target 480 s); results in $OUT/results.md"
 }
 
 if ! stage setup 420 bash scripts/setup.sh; then
