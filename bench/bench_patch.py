@@ -269,8 +269,8 @@ def interleaved_mlp(rounds, tokens, dtype):
     with torch.inference_mode():
         for m in MODES:
             roots[m]["mlp"](x)
-        for _ in range(rounds):
-            for m in MODES:
+        for r in range(rounds):  # the order rotates each round, as in decode_round
+            for m in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
                 cpu[m].append(timed(roots[m]["mlp"], x)[1])
     for h in handles:
         if h:

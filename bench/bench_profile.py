@@ -162,13 +162,17 @@ def main():
     parser.add_argument("--write", action="store_true",
                         help="put each table into its section of bench/RESULTS.md")
     args = parser.parse_args()
-    header = f"`{command_line('bench_profile.py', sys.argv[1:])}`; {environment()}"
+    if os.environ.get("SGM_BENCH_THREADS"):  # e.g. 1 on a loaded machine (see bench_patch.py)
+        torch.set_num_threads(int(os.environ["SGM_BENCH_THREADS"]))
     sections = {}
     if args.only != "collection":
         sections["bench_profile.py auroc"] = bench_auroc(args)
     if args.only != "auroc":
         sections["bench_profile.py collection" + (" real" if args.real else "")] = \
             bench_collection(args)
+    threads = os.environ.get("SGM_BENCH_THREADS")
+    prefix = f"SGM_BENCH_THREADS={threads} " if threads else ""
+    header = f"`{prefix}{command_line('bench_profile.py', sys.argv[1:])}`; {environment()}"
     for name, body in sections.items():
         print(f"\n{header}\n\n{body}")
         if args.write:
