@@ -18,6 +18,7 @@ class Prompt(NamedTuple):
     category: str = "all"
     response: Optional[str] = None  # never set: rows are encoded without a reply
     label: Optional[int] = None  # 1 a harmful request, 0 a benign one, None not said
+    system: Optional[str] = None  # a system prompt (the prompt defense); None: none
 
 
 def load_prompts(prompts, max_prompts=None):
@@ -88,3 +89,18 @@ def load_reference(reference=None):
     if not texts:
         raise ValueError(f"reference text {reference!r} is empty")
     return texts
+
+
+def read_text_file(path, what):
+    """The text of a small UTF-8 file (a safety prompt, a jailbreak template), stripped;
+    ValueError naming the file when it is missing, unreadable, not UTF-8 or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path}: {e.strerror or e}") from None
+    if not text:
+        raise ValueError(f"{what} {path}: the file is empty")
+    return text

@@ -213,6 +213,27 @@ def test_eval_out_that_is_a_file_is_refused(home):
             "is a file; eval writes a directory of report files", home)
 
 
+def test_eval_conditions_and_their_files_are_checked_before_any_work(home, tmp_path):
+    empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("  \n")
+    latin1.write_bytes(b"caf\xe9 {prompt}")
+    out = tmp_path / "report"
+    for options, message in (
+            (["--conditions", "unpatched,sgm**"], "unknown condition 'sgm**'"),
+            (["--conditions", "sgm,patched"], "name each condition once"),
+            (["--jailbreak", empty], f"--jailbreak {empty}: the file is empty"),
+            (["--jailbreak", latin1], f"--jailbreak {latin1}: not UTF-8 text"),
+            (["--safety-prompt", tmp_path / "nope.txt"],
+             f"--safety-prompt {tmp_path / 'nope.txt'}: No such file or directory"),
+            (["--judge-template", latin1], "--judge-template is for --judge llm:DIR"),
+            (["--judge", f"llm:{home / 'model'}", "--judge-template", empty],
+             "no {answer} placeholder")):
+        refused(["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+                 "--prompts", home / "prompts.jsonl", "--out", out, "--quiet", *options],
+                message, home, tmp_path)
+        assert not out.exists()
+
+
 # ------------------------------------------------------------------ one line, never a traceback
 
 @pytest.mark.parametrize("content", [b"", b"not safetensors at all", "truncated"], ids=str)
