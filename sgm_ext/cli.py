@@ -20,6 +20,7 @@ import warnings
 
 from . import realmodel, synthetic
 from .auroc import check_labels
+from .benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
 from .build import BuildError
 from .build import build as build_library
 from .collect import collect
@@ -311,8 +312,16 @@ def add_eval(sub):
     add_eval_options(p)
     p.add_argument("--model", required=True, help="model directory (Hugging Face format)")
     p.add_argument("--scales", required=True, help="scale file (.safetensors)")
-    p.add_argument("--prompts", required=True, help=".jsonl / .csv with text (or prompt), "
-                   "optional image and category")
+    p.add_argument("--prompts", default=None, help=".jsonl / .csv with text (or prompt), "
+                   "optional image, category and label (or --data)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="a benchmark as distributed, on disk: " + LAYOUTS)
+    p.add_argument("--benchmark", default="auto", choices=("auto", *BENCHMARKS),
+                   help="the layout of --data (default auto: told by its files)")
+    p.add_argument("--subset", default=None,
+                   help="comma-separated subsets of the benchmark: mm-safetybench SD, TYPO, "
+                   "SD_TYPO, text (default the three image variants); vlguard unsafe, "
+                   "safe-unsafe, safe-safe; realtoxicityprompts challenging")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0,
@@ -408,9 +417,20 @@ def judge_from_args(args):
 def run_eval(args):
     check_eval_args(args)  # all before a long load
     conditions, safety, jailbreak = eval_texts(args)
+    if (args.prompts is None) == (args.data is None):
+        raise ValueError("give the prompts as --prompts FILE or a benchmark as --data DIR "
+                         "(one of the two)")
+    if args.data is None and (args.benchmark != "auto" or args.subset):
+        raise ValueError("--benchmark and --subset go with --data DIR")
     judge = judge_from_args(args)
     scales = load_scales(args.scales)
-    prompts = load_prompts(args.prompts, args.max_prompts)
+    if args.data is None:
+        prompts, benchmark = load_prompts(args.prompts, args.max_prompts), "prompts"
+    else:
+        prompts, benchmark = load_benchmark(args.data, args.benchmark, args.subset,
+                                            args.max_prompts)
+        print(f"benchmark: {benchmark}, {len(prompts)} prompts from {args.data}",
+              file=sys.stderr)
     model, processor = load_model(args.model, args.device, args.dtype)  # checks dir and device
     print(input_format_line(processor, args.input_format), file=sys.stderr)
     report, generations = evaluate(
@@ -421,7 +441,8 @@ def run_eval(args):
         truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet,
         conditions=conditions, safety_prompt=safety, jailbreak=jailbreak, seed=args.seed)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
-                  prompts=os.path.abspath(args.prompts))
+                  prompts=os.path.abspath(args.prompts or args.data), benchmark=benchmark,
+                  subset=args.subset)
     files = write_report(report, generations, args.out)
     print(summary_table(report))
     print("wrote " + ", ".join(files))

@@ -234,6 +234,34 @@ def test_eval_conditions_and_their_files_are_checked_before_any_work(home, tmp_p
         assert not out.exists()
 
 
+def test_eval_benchmark_data_is_checked_before_any_work(home, tmp_path):
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "readme.txt").write_text("not a benchmark\n")
+    mmsb = tmp_path / "MM-SafetyBench" / "data" / "processed_questions"
+    mmsb.mkdir(parents=True)
+    (mmsb / "01-Illegal_Activitiy.json").write_text('{"0": {"Question": ')
+    rtp = tmp_path / "rtp"
+    rtp.mkdir()
+    (rtp / "prompts.jsonl").write_text('{"prompt": {"text": "a", "toxicity": 0.1}}\n[1]\n')
+    out = tmp_path / "report"
+    base = ["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+            "--out", out, "--quiet"]
+    for options, message in (
+            (["--data", unknown], f"{unknown}: benchmark layout not recognised"),
+            (["--data", tmp_path / "MM-SafetyBench"],
+             f"{mmsb / '01-Illegal_Activitiy.json'}: not JSON (Expecting value at line 1)"),
+            (["--data", rtp], f"{rtp / 'prompts.jsonl'}: line 2: no 'prompt' object"),
+            (["--data", rtp, "--subset", "hard"], "--subset 'hard': realtoxicityprompts has "
+             "the subsets all, challenging"),
+            (["--data", unknown, "--benchmark", "vlguard"], "test.json: No such file"),
+            (["--data", rtp, "--prompts", home / "prompts.jsonl"], "one of the two"),
+            (["--prompts", home / "prompts.jsonl", "--subset", "SD"],
+             "--benchmark and --subset go with --data DIR")):
+        refused(base + options, message, home, tmp_path)
+        assert not out.exists()
+
+
 # ------------------------------------------------------------------ one line, never a traceback
 
 @pytest.mark.parametrize("content", [b"", b"not safetensors at all", "truncated"], ids=str)
