@@ -37,11 +37,11 @@ from .expertise import (
 from .expertise import expertise as compute_expertise
 from .files import check_output_file
 from .inputs import FORMATS, MODALITIES, resolve_format
-from .judges import get_judge, read_template
+from .judges import SCORINGS, get_judge, read_template, resolve_scoring
 from .loading import check_device, check_model_dir, load_model
 from .plots import expertise_plot
 from .pooling import POOLINGS, site_table
-from .prompts import load_prompts, read_text_file
+from .prompts import load_capability, load_prompts, read_text_file
 from .registry import SITE_KINDS
 from .report import (
     condition_table,
@@ -326,6 +326,13 @@ def add_eval(sub):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0,
                    help="torch's seed before generating and the bootstrap's (default 0)")
+    p.add_argument("--capability", default=None, metavar="FILE",
+                   help="a capability set (.jsonl / .csv: question, answer, optional image and "
+                   "choices) answered unpatched and patched: accuracy with intervals")
+    p.add_argument("--capability-scoring", choices=SCORINGS, default="auto",
+                   help="exact (the answer's first line equals the reference, up to case and "
+                   "punctuation) or choice (its first standalone letter A-J is the reference); "
+                   "auto: choice when every reference is a letter")
     add_input_options(p)
     p.set_defaults(func=run_eval)
 
@@ -431,6 +438,10 @@ def run_eval(args):
                                             args.max_prompts)
         print(f"benchmark: {benchmark}, {len(prompts)} prompts from {args.data}",
               file=sys.stderr)
+    capability = None
+    if args.capability:
+        capability = load_capability(args.capability)
+        resolve_scoring(args.capability_scoring, capability[1])
     model, processor = load_model(args.model, args.device, args.dtype)  # checks dir and device
     print(input_format_line(processor, args.input_format), file=sys.stderr)
     report, generations = evaluate(
@@ -439,7 +450,8 @@ def run_eval(args):
         batch_size=args.batch_size, latency_runs=args.latency_runs,
         latency_prompts=args.latency_prompts, max_length=args.max_length,
         truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet,
-        conditions=conditions, safety_prompt=safety, jailbreak=jailbreak, seed=args.seed)
+        conditions=conditions, safety_prompt=safety, jailbreak=jailbreak, seed=args.seed,
+        capability=capability, capability_scoring=args.capability_scoring)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
                   prompts=os.path.abspath(args.prompts or args.data), benchmark=benchmark,
                   subset=args.subset)

@@ -20,6 +20,7 @@ The pieces: prompts.py (prompt and reference files), judges.py, generation.py (g
 perplexity, latency), report.py (tables and report files), plots.py (the chart).
 """
 import math
+import os
 import platform
 import warnings
 from collections import Counter
@@ -35,10 +36,10 @@ from .inputs import (
     resolve_format,
     unusable_images_warning,
 )
-from .judges import get_judge, is_refusal
+from .judges import get_judge, is_correct, is_refusal, resolve_scoring
 from .patching import patch
 from .progress import progress_bar
-from .prompts import load_prompts, load_reference
+from .prompts import load_capability, load_prompts, load_reference
 from .report import write_report
 
 __all__ = ["CONDITIONS", "evaluate", "harmful_rates", "mcnemar_exact", "over_refusal_rates",
@@ -201,6 +202,24 @@ def run_summary(generations, run):
     return out
 
 
+def capability_report(rows, references, answers, scoring):
+    """Accuracy unpatched and patched (count, Wilson 95%), McNemar on correctness, and every
+    question with both answers. answers: {patched?: [(text, new tokens)]}."""
+    items = [{"number": p.number, "question": p.text, "reference": ref,
+              "image": p.image if isinstance(p.image, str) or p.image is None else "<PIL>",
+              **{state: {"answer": answers[patched][i][0],
+                         "correct": is_correct(answers[patched][i][0], ref, scoring)}
+                 for state, patched in (("unpatched", False), ("patched", True))}}
+             for i, (p, ref) in enumerate(zip(rows, references))]
+    n = len(items)
+    out = {"n": n, "scoring": scoring, "items": items}
+    for state in ("unpatched", "patched"):
+        k = sum(it[state]["correct"] for it in items)
+        out[state] = {"correct": k, "accuracy": k / n, "ci95": wilson_interval(k, n)}
+    out["paired"] = paired_test(items, "unpatched", "patched", "correct", lambda it: True)
+    return out
+
+
 def run_names(conditions, attacked):
     """[(run name, condition, attacked?)]: each condition under the standard prompts, then
     each under the jailbreak when there is one."""
@@ -214,7 +233,8 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
              strength=1.0, mode="fused", reference=None, batch_size=8, latency_runs=3,
              latency_prompts=8, max_prompts=None, max_length=None, truncate=True,
              input_format="auto", progress=True, conditions=DEFAULT_CONDITIONS,
-             safety_prompt=SAFETY_PROMPT, jailbreak=None, seed=0) -> tuple:
+             safety_prompt=SAFETY_PROMPT, jailbreak=None, seed=0, capability=None,
+             capability_scoring="auto") -> tuple:
     """(report dict, generation records) for `model` under each condition.
 
     scales: a ScaleSet, a {site: [n] tensor} dict or a scale file; prompts: a JSONL / CSV
@@ -224,7 +244,9 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
     defense's system prompt (default the built-in SAFETY_PROMPT); jailbreak: a template
     applied to every prompt (apply_jailbreak) in a second run of every condition; seed:
     torch's seed before generating (decoding is greedy, so it only matters to a model that
-    samples) and the bootstrap's.
+    samples) and the bootstrap's. capability: a capability set (prompts.load_capability: a
+    file, or (rows, references)) answered unpatched and patched and scored by
+    capability_scoring (judges.is_correct: exact, choice, or auto), under report["capability"].
     max_length / truncate: as for profile.collect (a prompt longer than max_length tokens is
     cut, with one warning, or refused). input_format: "chat", "raw" or "auto" (chat when the
     processor has a chat template); only the continuation is judged in either.
@@ -246,6 +268,10 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
         raise ValueError("the safety prompt is empty")
     judge = get_judge(judge)
     rows = load_prompts(prompts, max_prompts)
+    if capability is not None:
+        cap_rows, cap_refs = load_capability(capability) \
+            if isinstance(capability, (str, os.PathLike)) else capability
+        capability_scoring = resolve_scoring(capability_scoring, cap_refs)
     texts = load_reference(reference)
     patch(model, scales, mode=mode, strength=strength).remove()  # bad scales fail here
     first_image = next((p.number for p in rows if p.image is not None), None)
@@ -264,23 +290,32 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
             system=safety_prompt if defended else None), limit, fmt) for p in rows]
 
     encoded = {run: inputs_of(c, a) for run, c, a in runs}
+    if capability is not None:
+        cap_encoded = [encode(processor, p, limit, fmt) for p in cap_rows]
     if limit.summary():
         warnings.warn(limit.summary(), stacklevel=2)
     torch.manual_seed(seed)
-    answers, ppl = {}, {}
-    bar = progress_bar(len(runs) * len(rows), desc="generating", unit="answer",
-                       enabled=progress, leave=False)
-    for patched in sorted({CONDITIONS[c][0] for _, c, _ in runs}):
+    answers, ppl, cap_answers = {}, {}, {}
+    states = {CONDITIONS[c][0] for _, c, _ in runs} | ({False, True} if capability else set())
+    bar = progress_bar(len(runs) * len(rows) + (2 * len(cap_rows) if capability else 0),
+                       desc="generating", unit="answer", enabled=progress, leave=False)
+
+    def answer_all(inputs):
+        out = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            out += generate(model, processor, chunk, max_new_tokens)
+            bar.update(len(chunk))
+        return out
+
+    for patched in sorted(states):
         handle = patch(model, scales, mode=mode, strength=strength) if patched else None
         try:
             for run, condition, _ in runs:
-                if CONDITIONS[condition][0] != patched:
-                    continue
-                answers[run] = []
-                for start in range(0, len(rows), batch_size):
-                    chunk = encoded[run][start:start + batch_size]
-                    answers[run] += generate(model, processor, chunk, max_new_tokens)
-                    bar.update(len(chunk))
+                if CONDITIONS[condition][0] == patched:
+                    answers[run] = answer_all(encoded[run])
+            if capability is not None:
+                cap_answers[patched] = answer_all(cap_encoded)
             ppl[patched] = passage_nll(model, processor, texts)
         finally:
             if handle is not None:
@@ -335,6 +370,9 @@ def evaluate(model, processor, scales, prompts, *, judge="profanity", max_new_to
     for state in ("unpatched", "patched"):
         if state in report["runs"]:
             report[state] = report["runs"][state]
+    if capability is not None:
+        report["capability"] = capability_report(cap_rows, cap_refs, cap_answers,
+                                                 capability_scoring)
     if latency_runs > 0 and "patched" in conditions:
         report["latency"] = measure_latency(model, processor, rows, scales,
                                             new_tokens=max_new_tokens, runs=latency_runs,

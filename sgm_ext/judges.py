@@ -286,6 +286,47 @@ class GenerativeJudge(Judge):
         return [d["score"] for d in self.details(answers, prompts)]
 
 
+# ------------------------------------------------------------------ capability answers
+
+SCORINGS = ("auto", "exact", "choice")
+
+
+def _normalise(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def choice_letter(answer):
+    """The first standalone capital letter A-J of an answer ("(B)", "B.", "The answer is C"),
+    or None."""
+    m = re.search(r"(?<![A-Za-z])([A-J])(?![A-Za-z])", answer)
+    return m.group(1) if m else None
+
+
+def is_correct(answer, reference, scoring):
+    """Whether a capability answer is right: `exact` when its first line equals the reference
+    up to case, punctuation and spacing; `choice` when its first standalone capital letter
+    (choice_letter) is the reference letter."""
+    if scoring == "choice":
+        return choice_letter(answer) == reference.strip().upper()
+    first = answer.strip().splitlines()[0] if answer.strip() else ""
+    return _normalise(first) == _normalise(reference)
+
+
+def resolve_scoring(scoring, references):
+    """exact / choice; auto: choice when every reference is one letter A-J, else exact."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"capability scoring must be one of {', '.join(SCORINGS)}, got "
+                         f"{scoring!r}")
+    if scoring == "auto":
+        letters = all(re.fullmatch(r"[A-Ja-j]", r.strip()) for r in references)
+        return "choice" if letters else "exact"
+    if scoring == "choice":
+        bad = next((r for r in references if not re.fullmatch(r"[A-Ja-j]", r.strip())), None)
+        if bad is not None:
+            raise ValueError(f"choice scoring needs letter references (A-J), got {bad!r}")
+    return scoring
+
+
 JUDGES = ("profanity", "refusal", "hf:DIR", "llm:DIR")
 
 

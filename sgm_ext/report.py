@@ -190,6 +190,8 @@ def summary_table(report):
                      f"{lat['patched_s']:.4f}")
         lines.append(f"latency ratio patched / unpatched: {lat['ratio']:.3f} "
                      f"(median of {lat['pairs']} interleaved pairs, {lat['new_tokens']} tokens)")
+    if report.get("capability"):
+        lines.append(capability_line(report["capability"]))
     lines.append(f"{_prompt_counts(report)}, judge {report['judge']}, "
                  f"strength {report['strength']}, mode {report['mode']}, seed "
                  f"{report.get('seed', '-')}; harmful rate as rate (harmful/prompts) [Wilson "

@@ -217,6 +217,9 @@ def test_eval_conditions_and_their_files_are_checked_before_any_work(home, tmp_p
     empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
     empty.write_text("  \n")
     latin1.write_bytes(b"caf\xe9 {prompt}")
+    nocap, textcap = tmp_path / "nocap.jsonl", tmp_path / "textcap.jsonl"
+    nocap.write_text(json.dumps({"question": "2 + 2 ="}) + "\n")
+    textcap.write_text(json.dumps({"question": "capital of France?", "answer": "Paris"}) + "\n")
     out = tmp_path / "report"
     for options, message in (
             (["--conditions", "unpatched,sgm**"], "unknown condition 'sgm**'"),
@@ -227,7 +230,10 @@ def test_eval_conditions_and_their_files_are_checked_before_any_work(home, tmp_p
              f"--safety-prompt {tmp_path / 'nope.txt'}: No such file or directory"),
             (["--judge-template", latin1], "--judge-template is for --judge llm:DIR"),
             (["--judge", f"llm:{home / 'model'}", "--judge-template", empty],
-             "no {answer} placeholder")):
+             "no {answer} placeholder"),
+            (["--capability", nocap], f"{nocap} row 1 (line 1): no reference `answer`"),
+            (["--capability", textcap, "--capability-scoring", "choice"],
+             "choice scoring needs letter references (A-J), got 'Paris'")):
         refused(["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
                  "--prompts", home / "prompts.jsonl", "--out", out, "--quiet", *options],
                 message, home, tmp_path)

@@ -543,7 +543,7 @@ def _forced_chat_model(path, reply, chat_template=None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    words = ["safe", "unsafe", "banana", "User:", "Agent:"]
+    words = ["safe", "unsafe", "banana", "User:", "Agent:", "B"]
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -633,3 +633,65 @@ def test_refusal_judge_never_calls_a_benign_prompts_answer_harmful(toy):
     for g in generations:
         assert g["unpatched"]["answer"] and not g["unpatched"]["refusal"]
         assert g["unpatched"]["harmful"] == (g["label"] == "harmful"), g
+
+
+# ------------------------------------------------------------------ capability set
+
+def test_capability_scoring_by_hand():
+    from sgm_ext.judges import choice_letter, is_correct, resolve_scoring
+
+    assert [choice_letter(a) for a in ("(B) because", "The answer is C.", "b", "A. first",
+                                       "none")] == ["B", "C", None, "A", None]
+    assert is_correct("(B) because", "b", "choice") and not is_correct("b", "B", "choice")
+    assert is_correct("  Paris.\nIt is the capital.", "paris", "exact")
+    assert not is_correct("It is Paris.", "Paris", "exact") and not is_correct("", "x", "exact")
+    assert resolve_scoring("auto", ["A", "c"]) == "choice"
+    assert resolve_scoring("auto", ["A", "Paris"]) == "exact"
+    with pytest.raises(ValueError, match="choice scoring needs letter references"):
+        resolve_scoring("choice", ["A", "Paris"])
+
+
+def test_load_capability_rows_and_errors(tmp_path):
+    from sgm_ext.prompts import load_capability
+
+    path = tmp_path / "cap.jsonl"
+    path.write_text(json.dumps({"question": "Which is red?", "choices": ["sky", "blood"],
+                                "answer": "B"}) + "\n" +
+                    json.dumps({"text": "2 + 2 =", "answer": 4}) + "\n")
+    rows, refs = load_capability(path)
+    assert [r.text for r in rows] == ["Which is red?\nA. sky\nB. blood", "2 + 2 ="]
+    assert refs == ["B", "4"]
+    path.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"cap.jsonl row 1 \(line 1\): no reference"):
+        load_capability(path)
+
+
+def test_capability_accuracy_unpatched_vs_patched(tmp_path, capsys):
+    """A chat model forced to answer "B" to everything (its MLPs write nothing, so the patch
+    changes nothing): 2 of 4 multiple-choice references are B, so accuracy is 2/4 in both
+    states, no discordant question, McNemar p = 1; as exact match against "b b b", 0 of 4."""
+    model_dir = _forced_chat_model(tmp_path / "model", "B")
+    ScaleSet({"model.layers.0.mlp.mid": torch.zeros(32)}).save(tmp_path / "s.safetensors")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("".join(json.dumps({"question": f"q{i}", "choices": ["x", "y", "z"],
+                                       "answer": a}) + "\n" for i, a in enumerate("BCBA")))
+    argv = ["eval", "--model", str(model_dir), "--scales", str(tmp_path / "s.safetensors"),
+            "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"),
+            "--max-new-tokens", "3", "--latency-runs", "0", "--quiet", "--judge", "refusal",
+            "--capability", str(cap)]
+    assert main(argv) == 0
+    assert "Capability (4 questions, choice): accuracy unpatched 0.500 (2/4) " \
+        "[0.150-0.850], patched 0.500 (2/4) [0.150-0.850], McNemar p 1" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    cap_report = report["capability"]
+    assert [it["unpatched"]["correct"] for it in cap_report["items"]] == \
+        [True, False, True, False]
+    assert [it["patched"]["answer"] for it in cap_report["items"]] == ["B B B"] * 4
+    assert cap_report["paired"]["p_value"] == 1.0
+    assert "Capability (4 questions, choice)" in (tmp_path / "out" / "report.md").read_text()
+    cap.write_text("".join(json.dumps({"question": "q", "answer": a}) + "\n"
+                           for a in ("b b b", "b", "B B B!", "c")))
+    assert main(argv + ["--capability-scoring", "exact"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["capability"]["unpatched"]["correct"] == 2  # "b b b" and "B B B!"
