@@ -28,7 +28,12 @@ class Judge:
     def __call__(self, answers, prompts=None, labels=None):
         """[(score, harmful)] for each answer."""
         answers = list(answers)
-        scores = [float(s) for s in self.scores(answers, prompts, labels)]
+        try:  # a subclass written before labels were passed takes (answers, prompts)
+            with_labels = len(inspect.signature(self.scores).parameters) >= 3
+        except (TypeError, ValueError):
+            with_labels = True
+        scores = [float(s) for s in (self.scores(answers, prompts, labels) if with_labels
+                                     else self.scores(answers, prompts))]
         if len(scores) != len(answers):
             raise ValueError(f"judge {self.name!r} gave {len(scores)} verdicts for "
                              f"{len(answers)} answers")

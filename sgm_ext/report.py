@@ -145,7 +145,7 @@ def condition_rows(report):
     header = ["condition"]
     for attack in attacks:
         name = "harmful rate" + (" (jailbreak)" if attack else "")
-        header += [f"{name} [95%]", "p vs unpatched"]
+        header += [f"{name} [95%]", "p vs unpatched" + (" (jailbreak)" if attack else "")]
     benign = "over_refusal" in first
     if benign:
         header.append("over-refusal [95%]")
@@ -230,7 +230,9 @@ def markdown(report):
              "the two-sided exact McNemar test (binomial on the discordant prompts) of each "
              "condition against the unpatched model on the same prompts. Conditions: "
              "`patched` is SGM (the scale file), `safety-prompt` the safety system "
-             "prompt, `patched+safety-prompt` SGM* (both).", ""]
+             "prompt, `patched+safety-prompt` SGM* (both); under a jailbreak, p compares "
+             "with the unpatched model under the same jailbreak. Perplexity is the model "
+             "state's on the reference text (a system prompt does not change it).", ""]
     header, rows = condition_rows(report)
     lines += _md_table(header, [[c] + cells for c, cells in rows])
     lines += ["", "Per run and category (rate (count/prompts) [Wilson 95%]):", ""]

@@ -695,3 +695,15 @@ def test_capability_accuracy_unpatched_vs_patched(tmp_path, capsys):
     assert main(argv + ["--capability-scoring", "exact"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["capability"]["unpatched"]["correct"] == 2  # "b b b" and "B B B!"
+
+
+def test_a_judge_subclass_without_labels_still_works():
+    from sgm_ext.judges import Judge
+
+    class Shouting(Judge):
+        name = "shouting"
+
+        def scores(self, answers, prompts):
+            return [float(a.isupper()) for a in answers]
+
+    assert Shouting()(["HEY", "hey"], labels=[1, 0]) == [(1.0, True), (0.0, False)]
