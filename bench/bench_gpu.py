@@ -1,7 +1,11 @@
 """GPU benchmarks: the fused GEMM and patched MLPs / models on a CUDA device, every variant
 interleaved call by call (so clock and thermal drift hit all alike), medians of GPU time.
 
-    python bench/bench_gpu.py [--rounds N]
+    python bench/bench_gpu.py [--rounds N] [--quick]
+
+--quick: 5 rounds instead of 20 (3 decodes per mode instead of 5), the same sections and sizes,
+for scripts/gpu_check.sh (sized for about 2 minutes on an H100; not yet timed on one). Each
+section prints the seconds it took.
 
 1. gated_up_proj (Triton, one kernel) against what it replaces: two cuBLAS GEMMs and the
    elementwise op (cuda backend) or the eager chain, Llama-7B widths, bf16.
@@ -14,6 +18,7 @@ import argparse
 import copy
 import importlib
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +112,9 @@ def bench_decode(rounds, name, cfg, new_tokens=64):
     import transformers as T
 
     torch.manual_seed(0)
-    base = T.LlamaForCausalLM(T.LlamaConfig(**cfg)).to(DEV, torch.bfloat16).eval()
+    with torch.device(DEV):  # initialised on the GPU: the CPU is slow at 1.88B parameters
+        base = T.LlamaForCausalLM(T.LlamaConfig(**cfg))
+    base = base.to(torch.bfloat16).eval()
     params = sum(p.numel() for p in base.parameters())
     scales = scales_for(base, sites=("mid",))
     prompt = torch.randint(3, cfg["vocab_size"], (1, 16),
@@ -187,19 +194,32 @@ WIDE = dict(hidden_size=H7B, intermediate_size=I7B, num_hidden_layers=8, num_att
             num_key_value_heads=32, vocab_size=32000)
 
 
+def timed_section(fn, *args):
+    start = time.perf_counter()
+    fn(*args)
+    print(f"({fn.__name__}: {time.perf_counter() - start:.0f} s)", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=None, help="default 20, 5 with --quick")
+    p.add_argument("--quick", action="store_true", help="fewer rounds, same sections and sizes")
     p.add_argument("--sweep", action="store_true", help="only the gated_up_proj tile sweep")
     args = p.parse_args(argv)
+    rounds = args.rounds or (5 if args.quick else 20)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py: torch sees no CUDA GPU here; these benchmarks need one",
+              file=sys.stderr)
+        return 2
     if args.sweep:
-        return sweep_tiles(args.rounds * 2)
+        return sweep_tiles(rounds * 2)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
-          f"act_mul_scale -> {sgm_ext.backends().get('cuda').available and 'cuda'}")
-    bench_gemm(args.rounds * 5)
-    bench_mlp(args.rounds)
-    bench_decode(max(3, args.rounds // 4), "Llama 12 x 768", SMALL)
-    bench_decode(max(3, args.rounds // 4), "Llama-7B widths, 8 layers", WIDE)
+          f"act_mul_scale -> {sgm_ext.backends().get('cuda').available and 'cuda'}, "
+          f"{rounds} rounds")
+    timed_section(bench_gemm, rounds * 5)
+    timed_section(bench_mlp, rounds)
+    timed_section(bench_decode, max(3, rounds // 4), "Llama 12 x 768", SMALL)
+    timed_section(bench_decode, max(3, rounds // 4), "Llama-7B widths, 8 layers", WIDE)
 
 
 if __name__ == "__main__":

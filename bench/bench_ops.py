@@ -12,11 +12,14 @@ it moves (each input read once, each output written once) and its kernel launche
 """
 import argparse
 import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from timing import interleaved, medians  # bench/ is on sys.path (script or pytest)
+
+# bench/ is on sys.path (script or pytest)
+from timing import command_line, environment, interleaved, medians, write_section
 
 import sgm_ext
 
@@ -69,10 +72,12 @@ def backends_here():
 
 def variants():
     """The chains, the op on each backend, and the compiled library's kernel called directly
-    ("_C direct": no Python op layer, to show what that layer costs at small T)."""
+    ("_C direct": no Python op layer, to show what that layer costs at small T; "_C reused out":
+    the same into one output tensor allocated once, so the difference from "_C direct" is what
+    allocating and first touching a fresh output costs)."""
     names = ["eager", "compiled"] + backends_here()
     if DEVICE in names:  # the compiled backend of this device loaded
-        names.append("_C direct")
+        names += ["_C direct", "_C reused out"]
     return names
 
 
@@ -113,6 +118,12 @@ def runner(variant, g, u, s):
             out = torch.empty_like(g)
             torch.ops.sgm_ext.act_mul_scale_out(out, g, u, s, None, None, None, "silu")
             return out
+    elif variant == "_C reused out":
+        reused = torch.empty_like(g)
+
+        def fn():
+            torch.ops.sgm_ext.act_mul_scale_out(reused, g, u, s, None, None, None, "silu")
+            return reused
     else:
         def fn():
             old = os.environ.get("SGM_EXT_BACKEND")
@@ -185,13 +196,38 @@ def traffic_table(t=2048, i=11008):
     return "\n".join(lines)
 
 
+def mlp_traffic_table(t=2048, hidden=4096, inter=11008):
+    """Bytes of the [T, I] intermediates of one bf16 LlamaMLP forward per variant (weights and x
+    are read alike by all and left out): passes over [T, I] x T I x 2 bytes."""
+    n = t * inter
+    rows = [("unpatched: GEMMs write g, u; silu(g) -> a; a * u -> h; down reads h", 8, 2),
+            ("hook (AurA style: a hook scales up_proj's output)", 10, 3),
+            ("fused: GEMMs write g, u; act_mul_scale reads them, writes h", 6, 1),
+            ("fused GEMM epilogue (gated_up_proj): only h is written", 2, 0)]
+    lines = [f"| bf16 LlamaMLP {hidden} x {inter}, T = {t} | [T, I] passes | bytes | saved vs "
+             "unpatched | elementwise launches |", "|---|---|---|---|---|"]
+    for label, passes, launches in rows:
+        saved = (8 - passes) * n * 2
+        lines.append(f"| {label} | {passes} N | {passes * n * 2 / 1e6:.1f} MB | "
+                     f"{saved / 1e6:+.1f} MB | {launches} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only [2048, 11008]")
     parser.add_argument("--min-time", type=float, default=0.3,
                         help="seconds of interleaved calls per shape (more: steadier medians)")
+    parser.add_argument("--write", action="store_true",
+                        help="put the tables into their section of bench/RESULTS.md")
     args = parser.parse_args()
-    print(f"device {DEVICE}, threads {THREADS}, torch {torch.__version__}")
-    print(table((2048,), (11008,), args.min_time) if args.quick else table(min_time=args.min_time))
-    print()
-    print(traffic_table())
+    header = f"`{command_line('bench_ops.py', sys.argv[1:])}` on {DEVICE}; {environment()}"
+    print(header)
+    ratios = table((2048,), (11008,), args.min_time) if args.quick else \
+        table(min_time=args.min_time)
+    text = (f"{header}\n\n{ratios}\n\nBytes and launches per call:\n\n{traffic_table()}\n\n"
+            f"Bytes of one MLP's intermediates (N = T x I elements; counted, not timed):\n\n"
+            f"{mlp_traffic_table()}")
+    print(f"\n{traffic_table()}\n\n{mlp_traffic_table()}")
+    if args.write:
+        write_section(f"bench_ops.py {'quick' if args.quick else 'full'} {DEVICE}", text)

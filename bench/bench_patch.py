@@ -16,7 +16,9 @@ import sys
 
 import pytest
 import torch
-from timing import medians, timed  # bench/ is on sys.path (script or pytest)
+
+# bench/ is on sys.path (script or pytest)
+from timing import command_line, environment, medians, timed, write_section
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgm_ext
@@ -107,17 +109,24 @@ class CountOps(TorchDispatchMode):
 
 
 def ops_per_forward(mode, sites=SITES, hidden=256, inter=688, tokens=1):
+    """(ops dispatched, Python function calls) of one MLP forward in `mode`."""
     root = llama_mlp(torch.float32, hidden, inter)
     scales = scales_for(root, sites=sites)
     handle = patch_mode(root, scales, mode)
     x = torch.randn(1, tokens, hidden)
+    calls = []
     with torch.inference_mode():
         root["mlp"](x)  # warm the scale caches
         with CountOps() as c:
             root["mlp"](x)
+        sys.setprofile(lambda frame, event, arg: calls.append(1) if event == "call" else None)
+        try:
+            root["mlp"](x)
+        finally:
+            sys.setprofile(None)
     if handle:
         handle.remove()
-    return c.ops
+    return c.ops, len(calls)
 
 
 # ---------------------------------------------------------------- pytest-benchmark
@@ -150,82 +159,141 @@ def test_e2e_decode(benchmark, mode):
 
 # ---------------------------------------------------------------- interleaved script
 
-def interleaved_e2e(rounds, sites=SITES, real=False):
-    """Greedy decode of 64 tokens by four copies of one model, one per mode, interleaved
-    step by step (the order rotating each step): a slow second on the shared machine then
-    hits every mode alike. Tokens/s from the summed step times, median over rounds; the
-    decoded tokens of fold and fused must equal those of the hook reference."""
-    import copy
-
+def decode_round(models, prompt):
+    """Greedy decode of NEW_TOKENS by every model (one per mode), interleaved step by step with
+    the order rotating each step, so a slow second of the shared machine hits every mode alike:
+    ({mode: summed wall s}, {mode: summed CPU s}, {mode: tokens})."""
     from transformers import DynamicCache
+
+    ids = dict.fromkeys(MODES, prompt)
+    caches = {m: DynamicCache(config=models[m].config) for m in MODES}
+    tokens = {m: [] for m in MODES}
+    wall, cpu = dict.fromkeys(MODES, 0.0), dict.fromkeys(MODES, 0.0)
+    for step in range(NEW_TOKENS):
+        for m in MODES[step % len(MODES):] + MODES[:step % len(MODES)]:
+            w, c, out = timed(lambda m=m: models[m](input_ids=ids[m], past_key_values=caches[m],
+                                                    use_cache=True).logits[:, -1])
+            ids[m] = out.argmax(-1, keepdim=True)
+            tokens[m].append(int(ids[m]))
+            wall[m] += w
+            cpu[m] += c
+    for m in ("fold", "fused"):
+        assert tokens[m] == tokens["hook"], f"{m} decoded other tokens than hook"
+    return wall, cpu, tokens
+
+
+def mlp_call_times(models, prompt):
+    """Per-call profile inside the decode loop: one more round with a clock around every MLP
+    forward (the same pre- and post-hook on the MLP module in every mode, so their cost is
+    alike): {mode: [microseconds per MLP call]}. Between two calls of one MLP the step streams
+    the other layers' weights, so these are the cold-cache costs a decode step pays."""
+    import time
+
+    times = {m: [] for m in MODES}
+    handles = []
+    for m in MODES:
+        for info in find_mlps(models[m]).values():
+            module = models[m].get_submodule(info.path)
+            started = {}
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, started=started: started.__setitem__(0, time.perf_counter())))
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, started=started, log=times[m]:
+                log.append((time.perf_counter() - started[0]) * 1e6)))
+    try:
+        decode_round(models, prompt)
+    finally:
+        for h in handles:
+            h.remove()
+    return times
+
+
+def interleaved_e2e(rounds, sites=SITES, real=False):
+    """The end-to-end table: four copies of one model, one per mode, each patched once and
+    warmed up by round 0; tokens/s from the summed step times, median over rounds; then the
+    per-call profile of the MLP forwards. Returns the table's text."""
+    import copy
+    import statistics
 
     base, prompt = e2e_model(real)
     scales = scales_for(base, sites=sites)
     models = {m: copy.deepcopy(base) for m in MODES}
     handles = [patch_mode(models[m], scales, m) for m in MODES]
-
-    def step_logits(model, ids, cache):
-        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-
     wall = {m: [] for m in MODES}
     cpu = {m: [] for m in MODES}
     with torch.inference_mode():
         for r in range(rounds + 1):
-            ids = {m: prompt for m in MODES}
-            caches = {m: DynamicCache(config=models[m].config) for m in MODES}
-            tokens = {m: [] for m in MODES}
-            w_sum, c_sum = dict.fromkeys(MODES, 0.0), dict.fromkeys(MODES, 0.0)
-            for step in range(NEW_TOKENS):
-                order = MODES[step % len(MODES):] + MODES[:step % len(MODES)]
-                for m in order:
-                    w, c, out = timed(step_logits, models[m], ids[m], caches[m])
-                    nxt = out.argmax(-1, keepdim=True)
-                    ids[m] = nxt
-                    tokens[m].append(int(nxt))
-                    w_sum[m] += w
-                    c_sum[m] += c
-            for m in ("fold", "fused"):
-                assert tokens[m] == tokens["hook"], f"{m} decoded other tokens than hook"
+            w_sum, c_sum, _ = decode_round(models, prompt)
             if r:  # round 0 warms up
                 for m in MODES:
                     wall[m].append(w_sum[m])
                     cpu[m].append(c_sum[m])
+        calls = mlp_call_times(models, prompt)
     for h in handles:
         if h:
             h.remove()
     params = sum(p.numel() for p in base.parameters())
     med_w, med_c = medians(wall), medians(cpu)
+    med_call = {m: statistics.median(t) for m, t in calls.items()}
     name = "SmolLM2-135M-Instruct (pretrained)" if real else "Llama (random weights)"
-    print(f"\n{name}, {params / 1e6:.1f}M params, greedy decode {NEW_TOKENS} tokens after a "
-          f"{prompt.shape[1]}-token prompt, batch 1, {torch.get_num_threads()} thread(s), modes "
-          f"interleaved per step, median of {rounds} rounds, scales on {', '.join(sites)}")
-    print("| mode | tokens/s (wall) | ratio to unpatched | tokens/s (CPU time) | ratio |")
-    print("|---|---|---|---|---|")
+    lines = [f"{name}, {params / 1e6:.1f}M params, greedy decode {NEW_TOKENS} tokens after a "
+             f"{prompt.shape[1]}-token prompt, batch 1, modes interleaved per step, median of "
+             f"{rounds} rounds (range of the wall ratio over the rounds), scales on "
+             f"{', '.join(sites)}; MLP call: median time of one MLP forward inside the decode "
+             f"loop ({len(calls['unpatched'])} calls, one more round with a clock on every MLP)",
+             "",
+             "| mode | tokens/s (wall) | ratio to unpatched | range | tokens/s (CPU time) | ratio "
+             "| MLP call us | minus unpatched us |",
+             "|---|---|---|---|---|---|---|---|"]
     for m in MODES:
-        print(f"| {m} | {NEW_TOKENS / med_w[m]:.1f} | {med_w['unpatched'] / med_w[m]:.3f} | "
-              f"{NEW_TOKENS / med_c[m]:.1f} | {med_c['unpatched'] / med_c[m]:.3f} |")
+        per_round = [u / t for u, t in zip(wall["unpatched"], wall[m])]
+        lines.append(f"| {m} | {NEW_TOKENS / med_w[m]:.1f} | {med_w['unpatched'] / med_w[m]:.3f} "
+                     f"| {min(per_round):.3f}-{max(per_round):.3f} | {NEW_TOKENS / med_c[m]:.1f} "
+                     f"| {med_c['unpatched'] / med_c[m]:.3f} | {med_call[m]:.1f} | "
+                     f"{med_call[m] - med_call['unpatched']:+.1f} |")
+    return "\n".join(lines)
 
 
 def interleaved_mlp(rounds, tokens, dtype):
+    """One row of the per-MLP table: a copy of the MLP per mode, each patched once and called
+    once before timing (the scale caches fill on the first call), then the modes in turn."""
+    import copy
+
     root = llama_mlp(dtype)
     scales = scales_for(root)
     x = torch.randn(1, tokens, H7B, dtype=dtype)
+    roots = {m: copy.deepcopy(root) for m in MODES}
+    del root
+    handles = [patch_mode(roots[m], scales, m) for m in MODES]
     cpu = {m: [] for m in MODES}
     with torch.inference_mode():
-        for r in range(rounds + 1):
-            for mode in MODES:
-                handle = patch_mode(root, scales, mode)
-                _, c, _ = timed(root["mlp"], x)
-                if handle:
-                    handle.remove()
-                if r:
-                    cpu[mode].append(c)
+        for m in MODES:
+            roots[m]["mlp"](x)
+        for _ in range(rounds):
+            for m in MODES:
+                cpu[m].append(timed(roots[m]["mlp"], x)[1])
+    for h in handles:
+        if h:
+            h.remove()
     med = medians(cpu)
     cells = " | ".join(f"{med[m] * 1e3:.2f} ms ({med['unpatched'] / med[m]:.3f})" for m in MODES)
-    print(f"| {tokens} | {str(dtype)[6:]} | {cells} |")
+    return f"| {tokens} | {str(dtype)[6:]} | {cells} |"
+
+
+def ops_table():
+    lines = ["| sites | mode | Python calls | dispatched | kernels | which |",
+             "|---|---|---|---|---|---|"]
+    for sites in (SITES, ("mid",)):
+        for mode in MODES:
+            ops, calls = ops_per_forward(mode, sites)
+            kernels = [op for op in ops if op not in NO_KERNEL]
+            lines.append(f"| {', '.join(sites)} | {mode} | {calls} | {len(ops)} | "
+                         f"{len(kernels)} | {' '.join(kernels)} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-mlp", action="store_true")
@@ -235,25 +303,33 @@ def main(argv=None):
                    "instead of the random ~100M Llama")
     p.add_argument("--sites", default=",".join(SITES),
                    help="site kinds that get scales in the end-to-end run (default gate,up,down)")
+    p.add_argument("--write", action="store_true",
+                   help="put each table into its section of bench/RESULTS.md")
     args = p.parse_args(argv)
-    print("Ops dispatched per LlamaMLP forward (T = 1; an sgm_ext op counts once), and of them "
-          "the ones that run a kernel (views and allocations excluded):")
-    print("| sites | mode | dispatched | kernels | which |\n|---|---|---|---|---|")
-    for sites in (SITES, ("mid",)):
-        for mode in MODES:
-            ops = ops_per_forward(mode, sites)
-            kernels = [op for op in ops if op not in NO_KERNEL]
-            print(f"| {', '.join(sites)} | {mode} | {len(ops)} | {len(kernels)} | "
-                  f"{' '.join(kernels)} |")
+    sections = {}
+
+    def section(name, body):
+        text = f"`{command_line('bench_patch.py', argv)}`; {environment()}\n\n{body}"
+        print(f"\n{text}")
+        sections[f"bench_patch.py {name}"] = text
+
+    section("ops", "Per LlamaMLP forward at T = 1, after a first call: the Python functions it "
+            "calls (sys.setprofile), the ops it dispatches (an sgm_ext op counts once) and of "
+            "them the ones that run a kernel (views and allocations excluded):\n\n"
+            + ops_table())
     if not args.skip_mlp:
-        print("\nPer MLP, Llama-7B sizes (4096 x 11008), batch 1: median CPU time "
-              "(ratio to unpatched)")
-        print("| tokens | dtype | " + " | ".join(MODES) + " |\n|---|---|" + "---|" * len(MODES))
-        for tokens, rounds in ((1, 20 * args.rounds), (512, args.rounds)):
-            for dtype in (torch.float32, torch.bfloat16):
-                interleaved_mlp(rounds, tokens, dtype)
+        rows = [interleaved_mlp(rounds, tokens, dtype)
+                for tokens, rounds in ((1, 20 * args.rounds), (512, args.rounds))
+                for dtype in (torch.float32, torch.bfloat16)]
+        section("mlp", "Per MLP, Llama-7B sizes (4096 x 11008), batch 1: median CPU time "
+                "(ratio to unpatched)\n\n| tokens | dtype | " + " | ".join(MODES)
+                + " |\n|---|---|" + "---|" * len(MODES) + "\n" + "\n".join(rows))
     if not args.skip_e2e:
-        interleaved_e2e(args.rounds, tuple(args.sites.split(",")), real=args.real)
+        section(("real " if args.real else "e2e ") + args.sites,
+                interleaved_e2e(args.rounds, tuple(args.sites.split(",")), real=args.real))
+    if args.write:
+        for name, text in sections.items():
+            write_section(name, text)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ without collect's tokenizing and storing.
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
-from timing import interleaved, medians  # bench/ is on sys.path (script or pytest)
+
+# bench/ is on sys.path (script or pytest)
+from timing import command_line, environment, interleaved, medians, write_section
 
 from sgm_ext import profile as P
 from sgm_ext.auroc import auroc
@@ -156,35 +159,51 @@ def main():
     parser.add_argument("--only", choices=("auroc", "collection"), default=None)
     parser.add_argument("--real", action="store_true",
                         help="collection on the pretrained SmolLM2-135M-Instruct")
+    parser.add_argument("--write", action="store_true",
+                        help="put each table into its section of bench/RESULTS.md")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = f"`{command_line('bench_profile.py', sys.argv[1:])}`; {environment()}"
+    sections = {}
     if args.only != "collection":
-        bench_auroc(args)
+        sections["bench_profile.py auroc"] = bench_auroc(args)
     if args.only != "auroc":
-        bench_collection(args)
+        sections["bench_profile.py collection" + (" real" if args.real else "")] = \
+            bench_collection(args)
+    for name, body in sections.items():
+        print(f"\n{header}\n\n{body}")
+        if args.write:
+            write_section(name, f"{header}\n\n{body}")
 
 
 def bench_auroc(args):
-
+    """sgm_ext.auroc on all neurons against sklearn per neuron, and on bf16-valued responses
+    (many ties: the tie correction runs), interleaved."""
     scores, labels = auroc_data()
+    tied = scores.bfloat16().float()
     ours = auroc(scores, labels)
     ref = sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)
     diff = float(np.abs(ours[:SKLEARN_SUBSET].numpy() - ref).max())
     t = medians(interleaved({"sgm": lambda: auroc(scores, labels),
+                             "ties": lambda: auroc(tied, labels),
                              "sklearn": lambda: sklearn_per_neuron(scores, labels, SKLEARN_SUBSET)},
                             rounds=args.rounds, clock="both"))
     scale = NEURONS / SKLEARN_SUBSET
     sk_wall, sk_cpu = (v * scale for v in t["sklearn"])
-    our_wall, our_cpu = t["sgm"]
-    print(f"\nAUROC {NEURONS} neurons x {SAMPLES} samples (median of {args.rounds}, interleaved; "
-          f"load average before: {os.getloadavg()[0]:.1f})")
-    print("| implementation | wall | CPU (all threads) | wall vs sklearn | CPU vs sklearn |")
-    print("|---|---|---|---|---|")
-    print(f"| sklearn roc_auc_score per neuron ({SKLEARN_SUBSET} timed, x{scale:.0f}) "
-          f"| {sk_wall:.1f} s | {sk_cpu:.1f} s | 1x | 1x |")
-    print(f"| sgm_ext.auroc (all neurons) | {our_wall:.2f} s | {our_cpu:.2f} s "
-          f"| {sk_wall / our_wall:.0f}x | {sk_cpu / our_cpu:.0f}x |")
-    print(f"max |difference| on the {SKLEARN_SUBSET} neurons: {diff:.2e}")
+    lines = [f"AUROC {NEURONS} neurons x {SAMPLES} samples (median of {args.rounds}, interleaved)",
+             "",
+             "| implementation | wall | CPU (all threads) | wall vs sklearn | CPU vs sklearn |",
+             "|---|---|---|---|---|",
+             f"| sklearn roc_auc_score per neuron ({SKLEARN_SUBSET} timed, x{scale:.0f}) "
+             f"| {sk_wall:.1f} s | {sk_cpu:.1f} s | 1x | 1x |"]
+    for name, label in (("sgm", "sgm_ext.auroc (all neurons)"),
+                        ("ties", "sgm_ext.auroc, bf16-valued responses (ties)")):
+        wall, cpu = t[name]
+        lines.append(f"| {label} | {wall:.2f} s | {cpu:.2f} s | {sk_wall / wall:.0f}x "
+                     f"| {sk_cpu / cpu:.0f}x |")
+    lines += ["", f"Largest difference from sklearn on the {SKLEARN_SUBSET} timed neurons: "
+              f"{diff:.2e}; ties cost {t['ties'][1] / t['sgm'][1]:.2f}x the CPU time of "
+              "continuous responses."]
+    return "\n".join(lines)
 
 
 def real_setup():
@@ -211,18 +230,18 @@ def bench_collection(args):
     t = medians(interleaved(fns, rounds=args.collection_rounds, warmup=1, clock="both"))
     what = "SmolLM2-135M-Instruct, the demo's labelled rows" if args.real else \
         f"{N_TEXTS} samples x ~{WORDS} tokens"
-    print(f"\nCollection ({what}: {len(rows)} rows), batch {BATCH} "
-          f"(median of {args.collection_rounds}, interleaved; load average after: "
-          f"{os.getloadavg()[0]:.1f})")
-    print("| run | wall | vs plain forward | CPU | vs plain forward |\n|---|---|---|---|---|")
+    lines = [f"Collection ({what}: {len(rows)} rows), batch {BATCH} (median of "
+             f"{args.collection_rounds}, interleaved)", "",
+             "| run | wall | vs plain forward | CPU | vs plain forward |", "|---|---|---|---|---|"]
     for name, label in [("forward", "plain forward passes"),
                         ("hooks", f"forward + pooling hooks ({len(resolve_sites(model))} mid "
                                   "sites)"),
                         ("collect", "sgm_ext.profile.collect end to end")]:
         (w, c), (w0, c0) = t[name], t["forward"]
-        print(f"| {label} | {w * 1000:.0f} ms | {w / w0:.3f} | {c * 1000:.0f} ms | {c / c0:.3f} |")
-    (w, _), = [t["collect"]]
-    print(f"collect throughput: {len(rows) / w:.1f} rows/s")
+        lines.append(f"| {label} | {w * 1000:.0f} ms | {w / w0:.3f} | {c * 1000:.0f} ms "
+                     f"| {c / c0:.3f} |")
+    lines += ["", f"collect throughput: {len(rows) / t['collect'][0]:.1f} rows/s"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

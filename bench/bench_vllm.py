@@ -18,7 +18,6 @@ script's markers, with the machine, versions, load average and date.
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ sys.path.insert(0, HERE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
 
 import torch  # noqa: E402
-from timing import interleaved  # noqa: E402
+from timing import command_line, environment, interleaved, write_section  # noqa: E402
 
 MODELS = {  # Llama configs; "100m": 97.5M parameters, the CPU decode benchmark's size
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -41,7 +40,6 @@ MODELS = {  # Llama configs; "100m": 97.5M parameters, the CPU decode benchmark'
                  num_attention_heads=12, num_key_value_heads=12, vocab_size=8192),
 }
 DAMPED = 0.1  # fraction of each layer's mid neurons scaled to 0 (SGM-like sparsity)
-MARK = ("<!-- bench_vllm.py: begin -->", "<!-- bench_vllm.py: end -->")
 
 
 def make_model(root, name):
@@ -82,7 +80,6 @@ def main(argv=None):
     p.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = p.parse_args(argv)
 
-    import vllm
     from vllm import LLM, SamplingParams
 
     root = tempfile.mkdtemp(prefix="bench-vllm-")
@@ -140,33 +137,15 @@ def main(argv=None):
         lines.append(f"| {name} | {rate[name]:.0f} | {spread[name][0]:.0f}-"
                      f"{spread[name][1]:.0f} | {ratio:.3f} x {baseline[name]} |")
     table = "\n".join(lines)
-    command = "python bench/bench_vllm.py " + " ".join(argv if argv is not None else
-                                                       sys.argv[1:])
-    header = (f"`{command.replace(' --write', '')}` ({args.model} Llama, {args.prompts} "
-              f"prompts x {args.tokens} new tokens, prompt {args.prompt_len} tokens, float32); "
-              f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
-              f"load average {os.getloadavg()[0]:.2f}, vllm {vllm.__version__}, torch "
-              f"{torch.__version__}")
+    command = command_line("bench_vllm.py", argv if argv is not None else sys.argv[1:])
+    header = (f"`{command}` ({args.model} Llama, {args.prompts} prompts x {args.tokens} new "
+              f"tokens, prompt {args.prompt_len} tokens, float32); {environment()}")
     print(header)
     print(table)
     for llm in llms.values():
         llm.llm_engine.engine_core.shutdown()
     if args.write:
-        write_results(args.model, header + "\n\n" + table)
-
-
-def write_results(model, body):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    text = open(path).read()
-    begin, end = MARK[0].replace(":", f" {model}:"), MARK[1].replace(":", f" {model}:")
-    section = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        raise SystemExit(f"bench/RESULTS.md has no {begin} marker: add the markers where the "
-                         "table goes")
-    with open(path, "w") as f:
-        f.write(text)
+        write_section(f"bench_vllm.py {args.model}", header + "\n\n" + table)
 
 
 if __name__ == "__main__":

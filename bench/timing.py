@@ -22,7 +22,10 @@ Clocks:
           stay out. The callable must put its work on the current stream; the end event is
           waited for after each call.
 """
+import os
+import platform
 import statistics
+import sys
 import time
 
 CLOCKS = ("wall", "cpu", "both", "cuda")
@@ -117,3 +120,50 @@ def medians(samples):
         else:
             out[name] = statistics.median(ts)
     return out
+
+
+# ---------------------------------------------------------------- bench/RESULTS.md sections
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def environment():
+    """One line saying when and where a table was measured: date, machine, load average and
+    the versions that move the numbers."""
+    import torch
+
+    versions = [f"torch {torch.__version__}"]
+    for name in ("triton", "transformers", "vllm"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions.append(f"{name} {module.__version__}")
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{time.strftime('%Y-%m-%d')}, {cpu} {os.cpu_count()} cores{gpu}, load average "
+            f"{os.getloadavg()[0]:.2f}, {torch.get_num_threads()} torch thread(s), "
+            f"{', '.join(versions)}")
+
+
+def command_line(script, argv):
+    """The command that regenerates a section: the script and its options, less --write."""
+    return " ".join(["python", f"bench/{script}"] + [a for a in argv if a != "--write"])
+
+
+def write_section(name, body):
+    """Replace the text between `<!-- NAME: begin -->` and `<!-- NAME: end -->` in
+    bench/RESULTS.md by body. The markers are placed by hand where the table belongs; a
+    missing marker stops the benchmark rather than appending somewhere."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    with open(RESULTS) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise SystemExit(f"bench/RESULTS.md has no {begin} ... {end} markers: add them where "
+                         "the table goes")
+    head, rest = text.split(begin, 1)
+    text = head + begin + "\n" + body.strip("\n") + "\n" + end + rest.split(end, 1)[1]
+    with open(RESULTS, "w") as f:
+        f.write(text)

@@ -110,7 +110,13 @@ def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_
             times["unpatched"].append(pair[False])
             times["patched"].append(pair[True])
     ratios = [p / u for p, u in zip(times["patched"], times["unpatched"])]
+    # the spread over the pairs: on a small model or a loaded machine one pair can be off by
+    # several percent either way, so a median without its spread would read as a cost
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 \
+        else ratios * 3
     return {"ratio": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)],
+            "ratio_quartiles": [quartiles[0], quartiles[2]],
             "unpatched_s": statistics.median(times["unpatched"]),
             "patched_s": statistics.median(times["patched"]),
             "pairs": len(ratios), "new_tokens": new_tokens, "mode": mode, "times": times}

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .backends import select_alloc
 from .registry import REGISTRY, describe, find_mlps, site_index
 from .scale_math import check_strength, effective_scale
 from .scales import ScaleSet, config_fingerprint, load_scales
@@ -232,8 +233,16 @@ class _Fused(_Scaled):
         # a decode step feels. Wrap (PEFT, quantize) before patching, not after.
         self.subs = {role: getattr(target.module, attr) for role, attr in target.info.roles.items()}
         self.impl = getattr(self, "_" + target.info.layout)
+        self.fast = None  # None: not built yet; False: the general forward only (_fast_state)
+
+    def invalidate(self):
+        super().invalidate()
+        self.fast = None
 
     def __call__(self, *args, **kwargs):
+        fast = self.fast
+        if fast and len(args) == 1 and not kwargs:
+            return self._fast_forward(args[0], fast)
         if len(args) + len(kwargs) != 1:
             raise TypeError(f"{self.info.path}: the fused {self.info.class_name} forward takes "
                             f"one input, got {len(args)} positional and {sorted(kwargs)} keyword")
@@ -243,8 +252,46 @@ class _Fused(_Scaled):
             return self.original(x)  # strength 0 is the unpatched model, exactly
         return self.impl(x, lam)
 
-    def _sub(self, role):
-        return self.subs[role]
+    # The float-strength forward of decoding. Between two calls of one MLP a decode step
+    # streams every other layer's weights, which evicts the caches, so every Python line of
+    # the forward runs cold (bench/RESULTS.md, Patch): the fast forward is as short as the
+    # unpatched one (the sub-modules, one C++ call for activation x product x scales, the down
+    # multiply), with its state made once per strength and device by the general forward.
+
+    def _fast_state(self, like):
+        """What _fast_forward needs for the handle's float strength on like's device and dtype:
+        (device, dtype, allocating op, sub-modules, scale, gate_scale, act, down factor); False
+        where only the general forward applies (per-sequence strength, strength 0, no
+        allocating backend, gated_up_proj, the non-gated layout)."""
+        lam = self.handle.strength
+        alloc = select_alloc(like.device.type)
+        if (not isinstance(lam, float) or lam == 0.0 or alloc is None
+                or self.info.layout == "non_gated" or (GATED_UP_PROJ and like.is_cuda)):
+            return False
+        eff = self.effective(like.device)
+        roles = ("gate", "up", "down") if self.info.layout == "gated" else ("gate_up", "down")
+        return (like.device, like.dtype, alloc, tuple(self.subs[r] for r in roles), eff["prod"],
+                eff["gate_scale"], self.info.act, self.factor("down", like))
+
+    def _fast_forward(self, x, fast):
+        device, dtype, alloc, subs, scale, gate_scale, act, down_factor = fast
+        if len(subs) == 3:
+            g, u = subs[0](x), subs[1](x)
+        else:  # packed gate_up: the halves are strided views, no copy
+            gu = subs[0](x)
+            n = gu.shape[-1] // 2
+            g, u = gu[..., :n], gu[..., n:]
+        if g.device != device or g.dtype != dtype:  # the model moved: make the state again
+            self.fast = None
+            return self._tail(g, u, self.handle.strength)
+        if ops.needs_dispatcher(g, u):  # autograd, torch.compile, tensor subclasses
+            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, act)
+        else:
+            h = alloc(g, u, scale, gate_scale, act)
+        y = subs[-1](h)
+        return y if down_factor is None else y * down_factor
+
+    # The general forward: every strength, layout and device.
 
     def _elementwise_args(self, like, lam):
         """(scale, gate_scale, strength, up pre-factor) for the op on [..., I] activations.
@@ -263,44 +310,46 @@ class _Fused(_Scaled):
         return scale, None, strength, up_factor
 
     def _gated(self, x, lam):
-        gate, up = self._sub("gate"), self._sub("up")
+        gate, up = self.subs["gate"], self.subs["up"]
         per_row_gate = not isinstance(lam, float) and "gate" in self.scales
         if not per_row_gate and _use_gated_up_proj(gate, up, x):
             scale, gate_scale, strength, up_factor = self._elementwise_args(x, lam)
             if up_factor is None:
                 h = ops.gated_up_proj(x, gate.weight, up.weight, scale, act=self.info.act,
                                       gate_scale=gate_scale, strength=strength)
-                y = self._sub("down")(h)
+                y = self.subs["down"](h)
                 return _mul(y, self.factor("down", y))
-        g, u = gate(x), up(x)
+        return self._tail(gate(x), up(x), lam)
+
+    def _packed(self, x, lam):
+        gu = self.subs["gate_up"](x)
+        if isinstance(lam, float):  # the halves are strided views: no copy
+            n = gu.shape[-1] // 2
+            return self._tail(gu[..., :n], gu[..., n:], lam)
+        gu = _mul(gu, self.factor("gate_up", gu))
+        mid = self.raw(gu.device).get("mid")
+        strength = None if mid is None else _rows(self.handle, gu, self.info.path)[..., 0]
+        h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, strength=strength)
+        y = self.subs["down"](h)
+        return _mul(y, self.factor("down", y))
+
+    def _tail(self, g, u, lam):
+        """down(act(g) * u with the scales): the gated layouts' general forward from g, u."""
         scale, gate_scale, strength, up_factor = self._elementwise_args(g, lam)
         if isinstance(lam, float):  # the s_eff vectors were checked when the model was patched
             h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act)
+            if self.fast is None:
+                self.fast = self._fast_state(g)
         else:
-            if per_row_gate:
+            if "gate" in self.scales:
                 g = g * self.factor("gate", g)
             h = ops.act_mul_scale(g, _mul(u, up_factor), scale, act=self.info.act,
                                   gate_scale=gate_scale, strength=strength)
-        y = self._sub("down")(h)
-        return _mul(y, self.factor("down", y))
-
-    def _packed(self, x, lam):
-        gu = self._sub("gate_up")(x)
-        if isinstance(lam, float):  # the halves are strided views: no copy
-            eff = self.effective(gu.device)
-            n = gu.shape[-1] // 2
-            h = ops.act_mul_scale_prechecked(gu[..., :n], gu[..., n:], eff["prod"],
-                                             eff["gate_scale"], self.info.act)
-        else:
-            gu = _mul(gu, self.factor("gate_up", gu))
-            mid = self.raw(gu.device).get("mid")
-            strength = None if mid is None else _rows(self.handle, gu, self.info.path)[..., 0]
-            h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, strength=strength)
-        y = self._sub("down")(h)
+        y = self.subs["down"](h)
         return _mul(y, self.factor("down", y))
 
     def _non_gated(self, x, lam):
-        a = self._sub("fc1")(x)
+        a = self.subs["fc1"](x)
         a = _mul(a, self.factor("fc1", a))
         if isinstance(lam, float):
             h = ops.act_mul_scale_prechecked(a, None, self.effective(a.device).get("mid"), None,
@@ -309,7 +358,7 @@ class _Fused(_Scaled):
             mid = self.raw(a.device).get("mid")
             strength = None if mid is None else _rows(self.handle, a, self.info.path)[..., 0]
             h = ops.act_scale(a, mid, act=self.info.act, strength=strength)
-        return self._sub("fc2")(h)
+        return self.subs["fc2"](h)
 
 
 class _OutputHook(_PatchState):

@@ -181,6 +181,14 @@ def condition_table(report):
     return ["".join(f"{x:<{w}}" for x, w in zip(r, widths)).rstrip() for r in table]
 
 
+def latency_text(lat):
+    """The latency ratio with its spread, and what it is a ratio of."""
+    q1, q3 = lat["ratio_quartiles"]
+    return (f"{lat['ratio']:.3f} (median of {lat['pairs']} interleaved pairs of {lat['new_tokens']}"
+            f"-token generations; middle half of the pairs {q1:.3f}-{q3:.3f}, all "
+            f"{lat['ratio_range'][0]:.3f}-{lat['ratio_range'][1]:.3f})")
+
+
 def summary_table(report):
     """The terminal table: one row per condition (state x defense), the attacks side by side."""
     lines = condition_table(report)
@@ -188,8 +196,7 @@ def summary_table(report):
     if lat:
         lines.append(f"generate time (s): unpatched {lat['unpatched_s']:.4f}, patched "
                      f"{lat['patched_s']:.4f}")
-        lines.append(f"latency ratio patched / unpatched: {lat['ratio']:.3f} "
-                     f"(median of {lat['pairs']} interleaved pairs, {lat['new_tokens']} tokens)")
+        lines.append(f"latency ratio patched / unpatched: {latency_text(lat)}")
     if report.get("capability"):
         lines.append(capability_line(report["capability"]))
     lines.append(f"{_prompt_counts(report)}, judge {report['judge']}, "
@@ -252,8 +259,8 @@ def markdown(report):
     if lat:
         lines += ["", f"Generate time, median (s): unpatched {lat['unpatched_s']:.4f}, patched "
                   f"{lat['patched_s']:.4f}. Latency ratio patched / unpatched: "
-                  f"**{lat['ratio']:.3f}** (median of {lat['pairs']} interleaved pairs, each "
-                  f"generating exactly {lat['new_tokens']} tokens for one prompt)."]
+                  f"{latency_text(lat)}; each pair generates exactly that many tokens for one "
+                  "prompt, unpatched and patched."]
     if report.get("capability"):
         lines += ["", capability_line(report["capability"])]
     if report.get("safety_prompt"):

@@ -13,6 +13,9 @@ os.environ.pop("SGM_EXT_BACKEND", None)
 # Fresh random inputs every run; the seed is printed so a failure can be replayed with
 # SGM_EXT_TEST_SEED=<seed>.
 SEED = int(os.environ.get("SGM_EXT_TEST_SEED") or random.SystemRandom().randrange(2**31))
+# pytest-xdist's workers (the GPU run) start after this and inherit it: one seed for the run,
+# the one in the header, rather than one per worker that nothing prints
+os.environ["SGM_EXT_TEST_SEED"] = str(SEED)
 
 
 def pytest_report_header(config):
@@ -25,3 +28,20 @@ def gen(request):
     g = torch.Generator()
     g.manual_seed((SEED + zlib.crc32(request.node.nodeid.encode())) % 2**63)
     return g
+
+
+# The GPU run (scripts/run_tests.sh sets SGM_EXT_GPU_RUN=1 for tests/test_gpu.py on a GPU
+# machine): a skip there means a GPU, a backend or a case is missing, so it is reported as a
+# failure; otherwise a run on a machine whose GPU torch cannot see would pass with every test
+# skipped.
+GPU_RUN = os.environ.get("SGM_EXT_GPU_RUN") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if GPU_RUN and report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in the GPU run (SGM_EXT_GPU_RUN=1), where nothing may: {reason}"

@@ -217,6 +217,10 @@ def test_evaluate_report_and_files(toy, tmp_path):
     assert lat["ratio"] == pytest.approx(statistics.median(
         p / u for p, u in zip(lat["times"]["patched"], lat["times"]["unpatched"])))
     assert report["latency_ratio"] == lat["ratio"] > 0
+    r = sorted(p / u for p, u in zip(lat["times"]["patched"], lat["times"]["unpatched"]))
+    assert lat["ratio_range"] == [r[0], r[3]]  # the spread: all pairs, and the middle half
+    assert lat["ratio_quartiles"] == pytest.approx([r[0] + 0.75 * (r[1] - r[0]),
+                                                    r[2] + 0.25 * (r[3] - r[2])])
 
     files = write_report(report, generations, tmp_path / "out")
     assert [f.rsplit("/", 1)[1] for f in files] == list(REPORT_FILES)

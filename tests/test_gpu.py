@@ -1,10 +1,11 @@
 """The ops and a patched model on a CUDA GPU: every backend that runs there (the compiled `cuda`
 kernels, Triton compiled for the GPU, torch) against the float64 references of test_ops.
 
-CI has no GPU, so this whole file is skipped there; it runs on a lent GPU machine with the
-Triton interpreter off (`TRITON_INTERPRET=0 pytest tests/test_gpu.py`), and its results are
-recorded in bench/RESULTS.md. On a GPU machine nothing in it may skip: the backends it needs
-are asserted present.
+CI has no GPU, so this whole file is skipped there. On a GPU machine scripts/test.sh (through
+scripts/run_tests.sh) runs it in a pytest run of its own with the Triton interpreter off and
+SGM_EXT_GPU_RUN=1, under which conftest.py turns every skip into a failure: nothing in it may
+skip there (no GPU, a backend missing), and the backends it needs are asserted present.
+scripts/gpu_check.sh runs it too, beside the GPU benchmarks.
 """
 import importlib
 import os
@@ -86,19 +87,27 @@ def test_act_scale_matches_float64(backend, dtype, act, gen):
 
 
 @pytest.mark.parametrize("shape", [(5, 1029), (3, 11008), (2, 8), (1, 7)], ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "padded"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "non_gated"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backend_writes_every_output_element(backend, dtype, gated, layout, shape, gen):
     # NaN-poisoned output: an element the kernel skips (vector body, scalar tail, unaligned
     # path) stays NaN. 11008 rows are 16-byte aligned in every dtype; 1029 and 7 are not.
+    # "padded" ([R, 1040][:, :1029], the output too): every row starts aligned, every row
+    # stride is a multiple of the vector and the width is not, so the CUDA kernel takes its
+    # vector path and then the ragged tail, which no other layout reaches (the kernel goes
+    # scalar when any stride, the output's included, is not a multiple of the vector); the
+    # padding past the width must stay NaN.
     rows, n = shape
     gate, up = rand(shape, dtype, layout, gen, DEV), rand(shape, dtype, layout, gen, DEV)
     scale, strength = rand_scale(n, gen, device=DEV), torch.rand(rows, generator=gen).to(DEV)
-    out = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    width = gate.stride(0) if layout == "padded" else n
+    out_buf = torch.full((rows, width), float("nan"), dtype=dtype, device=DEV)
+    out = out_buf[:, :n]
     select("act_mul_scale", DEV)(out, gate, up if gated else None, scale, None, strength, None,
                                  "silu")
     assert_matches(out, expected(gate, up if gated else None, "silu", scale, None, strength))
+    assert out_buf[:, n:].isnan().all()
 
 
 def test_output_rounds_to_nearest_even(backend, gen):
@@ -174,12 +183,17 @@ def test_torch_compile_fullgraph_on_gpu(gen):
         assert torch.equal(torch.compile(fn, fullgraph=True)(*args), fn(*args))
 
 
-@pytest.mark.parametrize("op", ["act_mul_scale", "gated_up_proj"])
-def test_cuda_graph_capture(backend, op, gen):
+# Only the pairs that exist (cuda and torch have no gated_up_proj): in the GPU run a skip is a
+# failure (conftest.py), so no case may be generated that cannot run.
+GRAPH_CASES = [(b, op) for b in GPU_BACKENDS for op in ("act_mul_scale", "gated_up_proj")
+               if op in sgm_ext.backends()[b].ops]
+
+
+@pytest.mark.parametrize("backend, op", GRAPH_CASES)
+def test_cuda_graph_capture(backend, op, gen, monkeypatch):
     # Capture runs on a side stream and fails on any host synchronisation: the kernels must
     # launch on the current stream and never sync. Replays with new inputs must follow them.
-    if op not in sgm_ext.backends()[backend].ops:
-        pytest.skip(f"{backend} has no {op}")  # (not a GPU gap: cuda/torch lack the GEMM op)
+    monkeypatch.setenv("SGM_EXT_BACKEND", backend)
     if op == "act_mul_scale":
         a, b = (torch.randn(16, 1029, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
         s = rand_scale(1029, gen, device=DEV)
@@ -258,7 +272,17 @@ def test_patched_model_on_gpu_matches_hook_reference(dtype, gated_up_proj, gen, 
     # bf16: different rounding points (one GEMM vs two, fold rounds the weights) move logits
     # by a few bf16 ulps of the largest logit
     tol = 1e-5 if dtype == torch.float32 else 3e-2
+    # As test_patch's CPU twin: the scales move the logits by more than 1e-3, and by more than
+    # the tolerance below, or a mode that applied no scales at all would pass it (they move
+    # them by 0.08-0.16 on this model, fp32 and bf16 alike).
+    effect = _rel(logits["hook"], plain)
+    assert effect > max(1e-3, tol), f"the scales moved the logits by only {effect:.3g}"
     for mode in ("fused", "fold"):
-        rel = ((logits[mode] - logits["hook"]).abs().max() / logits["hook"].abs().max()).item()
+        rel = _rel(logits[mode], logits["hook"])
         assert rel < tol, f"{mode}: {rel:.3g}"
-    assert not torch.equal(logits["hook"], plain)  # the scales do change the model
+        if dtype == torch.float32:  # as the twin's equal greedy tokens (bf16 rounding may flip)
+            assert torch.equal(logits[mode].argmax(-1), logits["hook"].argmax(-1)), mode
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()

@@ -620,3 +620,109 @@ def test_a_patched_model_is_not_pickled_but_its_state_dict_saves(mode, tmp_path)
     handle.remove()
     assert torch.equal(_logits(model, inputs), base)
     pickle.loads(pickle.dumps(model))  # unpatched, it pickles as before
+
+
+# ---------------------------------------------------------------- the fast float-strength forward
+
+def _python_calls(fn, *args):
+    """The Python function calls made while fn(*args) runs (C functions not counted)."""
+    import sys
+
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name)
+                   if event == "call" else None)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("sites", [("mid",), ("gate", "up", "down")])
+def test_fused_decode_forward_runs_no_more_python_than_the_unpatched_one(sites):
+    """At decode sizes the cost of a patched MLP is the Python it runs (every line runs cold
+    between weight streams; bench/RESULTS.md, Patch): a float-strength fused forward runs no
+    more Python functions than the unpatched forward it replaces, and fewer than hook mode."""
+    root = _one_mlp("gated")
+    (info,) = find_mlps(root).values()
+    scales = {info.site(k): torch.rand(info.site_size(k)) for k in sites}
+    x = torch.randn(1, 1, 16)
+    with torch.inference_mode():
+        root["mlp"](x)
+        plain = _python_calls(root["mlp"], x)
+        counts = {}
+        for mode in ("fused", "hook"):
+            with sgm_ext.patched(root, scales, mode=mode):
+                root["mlp"](x)  # the first call makes the per-strength state
+                counts[mode] = _python_calls(root["mlp"], x)
+    assert len(counts["fused"]) <= len(plain), (counts["fused"], plain)
+    assert len(counts["fused"]) < len(counts["hook"]), (counts["fused"], counts["hook"])
+
+
+@pytest.mark.parametrize("layout", ["gated", "packed"])
+def test_fast_forward_equals_the_general_forward_and_follows_the_strength(layout):
+    """The fast forward (from the second call at a float strength) gives bitwise what the
+    general forward gives, and every strength change takes effect at once: per-sequence
+    strength, strength 0 (the original forward exactly), a new float."""
+    root = _one_mlp(layout)
+    (info,) = find_mlps(root).values()
+    g = torch.Generator().manual_seed(5)
+    kinds = info.sites()
+    scales = {site: torch.rand(info.site_size(k), generator=g) for site, k in kinds.items()}
+    by_kind = {kinds[site]: v for site, v in scales.items()}
+    x = torch.randn(2, 3, 16, generator=g)
+    mlp = root["mlp"]
+    with torch.no_grad():
+        plain = mlp(x)
+        with sgm_ext.patched(root, scales) as h:
+            fused = mlp.forward
+            first = mlp(x)
+            assert fused.fast, "the first call at a float strength makes the fast state"
+            assert torch.equal(mlp(x), first)
+            assert _rel(first.double(), _formula(mlp, layout, by_kind, x)) < 1e-5
+            h.set_strength(torch.tensor([1.0, 0.0]))
+            per_seq = mlp(x)
+            assert not fused.fast
+            assert _rel(per_seq[0], first[0]) < 1e-6 and _rel(per_seq[1], plain[1]) < 1e-6
+            h.set_strength(0.0)
+            assert torch.equal(mlp(x), plain) and torch.equal(mlp(x), plain)
+            h.set_strength(0.5)
+            half = {k: 1 - 0.5 * (1 - v) for k, v in by_kind.items()}
+            for _ in range(2):
+                assert _rel(mlp(x).double(), _formula(mlp, layout, half, x)) < 1e-5
+            assert fused.fast
+
+
+def test_fast_forward_follows_a_model_moved_to_another_dtype():
+    """The fast state is made for one device and dtype; after model.to(...) the next call
+    makes it again (here float64, with a down scale, whose factor is cast to the new dtype)."""
+    root = _one_mlp("gated")
+    (info,) = find_mlps(root).values()
+    scales = {info.site(k): torch.rand(info.site_size(k)) for k in ("mid", "down")}
+    x = torch.randn(4, 16)
+    with sgm_ext.patched(root, scales), torch.no_grad():
+        root["mlp"](x), root["mlp"](x)
+        root.double()
+        xd = x.double()
+        got = [root["mlp"](xd) for _ in range(2)]
+    with sgm_ext.patched(root, scales, mode="hook"), torch.no_grad():
+        want = root["mlp"](xd)
+    for y in got:
+        assert y.dtype == torch.float64 and _rel(y, want) < 1e-12
+
+
+def test_deepcopy_made_after_fast_calls_uses_its_own_modules():
+    """A copy of a model whose fast state exists refers to the copy's sub-modules."""
+    import copy
+
+    root = _one_mlp("gated")
+    (info,) = find_mlps(root).values()
+    scales = {info.site("mid"): torch.rand(info.site_size("mid"))}
+    x = torch.randn(4, 16)
+    with sgm_ext.patched(root, scales), torch.no_grad():
+        before = [root["mlp"](x) for _ in range(2)][-1]
+        dup = copy.deepcopy(root)
+        dup["mlp"].down_proj.weight.zero_()
+        dup["mlp"].down_proj.bias.zero_()
+        assert torch.equal(dup["mlp"](x), torch.zeros_like(before))
+        assert torch.equal(root["mlp"](x), before)
