@@ -387,7 +387,8 @@ def add_eval_options(p, **defaults):
 def eval_texts(args):
     """(conditions, safety prompt, jailbreak template) from the options, files read and
     checked; ValueError naming a bad name or file."""
-    names = list(CONDITIONS) if args.conditions.strip().lower() == "all" else args.conditions
+    chosen = args.conditions or "all"  # None: the demo's default, the four
+    names = list(CONDITIONS) if chosen.strip().lower() == "all" else chosen
     conditions = check_conditions(names)
     safety = read_text_file(args.safety_prompt, "--safety-prompt") if args.safety_prompt \
         else SAFETY_PROMPT
@@ -469,6 +470,7 @@ FULL = dict(profile_rows=96, eval_prompts=40, max_new_tokens=32, latency_runs=3,
 FAST = dict(profile_rows=24, eval_prompts=12, max_new_tokens=12, latency_runs=1,
             latency_prompts=2, bigram_steps=400)
 SIZED = ("max_new_tokens", "latency_runs", "latency_prompts")  # FULL / FAST give the defaults
+DEMO_SET = SIZED + ("conditions",)  # defaults the demo sets itself (None on its parser)
 def run_demo_in(out, *, fast=False, seed=0, eval_options=None, quiet=False):
     """Build the toy, profile it, evaluate the patch; (summary dict, all targets met).
 
@@ -564,7 +566,7 @@ def add_demo(sub):
                    "the bundled ones)")
     # None: the size --fast or the full run picks
     add_eval_options(p, max_new_tokens=None, latency_runs=None, latency_prompts=None,
-                     out="sgm-ext-demo")
+                     conditions=None, out="sgm-ext-demo")  # conditions None: all four
     p.set_defaults(func=run_demo)
 
 
@@ -573,7 +575,7 @@ def demo_eval_options(args):
     chosen = {}
     for name, default in EVAL_DEFAULTS.items():
         value = getattr(args, name)
-        if name != "out" and value is not None and (value != default or name in SIZED):
+        if name != "out" and value is not None and (value != default or name in DEMO_SET):
             chosen[name] = value
     return chosen
 

@@ -153,6 +153,8 @@ def test_demo_passes_the_eval_options_the_user_set():
     args = parser.parse_args(["demo", "--judge", "refusal", "--max-new-tokens", "5",
                               "--strength", "0.5", "--out", "x"])
     assert demo_eval_options(args) == {"judge": "refusal", "max_new_tokens": 5, "strength": 0.5}
+    args = parser.parse_args(["demo", "--conditions", "unpatched,patched"])
+    assert demo_eval_options(args) == {"conditions": "unpatched,patched"}  # not the four
 
 
 def test_targets_are_checked_as_the_issue_states():
