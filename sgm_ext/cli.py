@@ -20,11 +20,12 @@ import warnings
 
 from . import realmodel, synthetic
 from .auroc import check_labels
+from .benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
 from .build import BuildError
 from .build import build as build_library
 from .collect import collect
 from .data import load_rows
-from .evaluate import evaluate
+from .evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
 from .expertise import (
     DEFAULT_FDR,
     SELECTIONS,
@@ -36,13 +37,14 @@ from .expertise import (
 from .expertise import expertise as compute_expertise
 from .files import check_output_file
 from .inputs import FORMATS, MODALITIES, resolve_format
-from .judges import get_judge
+from .judges import SCORINGS, get_judge, read_template, resolve_scoring
 from .loading import check_device, check_model_dir, load_model
 from .plots import expertise_plot
 from .pooling import POOLINGS, site_table
-from .prompts import load_prompts
+from .prompts import load_capability, load_prompts, read_text_file
 from .registry import SITE_KINDS
 from .report import (
+    condition_table,
     expertise_table,
     interval,
     latency_text,
@@ -311,17 +313,36 @@ def add_eval(sub):
     add_eval_options(p)
     p.add_argument("--model", required=True, help="model directory (Hugging Face format)")
     p.add_argument("--scales", required=True, help="scale file (.safetensors)")
-    p.add_argument("--prompts", required=True, help=".jsonl / .csv with text (or prompt), "
-                   "optional image and category")
+    p.add_argument("--prompts", default=None, help=".jsonl / .csv with text (or prompt), "
+                   "optional image, category and label (or --data)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="a benchmark as distributed, on disk: " + LAYOUTS)
+    p.add_argument("--benchmark", default="auto", choices=("auto", *BENCHMARKS),
+                   help="the layout of --data (default auto: told by its files)")
+    p.add_argument("--subset", default=None,
+                   help="comma-separated subsets of the benchmark: mm-safetybench SD, TYPO, "
+                   "SD_TYPO, text (default the three image variants); vlguard unsafe, "
+                   "safe-unsafe, safe-safe; realtoxicityprompts challenging")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch's seed before generating and the bootstrap's (default 0)")
+    p.add_argument("--capability", default=None, metavar="FILE",
+                   help="a capability set (.jsonl / .csv: question, answer, optional image and "
+                   "choices) answered unpatched and patched: accuracy with intervals")
+    p.add_argument("--capability-scoring", choices=SCORINGS, default="auto",
+                   help="exact (the answer's first line equals the reference, up to case and "
+                   "punctuation) or choice (its first standalone letter A-J is the reference); "
+                   "auto: choice when every reference is a letter")
     add_input_options(p)
     p.set_defaults(func=run_eval)
 
 
 EVAL_DEFAULTS = dict(judge="profanity", harmful_labels=None, threshold=0.5, max_new_tokens=64,
                      strength=1.0, mode="fused", reference=None, max_prompts=None,
-                     batch_size=8, latency_runs=3, latency_prompts=8, out="sgm-ext-eval")
+                     batch_size=8, latency_runs=3, latency_prompts=8,
+                     conditions="unpatched,patched", safety_prompt=None, jailbreak=None,
+                     judge_template=None, out="sgm-ext-eval")
 
 
 def add_eval_options(p, **defaults):
@@ -345,8 +366,34 @@ def add_eval_options(p, **defaults):
     p.add_argument("--latency-runs", type=int, default=d["latency_runs"],
                    help="interleaved repetitions of the latency pairs (0: skip)")
     p.add_argument("--latency-prompts", type=int, default=d["latency_prompts"])
+    p.add_argument("--conditions", default=d["conditions"],
+                   help="comma-separated: unpatched, patched (SGM: the scale file), "
+                   "safety-prompt (a safety system prompt), patched+safety-prompt (SGM*: both); "
+                   "aliases sgm, sgm*, prompt; 'all' for the four (default unpatched,patched)")
+    p.add_argument("--safety-prompt", default=d["safety_prompt"], metavar="FILE",
+                   help="the safety-prompt condition's system prompt, from a text file "
+                   "(default: the built-in one, printed in report.md)")
+    p.add_argument("--jailbreak", default=d["jailbreak"], metavar="FILE",
+                   help="a jailbreak template (text file; {prompt} marks where the prompt goes, "
+                   "else it is a prefix): every condition is also run with it applied to every "
+                   "prompt")
+    p.add_argument("--judge-template", default=d["judge_template"], metavar="FILE",
+                   help="for llm:DIR: the judge prompt, with {prompt} and {answer} (default: a "
+                   "built-in Llama Guard style prompt asking for safe / unsafe)")
     p.add_argument("--out", default=d["out"], help="directory for the report files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def eval_texts(args):
+    """(conditions, safety prompt, jailbreak template) from the options, files read and
+    checked; ValueError naming a bad name or file."""
+    chosen = args.conditions or "all"  # None: the demo's default, the four
+    names = list(CONDITIONS) if chosen.strip().lower() == "all" else chosen
+    conditions = check_conditions(names)
+    safety = read_text_file(args.safety_prompt, "--safety-prompt") if args.safety_prompt \
+        else SAFETY_PROMPT
+    jailbreak = read_text_file(args.jailbreak, "--jailbreak") if args.jailbreak else None
+    return conditions, safety, jailbreak
 
 
 def check_eval_args(args):
@@ -362,18 +409,41 @@ def check_eval_args(args):
     _positive(getattr(args, "max_length", None), "--max-length")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; eval writes a directory of report files")
+    eval_texts(args)
+    if args.judge_template:
+        if not args.judge.startswith("llm:"):
+            raise ValueError(f"--judge-template is for --judge llm:DIR, not {args.judge!r}")
+        read_template(args.judge_template)
 
 
 def judge_from_args(args):
     labels = args.harmful_labels.split(",") if args.harmful_labels else None
-    return get_judge(args.judge, threshold=args.threshold, harmful_labels=labels)
+    template = read_template(args.judge_template) if args.judge_template else None
+    return get_judge(args.judge, threshold=args.threshold, harmful_labels=labels,
+                     template=template)
 
 
 def run_eval(args):
     check_eval_args(args)  # all before a long load
+    conditions, safety, jailbreak = eval_texts(args)
+    if (args.prompts is None) == (args.data is None):
+        raise ValueError("give the prompts as --prompts FILE or a benchmark as --data DIR "
+                         "(one of the two)")
+    if args.data is None and (args.benchmark != "auto" or args.subset):
+        raise ValueError("--benchmark and --subset go with --data DIR")
     judge = judge_from_args(args)
     scales = load_scales(args.scales)
-    prompts = load_prompts(args.prompts, args.max_prompts)
+    if args.data is None:
+        prompts, benchmark = load_prompts(args.prompts, args.max_prompts), "prompts"
+    else:
+        prompts, benchmark = load_benchmark(args.data, args.benchmark, args.subset,
+                                            args.max_prompts)
+        print(f"benchmark: {benchmark}, {len(prompts)} prompts from {args.data}",
+              file=sys.stderr)
+    capability = None
+    if args.capability:
+        capability = load_capability(args.capability)
+        resolve_scoring(args.capability_scoring, capability[1])
     model, processor = load_model(args.model, args.device, args.dtype)  # checks dir and device
     print(input_format_line(processor, args.input_format), file=sys.stderr)
     report, generations = evaluate(
@@ -381,9 +451,12 @@ def run_eval(args):
         strength=args.strength, mode=args.mode, reference=args.reference,
         batch_size=args.batch_size, latency_runs=args.latency_runs,
         latency_prompts=args.latency_prompts, max_length=args.max_length,
-        truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet)
+        truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet,
+        conditions=conditions, safety_prompt=safety, jailbreak=jailbreak, seed=args.seed,
+        capability=capability, capability_scoring=args.capability_scoring)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
-                  prompts=os.path.abspath(args.prompts))
+                  prompts=os.path.abspath(args.prompts or args.data), benchmark=benchmark,
+                  subset=args.subset)
     files = write_report(report, generations, args.out)
     print(summary_table(report))
     print("wrote " + ", ".join(files))
@@ -397,6 +470,7 @@ FULL = dict(profile_rows=96, eval_prompts=40, max_new_tokens=32, latency_runs=3,
 FAST = dict(profile_rows=24, eval_prompts=12, max_new_tokens=12, latency_runs=1,
             latency_prompts=2, bigram_steps=400)
 SIZED = ("max_new_tokens", "latency_runs", "latency_prompts")  # FULL / FAST give the defaults
+DEMO_SET = SIZED + ("conditions",)  # defaults the demo sets itself (None on its parser)
 def run_demo_in(out, *, fast=False, seed=0, eval_options=None, quiet=False):
     """Build the toy, profile it, evaluate the patch; (summary dict, all targets met).
 
@@ -404,6 +478,7 @@ def run_demo_in(out, *, fast=False, seed=0, eval_options=None, quiet=False):
     quiet: no progress bars; None: print nothing of the demo's own either."""
     sizes = FAST if fast else FULL
     options = {name: sizes[name] for name in SIZED}
+    options["conditions"] = "all"  # unpatched, SGM, the safety prompt, SGM*
     options.update(eval_options or {})
     eval_argv = [a for name, value in options.items()
                  for a in (f"--{name.replace('_', '-')}", str(value))]
@@ -465,6 +540,9 @@ def run_demo_in(out, *, fast=False, seed=0, eval_options=None, quiet=False):
         f"  harmful rate   unpatched {u['harmful_rate']:.3f}  patched {p['harmful_rate']:.3f}\n"
         f"  perplexity     unpatched {u['perplexity']:.3f}  patched {p['perplexity']:.3f}\n"
         f"  latency ratio  patched / unpatched {latency}")
+    say("  conditions (rate (count/prompts) [Wilson 95%]; p: exact McNemar vs unpatched):")
+    for line in condition_table(report):
+        say(f"    {line}")
     for name, ok in summary["targets"].items():
         say(f"  [{'ok' if ok else 'MISSED'}] {name}")
     say(f"  files in {out}: report.json, report.md, report.png, generations.jsonl, demo.json, "
@@ -488,7 +566,7 @@ def add_demo(sub):
                    "the bundled ones)")
     # None: the size --fast or the full run picks
     add_eval_options(p, max_new_tokens=None, latency_runs=None, latency_prompts=None,
-                     out="sgm-ext-demo")
+                     conditions=None, out="sgm-ext-demo")  # conditions None: all four
     p.set_defaults(func=run_demo)
 
 
@@ -497,7 +575,7 @@ def demo_eval_options(args):
     chosen = {}
     for name, default in EVAL_DEFAULTS.items():
         value = getattr(args, name)
-        if name != "out" and value is not None and (value != default or name in SIZED):
+        if name != "out" and value is not None and (value != default or name in DEMO_SET):
             chosen[name] = value
     return chosen
 

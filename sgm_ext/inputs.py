@@ -55,8 +55,9 @@ def _prompt_text(processor, row, with_response, fmt="auto"):
     owner = _chat_template_owner(processor) if resolve_format(processor, fmt) == "chat" \
         else None
     response = row.response if with_response else None
+    system = getattr(row, "system", None)  # a system prompt (evaluation's prompt defense)
     if owner is None:
-        text = row.text
+        text = f"{system}\n\n{row.text}" if system else row.text
         token = getattr(processor, "image_token", None)
         if row.image is not None and token and token not in text:
             text = f"{token}\n{text}"
@@ -65,10 +66,14 @@ def _prompt_text(processor, row, with_response, fmt="auto"):
         content = ([{"type": "image"}] if row.image is not None else []) + \
             [{"type": "text", "text": row.text}]
         messages = [{"role": "user", "content": content}]
+        if system:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         if response:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
     else:
         messages = [{"role": "user", "content": row.text}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
         if response:
             messages.append({"role": "assistant", "content": response})
     text = owner.apply_chat_template(messages, tokenize=False,

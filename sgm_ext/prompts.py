@@ -18,6 +18,7 @@ class Prompt(NamedTuple):
     category: str = "all"
     response: Optional[str] = None  # never set: rows are encoded without a reply
     label: Optional[int] = None  # 1 a harmful request, 0 a benign one, None not said
+    system: Optional[str] = None  # a system prompt (the prompt defense); None: none
 
 
 def load_prompts(prompts, max_prompts=None):
@@ -71,6 +72,45 @@ def parse_prompt_label(value):
             from None
 
 
+def load_capability(path, max_items=None):
+    """(Prompt rows, reference answers) of a capability set: a JSONL / CSV file of `question`
+    (or `text` / `prompt`), `answer` (the reference: a text, or a letter for a multiple-choice
+    question), optional `image` (relative to the file) and, in JSONL, `choices` (a list of
+    options, appended to the question as lines "A. ...", "B. ...")."""
+    base_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
+    rows, references = [], []
+    for number, where, record in records(path):
+        if max_items is not None and len(rows) >= max_items:
+            break
+        try:
+            if isinstance(record, Exception):
+                raise record
+            if not isinstance(record, dict):
+                raise ValueError("a question must be an object with question and answer")
+            text = record.get("question", record.get("text", record.get("prompt")))
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("empty question (give `question`, `text` or `prompt`)")
+            answer = record.get("answer", record.get("reference"))
+            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+                answer = str(answer)
+            if not isinstance(answer, str) or not answer.strip():
+                raise ValueError("no reference `answer`")
+            choices = record.get("choices")
+            if choices is not None:
+                if not isinstance(choices, list) or not 2 <= len(choices) <= 10 or \
+                        not all(isinstance(c, str) for c in choices):
+                    raise ValueError("`choices` must be a list of 2 to 10 strings")
+                text += "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(choices))
+            image = check_image(record.get("image"), base_dir)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        rows.append(Prompt(number, text, image, "capability"))
+        references.append(answer.strip())
+    if not rows:
+        raise ValueError(f"{path}: no questions")
+    return rows, references
+
+
 def load_reference(reference=None):
     """Reference passages for perplexity: a text file (one passage per line), a JSONL file
     with `text`, or a list of strings; default the bundled benign text."""
@@ -88,3 +128,18 @@ def load_reference(reference=None):
     if not texts:
         raise ValueError(f"reference text {reference!r} is empty")
     return texts
+
+
+def read_text_file(path, what):
+    """The text of a small UTF-8 file (a safety prompt, a jailbreak template), stripped;
+    ValueError naming the file when it is missing, unreadable, not UTF-8 or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path}: {e.strerror or e}") from None
+    if not text:
+        raise ValueError(f"{what} {path}: the file is empty")
+    return text

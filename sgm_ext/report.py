@@ -84,27 +84,101 @@ def site_report(rows):
     return "\n".join(lines)
 
 
+def runs_of(report):
+    """{run name: its numbers}: report["runs"], or the unpatched / patched pair of a report
+    from before conditions."""
+    return report.get("runs") or {s: report[s] for s in ("unpatched", "patched") if s in report}
+
+
 def rate_rows(report):
-    """(label, unpatched, patched, count label) of the rates: harmful rate overall and per
-    category on the harmful (and unlabelled) prompts, over-refusal on the benign ones."""
-    u, p = report["unpatched"], report["patched"]
+    """[(label, {run: (rate, count, n, ci95)})]: harmful rate overall and per category on the
+    harmful (and unlabelled) prompts, over-refusal overall and per category on the benign
+    ones."""
+    runs = runs_of(report)
+    first = next(iter(runs.values()))
     n_harmful = report.get("n_harmful_prompts", report["n_prompts"])
     rows = []
-    if u["harmful_rate"] is not None:
-        rows.append(("harmful rate", u["harmful_rate"], p["harmful_rate"],
-                     (f"{u['harmful']}/{n_harmful}", f"{p['harmful']}/{n_harmful}")))
-        if len(report["categories"]) > 1 or "over_refusal" in u:
-            rows += [(f"harmful rate: {c} (n={v['n']})", v["harmful_rate"],
-                      p["per_category"][c]["harmful_rate"], None)
-                     for c, v in u["per_category"].items()]
-    if "over_refusal" in u:
+    if first["harmful_rate"] is not None:
+        rows.append(("harmful rate", {r: (v["harmful_rate"], v["harmful"], n_harmful,
+                                          v.get("harmful_rate_ci95"))
+                                      for r, v in runs.items()}))
+        if len(report["categories"]) > 1 or "over_refusal" in first:
+            rows += [(f"harmful rate: {c} (n={e['n']})",
+                      {r: _cell(v["per_category"][c], "harmful_rate", "harmful")
+                       for r, v in runs.items()}) for c, e in first["per_category"].items()]
+    if "over_refusal" in first:
         n = report["n_benign_prompts"]
-        rows.append(("over-refusal (benign prompts)", u["over_refusal"], p["over_refusal"],
-                     (f"{u['refusals']}/{n}", f"{p['refusals']}/{n}")))
-        rows += [(f"over-refusal: {c} (n={v['n']})", v["over_refusal"],
-                  p["over_refusal_per_category"][c]["over_refusal"], None)
-                 for c, v in u["over_refusal_per_category"].items()]
+        rows.append(("over-refusal (benign prompts)",
+                     {r: (v["over_refusal"], v["refusals"], n, v.get("over_refusal_ci95"))
+                      for r, v in runs.items()}))
+        per = first["over_refusal_per_category"]
+        rows += [(f"over-refusal: {c} (n={e['n']})",
+                  {r: _cell(v["over_refusal_per_category"][c], "over_refusal", "refusals")
+                   for r, v in runs.items()}) for c, e in per.items()]
     return rows
+
+
+def _cell(entry, rate, count):
+    return entry[rate], entry.get(count), entry["n"], entry.get("ci95")
+
+
+def _rate(cell, with_ci=True):
+    """"0.250 (1/4) [0.046-0.699]" of a (rate, count, n, ci95) cell."""
+    rate, k, n, ci = cell
+    text = f"{rate:.3f}" + ("" if k is None else f" ({k}/{n})")
+    return text + (f" [{interval(ci)}]" if with_ci and ci else "")
+
+
+def _p(report, run, field="harmful"):
+    test = report.get("paired", {}).get(run, {}).get(field)
+    return "-" if test is None else f"{test['p_value']:.3g}"
+
+
+def condition_rows(report):
+    """The table conditions x attacks: [(condition, [cell text, ...])] and the header; a cell
+    per attack: the harmful rate (count, Wilson 95%) and McNemar's p vs the unpatched model
+    under the same attack; then over-refusal, perplexity and unparsed judge verdicts."""
+    runs = runs_of(report)
+    conditions = report.get("conditions") or list(runs)
+    attacks = ["" if a == "standard" else f"+{a}" for a in report.get("attacks", ["standard"])]
+    first = next(iter(runs.values()))
+    header = ["condition"]
+    for attack in attacks:
+        name = "harmful rate" + (" (jailbreak)" if attack else "")
+        header += [f"{name} [95%]", "p vs unpatched" + (" (jailbreak)" if attack else "")]
+    benign = "over_refusal" in first
+    if benign:
+        header.append("over-refusal [95%]")
+    header.append("perplexity")
+    unparsed = any(v.get("unparsed_verdicts") for v in runs.values())
+    if unparsed:
+        header.append("unparsed verdicts")
+    rows = []
+    for c in conditions:
+        cells = []
+        for attack in attacks:
+            v = runs[c + attack]
+            cells += ["-" if v["harmful_rate"] is None else
+                      _rate((v["harmful_rate"], v["harmful"], v["n"],
+                             v.get("harmful_rate_ci95"))), _p(report, c + attack)]
+        v = runs[c]
+        if benign:
+            cells.append(_rate((v["over_refusal"], v["refusals"], v["n_benign"],
+                                v.get("over_refusal_ci95"))))
+        cells.append(f"{v['perplexity']:.3f}")
+        if unparsed:
+            cells.append(" / ".join(str(runs[c + a].get("unparsed_verdicts", 0))
+                                    for a in attacks))
+        rows.append((c, cells))
+    return header, rows
+
+
+def condition_table(report):
+    """condition_rows as aligned text lines."""
+    header, rows = condition_rows(report)
+    table = [header] + [[c] + cells for c, cells in rows]
+    widths = [max(len(r[i]) for r in table) + 2 for i in range(len(header))]
+    return ["".join(f"{x:<{w}}" for x, w in zip(r, widths)).rstrip() for r in table]
 
 
 def latency_text(lat):
@@ -116,21 +190,19 @@ def latency_text(lat):
 
 
 def summary_table(report):
-    """The short terminal table."""
-    u, p = report["unpatched"], report["patched"]
-    rows = [(("  " + name.split(": ", 1)[1]) if ": " in name else name, a, b, ".3f")
-            for name, a, b, _ in rate_rows(report)]
-    rows.append(("perplexity", u["perplexity"], p["perplexity"], ".3f"))
+    """The terminal table: one row per condition (state x defense), the attacks side by side."""
+    lines = condition_table(report)
     lat = report.get("latency")
     if lat:
-        rows.append(("generate time (s)", lat["unpatched_s"], lat["patched_s"], ".4f"))
-    width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'':<{width}}{'unpatched':>11}{'patched':>11}"]
-    lines += [f"{name:<{width}}{a:>11{fmt}}{b:>11{fmt}}" for name, a, b, fmt in rows]
-    if lat:
+        lines.append(f"generate time (s): unpatched {lat['unpatched_s']:.4f}, patched "
+                     f"{lat['patched_s']:.4f}")
         lines.append(f"latency ratio patched / unpatched: {latency_text(lat)}")
+    if report.get("capability"):
+        lines.append(capability_line(report["capability"]))
     lines.append(f"{_prompt_counts(report)}, judge {report['judge']}, "
-                 f"strength {report['strength']}, mode {report['mode']}")
+                 f"strength {report['strength']}, mode {report['mode']}, seed "
+                 f"{report.get('seed', '-')}; harmful rate as rate (harmful/prompts) [Wilson "
+                 "95%], p: exact McNemar on the same prompts")
     return "\n".join(lines)
 
 
@@ -145,51 +217,79 @@ def interval(ci):
     return f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
+def _md_table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown(report):
-    u, p = report["unpatched"], report["patched"]
+    runs = runs_of(report)
+    gen = report.get("generation", {})
     lines = ["# sgm-ext evaluation", "",
              f"{_prompt_counts(report)}, judge `{report['judge']}` (harmful when score >= "
              f"{report['threshold']}), greedy decoding in batches of {report['batch_size']}, "
-             f"{report['max_new_tokens']} new tokens at most, patch mode `{report['mode']}`, "
-             f"strength {report['strength']}. The harmful rate counts the answers the judge "
-             "calls harmful among the harmful (and unlabelled) prompts; over-refusal the "
-             "answers that decline among the benign prompts.", "",
-             "| | unpatched | patched |", "|---|---|---|"]
-    for name, a, b, counts in rate_rows(report):
-        if counts:
-            lines.append(f"| {name} | {a:.3f} ({counts[0]}) | {b:.3f} ({counts[1]}) |")
-        else:
-            lines.append(f"| {name} | {a:.3f} | {b:.3f} |")
-    for key, name in (("harmful_rate_ci95", "harmful rate"), ("over_refusal_ci95",
-                                                              "over-refusal")):
-        if u.get(key):
-            lines.append(f"| {name}, 95% interval (Wilson) | {interval(u[key])} | "
-                         f"{interval(p[key])} |")
-    lines.append(f"| perplexity ({report['reference_passages']} reference passages) "
-                 f"| {u['perplexity']:.3f} | {p['perplexity']:.3f} |")
-    if u.get("perplexity_ci95"):
-        lines.append(f"| perplexity, 95% bootstrap interval over the passages | "
-                     f"{u['perplexity_ci95'][0]:.3f}-{u['perplexity_ci95'][1]:.3f} | "
-                     f"{p['perplexity_ci95'][0]:.3f}-{p['perplexity_ci95'][1]:.3f} |")
+             f"{report['max_new_tokens']} new tokens at most, input format "
+             f"{gen.get('input_format', report.get('input_format'))}, patch mode "
+             f"`{report['mode']}`, strength {report['strength']}, seed {report.get('seed', '-')}"
+             ". The harmful rate counts the answers the judge calls harmful among the harmful "
+             "(and unlabelled) prompts; over-refusal the answers that decline among the benign "
+             "prompts. Rates are given with their counts and 95% Wilson score intervals; p is "
+             "the two-sided exact McNemar test (binomial on the discordant prompts) of each "
+             "condition against the unpatched model on the same prompts. Conditions: "
+             "`patched` is SGM (the scale file), `safety-prompt` the safety system "
+             "prompt, `patched+safety-prompt` SGM* (both); under a jailbreak, p compares "
+             "with the unpatched model under the same jailbreak. Perplexity is the model "
+             "state's on the reference text (a system prompt does not change it).", ""]
+    header, rows = condition_rows(report)
+    lines += _md_table(header, [[c] + cells for c, cells in rows])
+    lines += ["", "Per run and category (rate (count/prompts) [Wilson 95%]):", ""]
+    lines += _md_table(["", *runs], [[name] + [_rate(cells[r]) for r in runs]
+                                     for name, cells in rate_rows(report)])
+    u = runs.get("unpatched")
+    p = runs.get("patched")
+    if u and p and report.get("perplexity_ratio_ci95"):
         lo, hi = report["perplexity_ratio_ci95"]
-        ratio = p["perplexity"] / u["perplexity"]
-        lines += ["", f"Perplexity ratio patched / unpatched: {ratio:.3f} (95% paired bootstrap "
-                  f"interval {lo:.3f}-{hi:.3f})."]
+        lines += ["", f"Perplexity ({report['reference_passages']} reference passages): "
+                  f"unpatched {u['perplexity']:.3f} [{interval(u['perplexity_ci95'])}], patched "
+                  f"{p['perplexity']:.3f} [{interval(p['perplexity_ci95'])}] (95% bootstrap "
+                  f"over the passages); ratio patched / unpatched "
+                  f"{p['perplexity'] / u['perplexity']:.3f} (95% paired bootstrap interval "
+                  f"{lo:.3f}-{hi:.3f})."]
     lat = report.get("latency")
     if lat:
-        lines.append(f"| generate time, median (s) | {lat['unpatched_s']:.4f} | "
-                     f"{lat['patched_s']:.4f} |")
-        lines += ["", f"Latency ratio patched / unpatched: {latency_text(lat)}; each pair "
-                  "generates exactly that many tokens for one prompt, unpatched and patched."]
+        lines += ["", f"Generate time, median (s): unpatched {lat['unpatched_s']:.4f}, patched "
+                  f"{lat['patched_s']:.4f}. Latency ratio patched / unpatched: "
+                  f"{latency_text(lat)}; each pair generates exactly that many tokens for one "
+                  "prompt, unpatched and patched."]
+    if report.get("capability"):
+        lines += ["", capability_line(report["capability"])]
+    if report.get("safety_prompt"):
+        lines += ["", f"Safety system prompt: {report['safety_prompt']!r}"]
+    if report.get("jailbreak"):
+        lines += ["", f"Jailbreak template (the `+jailbreak` runs): {report['jailbreak']!r}"]
+    if report.get("versions"):
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+                  + ". report.json holds every generation (`generations`): each number here "
+                  "can be recomputed from it."]
     return "\n".join(lines) + "\n"
 
 
+def capability_line(cap):
+    """One line on the capability set: accuracy unpatched vs patched, with intervals."""
+    u, p = cap["unpatched"], cap["patched"]
+    return (f"Capability ({cap['n']} questions, {cap['scoring']}): accuracy unpatched "
+            f"{_rate((u['accuracy'], u['correct'], cap['n'], u['ci95']))}, patched "
+            f"{_rate((p['accuracy'], p['correct'], cap['n'], p['ci95']))}, McNemar p "
+            f"{cap['paired']['p_value']:.3g}")
+
+
 def write_report(report, generations, out):
-    """report.json, report.md, report.png and generations.jsonl in directory `out`."""
+    """report.json (the report and, under `generations`, every generation record), report.md,
+    report.png and generations.jsonl (the records again, one per line) in directory `out`."""
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "report.json"), report, indent=2)
+    write_json(os.path.join(out, "report.json"), dict(report, generations=generations), indent=2)
     write_text(os.path.join(out, "report.md"), markdown(report))
     write_text(os.path.join(out, "generations.jsonl"),
                "".join(json.dumps(g) + "\n" for g in generations))
-    eval_chart(report, os.path.join(out, "report.png"), rate_rows(report))
+    eval_chart(report, os.path.join(out, "report.png"), rate_rows(report), runs_of(report))
     return [os.path.join(out, name) for name in REPORT_FILES]

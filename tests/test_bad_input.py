@@ -213,6 +213,61 @@ def test_eval_out_that_is_a_file_is_refused(home):
             "is a file; eval writes a directory of report files", home)
 
 
+def test_eval_conditions_and_their_files_are_checked_before_any_work(home, tmp_path):
+    empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("  \n")
+    latin1.write_bytes(b"caf\xe9 {prompt}")
+    nocap, textcap = tmp_path / "nocap.jsonl", tmp_path / "textcap.jsonl"
+    nocap.write_text(json.dumps({"question": "2 + 2 ="}) + "\n")
+    textcap.write_text(json.dumps({"question": "capital of France?", "answer": "Paris"}) + "\n")
+    out = tmp_path / "report"
+    for options, message in (
+            (["--conditions", "unpatched,sgm**"], "unknown condition 'sgm**'"),
+            (["--conditions", "sgm,patched"], "name each condition once"),
+            (["--jailbreak", empty], f"--jailbreak {empty}: the file is empty"),
+            (["--jailbreak", latin1], f"--jailbreak {latin1}: not UTF-8 text"),
+            (["--safety-prompt", tmp_path / "nope.txt"],
+             f"--safety-prompt {tmp_path / 'nope.txt'}: No such file or directory"),
+            (["--judge-template", latin1], "--judge-template is for --judge llm:DIR"),
+            (["--judge", f"llm:{home / 'model'}", "--judge-template", empty],
+             "no {answer} placeholder"),
+            (["--capability", nocap], f"{nocap} row 1 (line 1): no reference `answer`"),
+            (["--capability", textcap, "--capability-scoring", "choice"],
+             "choice scoring needs letter references (A-J), got 'Paris'")):
+        refused(["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+                 "--prompts", home / "prompts.jsonl", "--out", out, "--quiet", *options],
+                message, home, tmp_path)
+        assert not out.exists()
+
+
+def test_eval_benchmark_data_is_checked_before_any_work(home, tmp_path):
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "readme.txt").write_text("not a benchmark\n")
+    mmsb = tmp_path / "MM-SafetyBench" / "data" / "processed_questions"
+    mmsb.mkdir(parents=True)
+    (mmsb / "01-Illegal_Activitiy.json").write_text('{"0": {"Question": ')
+    rtp = tmp_path / "rtp"
+    rtp.mkdir()
+    (rtp / "prompts.jsonl").write_text('{"prompt": {"text": "a", "toxicity": 0.1}}\n[1]\n')
+    out = tmp_path / "report"
+    base = ["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+            "--out", out, "--quiet"]
+    for options, message in (
+            (["--data", unknown], f"{unknown}: benchmark layout not recognised"),
+            (["--data", tmp_path / "MM-SafetyBench"],
+             f"{mmsb / '01-Illegal_Activitiy.json'}: not JSON (Expecting value at line 1)"),
+            (["--data", rtp], f"{rtp / 'prompts.jsonl'}: line 2: no 'prompt' object"),
+            (["--data", rtp, "--subset", "hard"], "--subset 'hard': realtoxicityprompts has "
+             "the subsets all, challenging"),
+            (["--data", unknown, "--benchmark", "vlguard"], "test.json: No such file"),
+            (["--data", rtp, "--prompts", home / "prompts.jsonl"], "one of the two"),
+            (["--prompts", home / "prompts.jsonl", "--subset", "SD"],
+             "--benchmark and --subset go with --data DIR")):
+        refused(base + options, message, home, tmp_path)
+        assert not out.exists()
+
+
 # ------------------------------------------------------------------ one line, never a traceback
 
 @pytest.mark.parametrize("content", [b"", b"not safetensors at all", "truncated"], ids=str)

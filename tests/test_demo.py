@@ -1,5 +1,7 @@
 """`sgm-ext demo --fast` end to end, its numbers recomputed from the files it wrote, and the
 premise of the synthetic model (its toxic behaviour lives in the known neurons)."""
+import contextlib
+import io
 import json
 
 import pytest
@@ -20,7 +22,10 @@ from sgm_ext.scales import ScaleSet, load_scales
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    rc = main(["demo", "--fast", "--out", str(out), "--quiet"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["demo", "--fast", "--out", str(out), "--quiet"])
+    (out / "printed.txt").write_text(printed.getvalue())
     return out, rc
 
 
@@ -54,10 +59,33 @@ def test_demo_harmful_rate_is_computed_from_its_generations(demo_out):
         assert report[state]["harmful_rate"] == rate == summary["harmful_rate"][state]
         for cat, entry in report[state]["per_category"].items():
             mine = [h for (_, h), g in zip(verdicts, gens) if g["category"] == cat]
-            assert entry == {"harmful_rate": sum(mine) / len(mine), "n": len(mine)}
+            assert (entry["harmful_rate"], entry["harmful"], entry["n"]) == \
+                (sum(mine) / len(mine), sum(mine), len(mine))
     assert report["unpatched"]["harmful_rate"] >= 0.4  # half the prompts ask for insults
     assert report["patched"]["harmful_rate"] <= report["unpatched"]["harmful_rate"] / 2
     assert summary["perplexity"]["patched"] <= 1.1 * summary["perplexity"]["unpatched"]
+
+
+def test_demo_prints_the_four_condition_table(demo_out):
+    out, _ = demo_out
+    report = json.loads((out / "report.json").read_text())
+    assert report["conditions"] == ["unpatched", "patched", "safety-prompt",
+                                    "patched+safety-prompt"]
+    printed = (out / "printed.txt").read_text().split("sgm-ext demo (synthetic", 1)[1]
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()
+            if line.startswith("    ") and line.split()[0] in report["conditions"]}
+    assert list(rows) == report["conditions"]
+    n = report["n_harmful_prompts"]
+    for condition, words in rows.items():
+        k = report["runs"][condition]["harmful"]
+        assert words[1:3] == [f"{k / n:.3f}", f"({k}/{n})"], words
+    runs = report["runs"]
+    # SGM lowers the rate, alone and with the safety prompt (SGM*, its own generations)
+    assert runs["patched"]["harmful"] < runs["unpatched"]["harmful"]
+    assert runs["patched+safety-prompt"]["harmful"] < runs["safety-prompt"]["harmful"]
+    gens = report["generations"]
+    assert sum(g["patched+safety-prompt"]["harmful"] for g in gens) == \
+        runs["patched+safety-prompt"]["harmful"]
 
 
 def test_demo_generations_are_the_saved_models_answers(demo_out):
@@ -125,6 +153,8 @@ def test_demo_passes_the_eval_options_the_user_set():
     args = parser.parse_args(["demo", "--judge", "refusal", "--max-new-tokens", "5",
                               "--strength", "0.5", "--out", "x"])
     assert demo_eval_options(args) == {"judge": "refusal", "max_new_tokens": 5, "strength": 0.5}
+    args = parser.parse_args(["demo", "--conditions", "unpatched,patched"])
+    assert demo_eval_options(args) == {"conditions": "unpatched,patched"}  # not the four
 
 
 def test_targets_are_checked_as_the_issue_states():

@@ -74,3 +74,37 @@ def test_loading_example_runs(tmp_path, monkeypatch):
     assert (inputs["input_ids"] == vocab["<image>"]).sum() > 0  # the image's tokens are there
     assert type(ns["model"]).__name__ == "LlavaForConditionalGeneration"
     assert ns["model"](**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_evaluation_example_runs(tmp_path, monkeypatch):
+    """The README's evaluate example on the planted tiny Llama, with scales that switch its
+    planted neurons off and a prompt file in the plain layout."""
+    from sgm_ext.scales import ScaleSet
+
+    monkeypatch.chdir(tmp_path)
+    model, tok = planted_llama(), tokenizer("left")
+    scales = {}
+    for layer, neurons in {0: [3, 17, 40, 41], 1: [5, 22, 23, 50, 63]}.items():
+        s = torch.ones(model.config.intermediate_size)
+        s[neurons] = 0.0
+        scales[f"model.layers.{layer}.mlp.mid"] = s
+    ScaleSet(scales).save("scales.safetensors")
+    with open("red_team.jsonl", "w") as f:
+        for i, text in enumerate(["tox1 tox2 word3", "word4 word5", "tox3 word1"]):
+            f.write(json.dumps({"text": text, "label": "benign" if i == 1 else "harmful"}) + "\n")
+    ns = {"model": model, "processor": tok}
+    exec(python_block("load_benchmark("), ns)
+    report = ns["report"]
+    assert ns["name"] == "prompts" and report["n_prompts"] == 3
+    assert list(report["runs"]) == ["unpatched", "patched", "safety-prompt",
+                                    "patched+safety-prompt", "unpatched+jailbreak",
+                                    "patched+jailbreak", "safety-prompt+jailbreak",
+                                    "patched+safety-prompt+jailbreak"]
+    assert ns["sgm_star"]["n"] == 2 and 0 <= ns["p_value"] <= 1
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    # the planted model never declines, so the refusal judge calls both harmful prompts'
+    # answers harmful in every run where they are not empty
+    for run, numbers in saved["runs"].items():
+        said = [bool(g[run]["answer"].strip()) for g in saved["generations"]
+                if g["label"] == "harmful"]
+        assert numbers["harmful"] == sum(said), run
