@@ -381,6 +381,17 @@ def random_scales(model, kinds=("mid",), fraction=0.5, top=0.5, seed=0):
     return out
 
 
+def planted_scales(known, width=INTER):
+    """{site: [width] float32}: the neurons of `known` ({site: [neuron, ...]}, e.g. the planted
+    ones of build_model) turned off, every other neuron left at 1 (det0 on exactly those)."""
+    out = {}
+    for site, neurons in known.items():
+        s = torch.ones(width)
+        s[list(neurons)] = 0.0
+        out[site] = s
+    return out
+
+
 # ------------------------------------------------------------------------ scoring the demo
 
 def recovered(expertise, known):

@@ -4,7 +4,6 @@ evaluation of the demo's toy on a benchmark directory through the command line."
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from sgm_ext import synthetic
@@ -196,11 +195,7 @@ def test_eval_on_a_vlguard_directory(tmp_path, capsys):
     vocab = synthetic.vocabulary()
     processor = synthetic.build_processor(vocab)
     model, known = synthetic.build_model(vocab, processor.tokenizer, seed=1, bigram_steps=60)
-    scales = {}
-    for site, neurons in known.items():
-        s = torch.ones(synthetic.INTER)
-        s[neurons] = 0.0
-        scales[site] = s
+    scales = synthetic.planted_scales(known)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     ScaleSet(scales).save(tmp_path / "scales.safetensors")

@@ -116,12 +116,7 @@ def test_toxic_behaviour_lives_in_the_known_neurons(tmp_path):
     def answer(off, ask):
         if not off:
             return generate_one(model, processor, ask, 6)[0]
-        scales = {}
-        for site, neurons in off.items():
-            s = torch.ones(synthetic.INTER)
-            s[neurons] = 0.0
-            scales[site] = s
-        with sgm_ext.patched(model, ScaleSet(scales)):
+        with sgm_ext.patched(model, ScaleSet(synthetic.planted_scales(off))):
             return generate_one(model, processor, ask, 6)[0]
 
     insults = set(synthetic.INSULTS)

@@ -150,11 +150,7 @@ def toy():
     vocab = synthetic.vocabulary()
     processor = synthetic.build_processor(vocab)
     model, known = synthetic.build_model(vocab, processor.tokenizer, seed=1, bigram_steps=60)
-    scales = {}
-    for site, neurons in known.items():
-        s = torch.ones(synthetic.INTER)
-        s[neurons] = 0.0
-        scales[site] = s
+    scales = synthetic.planted_scales(known)
     return model, processor, ScaleSet(scales), known
 
 
