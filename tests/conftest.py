@@ -1,5 +1,8 @@
+import atexit
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
 import pytest
@@ -9,6 +12,13 @@ import torch
 # kernel modules are imported, so it must be set before anything imports sgm_ext.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("SGM_EXT_BACKEND", None)
+# torch.compile's on-disk caches (inductor, FX graphs, compiled bytecode) are per user, shared by
+# every checkout on the machine: a graph cached by another checkout whose ops had another schema
+# was served here and called sgm_ext::act_mul_scale with an argument too many. Each test session
+# compiles into a fresh directory of its own (as on a clean CI machine); xdist workers inherit it.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sgm-ext-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 # Fresh random inputs every run; the seed is printed so a failure can be replayed with
 # SGM_EXT_TEST_SEED=<seed>.
