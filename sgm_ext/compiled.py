@@ -82,6 +82,12 @@ if _C is None:
             LOAD_ERROR = _error(e)
             _errors.append((cached, LOAD_ERROR))
 
+if _C is not None and hasattr(torch.ops.sgm_ext, "_act_mul_scale_alloc"):
+    # The op's shape function, so torch.compile can trace the patched MLP's fast forward, which
+    # calls the allocating op directly (a new contiguous tensor of gate's shape, dtype, device)
+    torch.library.register_fake("sgm_ext::_act_mul_scale_alloc")(
+        lambda gate, up, scale, gate_scale, act: gate.new_empty(gate.shape))
+
 # Whether a built library file was found (in the package or in the cache).
 BUILT = bool(_C is not None or any(path for path, _ in _errors))
 if _C is None and _errors:

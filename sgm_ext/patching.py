@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import NamedTuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import ops
 from .backends import select_alloc
@@ -274,6 +274,10 @@ class _Fused(_Scaled):
                 eff["gate_scale"], self.info.act, self.factor("down", like))
 
     def _fast_forward(self, x, fast):
+        # The checks read attributes and call no Python function: what ops.needs_dispatcher asks
+        # (compile, autograd, subclasses) is answered by the allocating op's fake kernel
+        # (compiled.py), requires_grad and the type. The allocating op does not check that the
+        # vectors are on the activations' device, so the state's device is compared here.
         device, dtype, alloc, subs, scale, gate_scale, act, down_factor = fast
         if len(subs) == 3:
             g, u = subs[0](x), subs[1](x)
@@ -281,14 +285,12 @@ class _Fused(_Scaled):
             gu = subs[0](x)
             n = gu.shape[-1] // 2
             g, u = gu[..., :n], gu[..., n:]
-        if g.device != device or g.dtype != dtype:  # the model moved: make the state again
-            self.fast = None
+        if (g.requires_grad or u.requires_grad or type(g) is not Tensor or g.dtype is not dtype
+                or g.device != device):
+            if g.dtype is not dtype or g.device != device:  # the model moved: a new state
+                self.fast = None
             return self._tail(g, u, self.handle.strength)
-        if ops.needs_dispatcher(g, u):  # autograd, torch.compile, tensor subclasses
-            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, act)
-        else:
-            h = alloc(g, u, scale, gate_scale, act)
-        y = subs[-1](h)
+        y = subs[-1](alloc(g, u, scale, gate_scale, act))
         return y if down_factor is None else y * down_factor
 
     # The general forward: every strength, layout and device.
@@ -338,7 +340,7 @@ class _Fused(_Scaled):
         scale, gate_scale, strength, up_factor = self._elementwise_args(g, lam)
         if isinstance(lam, float):  # the s_eff vectors were checked when the model was patched
             h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act)
-            if self.fast is None:
+            if self.fast is None and not torch.compiler.is_compiling():
                 self.fast = self._fast_state(g)
         else:
             if "gate" in self.scales:

@@ -726,3 +726,55 @@ def test_deepcopy_made_after_fast_calls_uses_its_own_modules():
         dup["mlp"].down_proj.bias.zero_()
         assert torch.equal(dup["mlp"](x), torch.zeros_like(before))
         assert torch.equal(root["mlp"](x), before)
+
+
+def test_fast_forward_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) of an MLP whose fast state exists traces the fast forward
+    (the allocating op's fake kernel gives its shape) and matches eager."""
+    root = _one_mlp("gated")
+    (info,) = find_mlps(root).values()
+    scales = {info.site(k): torch.rand(info.site_size(k)) for k in ("gate", "mid", "down")}
+    x = torch.randn(2, 5, 16)
+    with sgm_ext.patched(root, scales), torch.no_grad():
+        eager = [root["mlp"](x) for _ in range(2)][-1]
+        assert root["mlp"].forward.fast
+        torch._dynamo.reset()
+        got = torch.compile(root["mlp"], fullgraph=True)(x)
+    assert _rel(got, eager) < 1e-6
+
+
+def test_fast_forward_gradients_equal_hook_mode():
+    """With gradients on (a trainable model), the fused forward at a float strength takes the
+    autograd op, also after the fast state exists: the gradients equal hook mode's."""
+    root = _one_mlp("gated")
+    (info,) = find_mlps(root).values()
+    scales = {info.site(k): torch.rand(info.site_size(k)) for k in ("up", "mid", "down")}
+    x = torch.randn(3, 16)
+    grads = {}
+    for mode in ("hook", "fused"):
+        with sgm_ext.patched(root, scales, mode=mode):
+            with torch.no_grad():
+                root["mlp"](x)  # the fast state is made here
+            root.zero_grad()
+            root["mlp"](x).square().sum().backward()
+            grads[mode] = {n: p.grad.clone() for n, p in root.named_parameters()}
+    for name, g in grads["hook"].items():
+        assert g.abs().max() > 0 and _rel(grads["fused"][name], g) < 1e-5, name
+
+
+def test_fast_forward_remakes_its_state_for_another_device():
+    """A state made for another device than the activations' (the model was moved after it was
+    made; the allocating op itself does not compare devices) is not used: the forward makes the
+    state again and answers as before. Here the state is marked as made for the meta device."""
+    root = _one_mlp("gated")
+    (info,) = find_mlps(root).values()
+    scales = {info.site("mid"): torch.rand(info.site_size("mid"))}
+    x = torch.randn(4, 16)
+    with sgm_ext.patched(root, scales), torch.no_grad():
+        want = [root["mlp"](x) for _ in range(2)][-1]
+        fused = root["mlp"].forward
+        fused.fast = (torch.device("meta"),) + fused.fast[1:4] + (
+            torch.full_like(fused.fast[4], float("nan")),) + fused.fast[5:]
+        assert torch.equal(root["mlp"](x), want)
+        assert fused.fast and fused.fast[0] == torch.device("cpu")
+        assert torch.equal(root["mlp"](x), want)
