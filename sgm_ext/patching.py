@@ -29,11 +29,13 @@ torch.save(model.state_dict()) works as for any model.
 import contextlib
 import copy
 import difflib
+import functools
 import os
 from collections.abc import Mapping
 from typing import NamedTuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -219,6 +221,9 @@ class _Scaled(_PatchState):
             eff["gate_scale"] = gate
             eff["prod"] = up * mid if up is not None and mid is not None else \
                 (up if up is not None else mid)
+            mid_shift = self.shifts.get("mid")
+            eff["mid_shift"] = None if mid_shift is None else \
+                effective_shift(mid_shift.to(device), lam)
             self._cache[key] = eff
         return self._cache[key]
 
@@ -257,16 +262,27 @@ class _Scaled(_PatchState):
         return x if shift is None else x + shift
 
 
+def _affine_after(h, down, factor, shift):
+    """factor * down(h) + shift (factor None: down(h) + shift) in one pass after down."""
+    y = down(h)
+    return y + shift if factor is None else torch.addcmul(shift, y, factor)
+
+
 def _mul(x, factor):
     return x if factor is None else x * factor
+
+
+def _plain_linear(m, x):
+    """A plain nn.Linear in x's dtype without hooks (accelerate's included): calling F.linear
+    with its weight is calling it."""
+    return (type(m) is nn.Linear and m.weight.dtype == x.dtype
+            and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")))
 
 
 def _use_gated_up_proj(gate, up, x):
     """On CUDA, plain fp16 / bf16 nn.Linear gate and up without bias or hooks: one fused GEMM."""
     return (GATED_UP_PROJ and x.is_cuda and x.dtype in _GEMM_DTYPES
-            and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype
-                    and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
-                    for m in (gate, up)))
+            and all(_plain_linear(m, x) and m.bias is None for m in (gate, up)))
 
 
 class _Fused(_Scaled):
@@ -306,21 +322,32 @@ class _Fused(_Scaled):
 
     def _fast_state(self, like):
         """What _fast_forward needs for the handle's float strength on like's device and dtype:
-        (device, dtype, allocating op, sub-modules, scale, gate_scale, act, down factor); False
-        where only the general forward applies (per-sequence strength, strength 0, no
-        allocating backend, gated_up_proj, the non-gated layout)."""
+        (device, dtype, allocating op, its dispatcher form, sub-modules, scale, gate_scale,
+        act, down factor); False where only the general forward applies (per-sequence
+        strength, strength 0, no allocating backend, gated_up_proj, the non-gated layout,
+        gate / up shifts). A mid shift is bound into both forms of the op; a down shift makes
+        the last sub-module the down projection with it (see _down)."""
         lam = self.handle.strength
         alloc = select_alloc(like.device.type)
-        if (not isinstance(lam, float) or lam == 0.0 or alloc is None or self.shifts
+        if (not isinstance(lam, float) or lam == 0.0 or alloc is None or self.pre
                 or self.info.layout == "non_gated" or (GATED_UP_PROJ and like.is_cuda)):
             return False
         eff = self.effective(like.device)
-        roles = ("gate", "up", "down") if self.info.layout == "gated" else ("gate_up", "down")
-        return (like.device, like.dtype, alloc, tuple(self.subs[r] for r in roles), eff["prod"],
-                eff["gate_scale"], self.info.act, self.factor("down", like))
+        prechecked = ops.act_mul_scale_prechecked
+        if eff["mid_shift"] is not None:
+            alloc = functools.partial(alloc, shift=eff["mid_shift"])
+            prechecked = functools.partial(prechecked, shift=eff["mid_shift"])
+        roles = ("gate", "up") if self.info.layout == "gated" else ("gate_up",)
+        subs = tuple(self.subs[r] for r in roles)
+        if "down" in self.shifts:
+            down, down_factor = self._down_with_shift(like), None
+        else:
+            down, down_factor = self.subs["down"], self.factor("down", like)
+        return (like.device, like.dtype, alloc, prechecked, subs + (down,), eff["prod"],
+                eff["gate_scale"], self.info.act, down_factor)
 
     def _fast_forward(self, x, fast):
-        device, dtype, alloc, subs, scale, gate_scale, act, down_factor = fast
+        device, dtype, alloc, prechecked, subs, scale, gate_scale, act, down_factor = fast
         if len(subs) == 3:
             g, u = subs[0](x), subs[1](x)
         else:  # packed gate_up: the halves are strided views, no copy
@@ -331,11 +358,48 @@ class _Fused(_Scaled):
             self.fast = None
             return self._tail(g, u, self.handle.strength)
         if ops.needs_dispatcher(g, u):  # autograd, torch.compile, tensor subclasses
-            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, act)
+            h = prechecked(g, u, scale, gate_scale, act)
         else:
             h = alloc(g, u, scale, gate_scale, act)
         y = subs[-1](h)
         return y if down_factor is None else y * down_factor
+
+    # The down site with a shift: y = s_eff down(h) + strength b. Without a scale, and when the
+    # down projection is a plain nn.Linear (no hooks, nothing wrapped), the shift is that
+    # GEMM's bias (torch adds a bias inside the matmul: no pass over [T, H] of its own);
+    # otherwise one pass after it (an add, or an addcmul with the scale).
+
+    def _down_with_shift(self, like):
+        """The fast forward's down projection for the float strength: a C-level
+        F.linear(h, W, bias + strength b) where that applies, else down then the affine map
+        (vectors bound once)."""
+        down = self.subs["down"]
+        if "down" in self.scales or not _plain_linear(down, like):
+            return functools.partial(_affine_after, down=down, factor=self.factor("down", like),
+                                     shift=self.shift("down", like))
+        return functools.partial(F.linear, weight=down.weight, bias=self._down_bias(like))
+
+    def _down_bias(self, like):
+        """The down projection's bias plus strength * b, in like's dtype (float strength)."""
+        key = ("down bias", like.device, like.dtype)
+        if key not in self._cache:
+            shift = self.shift("down", like).float()
+            bias = self.subs["down"].bias
+            self._cache[key] = (shift if bias is None else bias.float() + shift).to(like.dtype)
+        return self._cache[key]
+
+    def _down(self, h):
+        """down(h) with the down site's scale and shift, every strength and module kind."""
+        down = self.subs["down"]
+        if "down" not in self.shifts:
+            y = down(h)
+            return _mul(y, self.factor("down", y))
+        if (isinstance(self.handle.strength, float) and "down" not in self.scales
+                and _plain_linear(down, h)):
+            return F.linear(h, down.weight, self._down_bias(h))
+        y = down(h)
+        factor, shift = self.factor("down", y), self.shift("down", y)
+        return y + shift if factor is None else torch.addcmul(shift, y, factor)
 
     # The general forward: every strength, layout and device.
 
@@ -352,8 +416,15 @@ class _Fused(_Scaled):
         raw = self.raw(like.device)
         up_first = "up" in self.pre or ("mid" in raw and "up" in raw)
         scale = raw.get("mid") if up_first else raw.get("mid", raw.get("up"))
-        strength = None if scale is None else _rows(self.handle, like, self.info.path)[..., 0]
+        strength = self._op_strength(like, scale, self.raw_shifts(like.device).get("mid"))
         return scale, None, strength, up_first
+
+    def _op_strength(self, like, scale, shift):
+        """The per-sequence strength as the op takes it ([B, 1, ...] over like's leading
+        dims), or None when the op has neither a scale nor a shift to apply it to."""
+        if scale is None and shift is None:
+            return None
+        return _rows(self.handle, like, self.info.path)[..., 0]
 
     def _gated(self, x, lam):
         gate, up = self.subs["gate"], self.subs["up"]
@@ -363,7 +434,7 @@ class _Fused(_Scaled):
             if not up_first:
                 h = ops.gated_up_proj(x, gate.weight, up.weight, scale, act=self.info.act,
                                       gate_scale=gate_scale, strength=strength)
-                return self.apply("down", self.subs["down"](h))
+                return self._down(h)
         return self._tail(gate(x), up(x), lam)
 
     def _packed(self, x, lam):
@@ -375,10 +446,10 @@ class _Fused(_Scaled):
             return self._tail(gu[..., :n], gu[..., n:], lam)
         if "gate_up" not in self.pre:
             gu = _mul(gu, self.factor("gate_up", gu))
-        mid = self.raw(gu.device).get("mid")
-        strength = None if mid is None else _rows(self.handle, gu, self.info.path)[..., 0]
-        h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, strength=strength)
-        return self.apply("down", self.subs["down"](self._add_mid_shift(h)))
+        mid, mid_shift = self.raw(gu.device).get("mid"), self.raw_shifts(gu.device).get("mid")
+        h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, shift=mid_shift,
+                                     strength=self._op_strength(gu, mid, mid_shift))
+        return self._down(h)
 
     def _tail(self, g, u, lam):
         """down(act(g) * u with the scales and shifts): the gated layouts' general forward."""
@@ -388,28 +459,27 @@ class _Fused(_Scaled):
         if up_first:
             u = self.apply("up", u)
         if isinstance(lam, float):  # the s_eff vectors were checked when the model was patched
-            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act)
+            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act,
+                                             self.effective(g.device)["mid_shift"])
             if self.fast is None:
                 self.fast = self._fast_state(g)
         else:
             h = ops.act_mul_scale(g, u, scale, act=self.info.act, gate_scale=gate_scale,
-                                  strength=strength)
-        return self.apply("down", self.subs["down"](self._add_mid_shift(h)))
-
-    def _add_mid_shift(self, h):
-        shift = self.shift("mid", h)
-        return h if shift is None else h + shift
+                                  strength=strength,
+                                  shift=self.raw_shifts(g.device).get("mid"))
+        return self._down(h)
 
     def _non_gated(self, x, lam):
         a = self.apply("fc1", self.subs["fc1"](x))
         if isinstance(lam, float):
-            h = ops.act_mul_scale_prechecked(a, None, self.effective(a.device).get("mid"), None,
-                                             self.info.act)
+            eff = self.effective(a.device)
+            h = ops.act_mul_scale_prechecked(a, None, eff.get("mid"), None, self.info.act,
+                                             eff["mid_shift"])
         else:
-            mid = self.raw(a.device).get("mid")
-            strength = None if mid is None else _rows(self.handle, a, self.info.path)[..., 0]
-            h = ops.act_scale(a, mid, act=self.info.act, strength=strength)
-        return self.subs["fc2"](self._add_mid_shift(h))
+            mid, mid_shift = self.raw(a.device).get("mid"), self.raw_shifts(a.device).get("mid")
+            h = ops.act_scale(a, mid, act=self.info.act, shift=mid_shift,
+                              strength=self._op_strength(a, mid, mid_shift))
+        return self.subs["fc2"](h)
 
 
 class _OutputHook(_PatchState):

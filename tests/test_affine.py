@@ -247,3 +247,110 @@ def _by_hand_after_unfold(model, inputs, ss, strength, handle):
     want = _by_hand(model, inputs, ss, strength)
     handle.set_strength(strength)
     return want
+
+
+# ---------------------------------------------------------------- the fused forward's fast path
+
+def _one_mlp(layout):
+    """One MLP of a real transformers class in a ModuleDict (sites named "mlp.*")."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if layout == "gated":  # Mistral's MLP: Linears without bias
+        mlp = T.models.mistral.modeling_mistral.MistralMLP(
+            T.MistralConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2))
+    else:
+        mlp = T.models.phi3.modeling_phi3.Phi3MLP(
+            T.Phi3Config(hidden_size=16, intermediate_size=24))
+    return torch.nn.ModuleDict({"mlp": mlp.eval()})
+
+
+def _python_calls(fn, *args):
+    """The Python function calls made while fn(*args) runs (C functions not counted)."""
+    import sys
+
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name)
+                   if event == "call" else None)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def _aten_ops(fn, *args):
+    """The aten ops fn(*args) runs, by name ("aten.linear+bias": a linear with a bias)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name == "aten.linear":  # with or without a bias
+                name += "+bias" if len(args) > 2 and args[2] is not None else ""
+            self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        fn(*args)
+    return rec.names
+
+
+SHIFTED = [({"mid"}, set()), ({"down"}, set()), ({"mid", "down"}, {"up"}),
+           ({"mid", "down"}, {"mid", "down"})]
+
+
+@pytest.mark.parametrize("layout", ["gated", "packed"])
+@pytest.mark.parametrize(("shifted", "scaled"), SHIFTED,
+                         ids=lambda k: "+".join(sorted(k)) or "none")
+def test_fast_forward_with_shifts_equals_the_formula_and_runs_no_more_python(layout, shifted,
+                                                                             scaled):
+    """Mid and down shifts keep the float-strength fast forward: bitwise what the general
+    forward gives (its first call), the formula's output, and no more Python functions
+    than the unpatched MLP."""
+    root = _one_mlp(layout)
+    (info,) = find_mlps(root).values()
+    sites = {k: site for site, k in info.sites().items()}
+    if layout == "packed":  # the packed layout's up scale is on gate_up
+        scaled = {"gate_up" if k == "up" else k for k in scaled}
+    g = torch.Generator().manual_seed(6)
+    ss = ScaleSet({sites[k]: torch.rand(info.site_size(k), generator=g) for k in scaled},
+                  shifts={sites[k]: torch.randn(info.site_size(k), generator=g)
+                          for k in shifted})
+    x = torch.randn(1, 1, 16, generator=g)
+    mlp = root["mlp"]
+    with torch.inference_mode():
+        plain_calls = _python_calls(mlp, x)
+        handles = _hand_hooks(root, ss, 0.7)
+        want = mlp(x)
+        for h in handles:
+            h.remove()
+        with sgm_ext.patched(root, ss, strength=0.7):
+            first = mlp(x)  # the general forward, which makes the fast state
+            assert mlp.forward.fast, "mid / down shifts keep the fast forward"
+            fast = mlp(x)
+            calls = _python_calls(mlp, x)
+    assert torch.equal(fast, first)
+    assert _rel(fast, want) < 1e-5
+    assert len(calls) <= len(plain_calls), (calls, plain_calls)
+
+
+def test_a_down_shift_is_the_down_projections_bias_add():
+    """Without a down scale, a down shift costs no pass over [T, H]: the down projection runs
+    as a linear with a bias (the GEMM adds it), and nothing is added after it."""
+    root = _one_mlp("gated")
+    (info,) = find_mlps(root).values()
+    site = info.site("down")
+    ss = ScaleSet({}, shifts={site: torch.randn(16)})
+    x = torch.randn(3, 5, 16)
+    with torch.inference_mode():
+        plain = _aten_ops(root["mlp"], x)
+        with sgm_ext.patched(root, ss, strength=0.5):
+            root["mlp"](x)
+            patched = _aten_ops(root["mlp"], x)
+    assert plain[-1] == "aten.linear" and patched[-1] == "aten.linear+bias", patched
+    assert "aten.add" not in patched and "aten.mul" not in patched, patched

@@ -60,6 +60,7 @@ template <class scalar_t, Act A>
 void vec_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const auto* scale = static_cast<const float*>(a.scale);
   const auto* gate_scale = static_cast<const float*>(a.gate_scale);
+  const auto* shift = static_cast<const float*>(a.shift);
   const fVec one(1.0f);
   for (int64_t r = begin; r < end; ++r) {
     const auto* gate = static_cast<const scalar_t*>(a.gate) + r * a.stride_gate;
@@ -81,15 +82,28 @@ void vec_rows(const RowArgs& a, int64_t begin, int64_t end) {
           s[1] = effective_scale(s[1], strength_v);
         }
       }
-      store2(out + j, act_mul_scale_element<A, VecMath>(g[0], u[0], gs[0], s[0]),
-             act_mul_scale_element<A, VecMath>(g[1], u[1], gs[1], s[1]));
+      fVec h[2] = {act_mul_scale_element<A, VecMath>(g[0], u[0], gs[0], s[0]),
+                   act_mul_scale_element<A, VecMath>(g[1], u[1], gs[1], s[1])};
+      if (shift) {
+        fVec b[2];
+        load2(shift + j, b[0], b[1]);
+        for (int k = 0; k < 2; ++k) {
+          h[k] = add_shift(h[k], a.strength_mode == Strength::none
+                                     ? b[k] : effective_shift(b[k], strength_v));
+        }
+      }
+      store2(out + j, h[0], h[1]);
     }
     for (; j < a.n_cols; ++j) {  // scalar tail: the same element function on floats
       float s = 1.0f;
       if (scale) s = a.strength_mode == Strength::none ? scale[j] : effective_scale(scale[j], strength);
-      const float h = act_mul_scale_element<A, ScalarMath>(
+      float h = act_mul_scale_element<A, ScalarMath>(
           static_cast<float>(gate[j]), up ? static_cast<float>(up[j]) : 1.0f,
           gate_scale ? gate_scale[j] : 1.0f, s);
+      if (shift) {
+        h = add_shift(h, a.strength_mode == Strength::none ? shift[j]
+                                                           : effective_shift(shift[j], strength));
+      }
       out[j] = static_cast<scalar_t>(h);
     }
   }
