@@ -152,4 +152,6 @@ TORCH_LIBRARY_IMPL(sgm_ext, CUDA, m) {
   m.impl("act_mul_scale_out", &sgm_ext::act_mul_scale_out_cuda);
   m.impl("_act_mul_scale_alloc",
          &sgm_ext::act_mul_scale_alloc_with<&sgm_ext::act_mul_scale_out_cuda>);
+  m.impl("_act_mul_scale_shift_alloc",
+         &sgm_ext::act_mul_scale_shift_alloc_with<&sgm_ext::act_mul_scale_out_cuda>);
 }

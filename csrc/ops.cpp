@@ -211,7 +211,9 @@ TORCH_LIBRARY_FRAGMENT(sgm_ext, m) {
   // act_mul_scale_out on [..., I] inputs into a new tensor: the inference fast path
   // of sgm_ext.ops.act_mul_scale_prechecked (one dispatch per call; no autograd, no strength).
   m.def("_act_mul_scale_alloc(Tensor gate, Tensor? up, Tensor? scale, Tensor? gate_scale, "
-        "str act, Tensor? shift=None) -> Tensor");
+        "str act) -> Tensor");
+  m.def("_act_mul_scale_shift_alloc(Tensor gate, Tensor? up, Tensor? scale, Tensor? gate_scale, "
+        "str act, Tensor shift) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sgm_ext, CPU, m) {
@@ -219,6 +221,8 @@ TORCH_LIBRARY_IMPL(sgm_ext, CPU, m) {
   m.impl("_act_mul_scale_host", &sgm_ext::act_mul_scale_host);
   m.impl("_act_mul_scale_alloc",
          &sgm_ext::act_mul_scale_alloc_with<&sgm_ext::act_mul_scale_out_cpu>);
+  m.impl("_act_mul_scale_shift_alloc",
+         &sgm_ext::act_mul_scale_shift_alloc_with<&sgm_ext::act_mul_scale_out_cpu>);
 }
 
 static PyModuleDef sgm_ext_c_module = {

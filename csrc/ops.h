@@ -41,13 +41,23 @@ at::Tensor act_mul_scale_alloc(ActMulScaleOutFn out_fn, const at::Tensor& gate,
                                const std::optional<at::Tensor>& gate_scale, c10::string_view act,
                                const std::optional<at::Tensor>& shift);
 
-// act_mul_scale_alloc bound to one device's kernel: what TORCH_LIBRARY_IMPL registers.
+// act_mul_scale_alloc bound to one device's kernel: what TORCH_LIBRARY_IMPL registers, as
+// _act_mul_scale_alloc (scale only: its schema, and so its per-call cost, as before shifts) and
+// _act_mul_scale_shift_alloc (with a shift).
 template <ActMulScaleOutFn OutFn>
 at::Tensor act_mul_scale_alloc_with(const at::Tensor& gate, const std::optional<at::Tensor>& up,
                                     const std::optional<at::Tensor>& scale,
                                     const std::optional<at::Tensor>& gate_scale,
-                                    c10::string_view act,
-                                    const std::optional<at::Tensor>& shift) {
+                                    c10::string_view act) {
+  return act_mul_scale_alloc(OutFn, gate, up, scale, gate_scale, act, std::nullopt);
+}
+
+template <ActMulScaleOutFn OutFn>
+at::Tensor act_mul_scale_shift_alloc_with(const at::Tensor& gate,
+                                          const std::optional<at::Tensor>& up,
+                                          const std::optional<at::Tensor>& scale,
+                                          const std::optional<at::Tensor>& gate_scale,
+                                          c10::string_view act, const at::Tensor& shift) {
   return act_mul_scale_alloc(OutFn, gate, up, scale, gate_scale, act, shift);
 }
 

@@ -125,10 +125,13 @@ def ops():
     """{name: op overload} of the library's functions: `act_mul_scale` (out[R, I] =
     act(gate * gate_scale) * up * s_eff, as sgm_ext.reference.act_mul_scale) and, in a
     library built from current sources, `act_mul_scale_alloc` (the same on [..., I] into a new
-    tensor, for inference calls). Empty when the library did not load."""
+    tensor, for inference calls) and `act_mul_scale_shift_alloc` (that with a shift, last).
+    Empty when the library did not load."""
     if _C is None:
         return {}
     found = {"act_mul_scale": torch.ops.sgm_ext.act_mul_scale_out.default}
     if hasattr(torch.ops.sgm_ext, "_act_mul_scale_alloc"):
         found["act_mul_scale_alloc"] = torch.ops.sgm_ext._act_mul_scale_alloc.default
+    if hasattr(torch.ops.sgm_ext, "_act_mul_scale_shift_alloc"):  # built with shifts
+        found["act_mul_scale_shift_alloc"] = torch.ops.sgm_ext._act_mul_scale_shift_alloc.default
     return found

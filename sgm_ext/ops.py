@@ -124,11 +124,14 @@ def act_mul_scale_prechecked(gate, up, scale, gate_scale, act, shift=None):
     """
     if not needs_dispatcher(gate, up):
         device_type = gate.device.type
-        alloc = backends.select_alloc(device_type)
-        if alloc is not None:
-            if shift is None:
+        if shift is None:
+            alloc = backends.select_alloc(device_type)
+            if alloc is not None:
                 return alloc(gate, up, scale, gate_scale, act)
-            return alloc(gate, up, scale, gate_scale, act, shift)
+        else:
+            alloc = backends.select_alloc(device_type, shift=True)
+            if alloc is not None:
+                return alloc(gate, up, scale, gate_scale, act, shift)
         if (gate.is_contiguous() and gate.dtype in DTYPES
                 and (up is None or (up.is_contiguous() and up.shape == gate.shape
                                     and up.dtype == gate.dtype))):

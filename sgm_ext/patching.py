@@ -335,7 +335,10 @@ class _Fused(_Scaled):
         eff = self.effective(like.device)
         prechecked = ops.act_mul_scale_prechecked
         if eff["mid_shift"] is not None:
-            alloc = functools.partial(alloc, shift=eff["mid_shift"])
+            shift_alloc = select_alloc(like.device.type, shift=True)
+            if shift_alloc is None:  # a library built before shifts
+                return False
+            alloc = functools.partial(shift_alloc, shift=eff["mid_shift"])
             prechecked = functools.partial(prechecked, shift=eff["mid_shift"])
         roles = ("gate", "up") if self.info.layout == "gated" else ("gate_up",)
         subs = tuple(self.subs[r] for r in roles)
