@@ -42,7 +42,7 @@ from . import ops
 from .backends import select_alloc
 from .registry import REGISTRY, describe, find_mlps, site_index
 from .scale_math import check_strength, effective_scale, effective_shift
-from .scales import ScaleSet, config_fingerprint, load_scales
+from .scales import ScaleSet, config_fingerprint, load_scales, load_vectors
 
 MODES = ("fused", "fold", "hook")
 _HANDLE_ATTR = "_sgm_ext_patch"  # on the patched model (root) and on every patched MLP
@@ -862,6 +862,35 @@ def check_scales(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.Path
     root = _unwrap(model)
     _check_fingerprint(root, scales)
     return _resolve(root, scales)
+
+
+def steering(model: nn.Module, vectors: Union[Mapping, str, os.PathLike], *,
+             mode: str = "fused", strength: Union[float, torch.Tensor] = 1.0) -> "PatchHandle":
+    """Add steering vectors to MLP outputs (activation addition: ActAdd, contrastive activation
+    addition): y = down(h) + strength * v, a shift on each MLP's `down` site.
+
+    vectors: {name: [H] tensor} or a plain tensor file (safetensors, or a torch-saved dict;
+    load_vectors); a name is an MLP's path (`model.layers.3.mlp`) or its down projection's
+    (`model.layers.3.mlp.down_proj`). Returns the PatchHandle (set_strength, remove); the
+    model is untouched on any error. Vectors on other sites: a ScaleSet with shifts."""
+    if isinstance(vectors, (str, os.PathLike)):
+        vectors = load_vectors(vectors)
+    mlps = find_mlps(_unwrap(model))
+    index = site_index(mlps)
+    shifts = {}
+    for name, v in dict(vectors).items():
+        info = mlps.get(name)
+        if info is not None and "down" not in info.sites().values():
+            raise ValueError(f"steering vector {name!r}: {info.class_name} has no down site "
+                             f"(its sites: {', '.join(info.sites().values())})")
+        site = info.site("down") if info is not None else name
+        if site in index and index[site][1] != "down":
+            raise ValueError(f"steering vector {name!r} is on a {index[site][1]} site; steering "
+                             "vectors are added to MLP outputs (down sites): give the MLP's or "
+                             "its down projection's path, or use a ScaleSet with shifts")
+        shifts[site] = v
+    return patch(model, ScaleSet({}, {"method": "steering"}, shifts=shifts), mode=mode,
+                 strength=strength)
 
 
 def unpatch(model: nn.Module) -> None:

@@ -172,6 +172,35 @@ def is_scale_file(path) -> bool:
     return "format_version" in meta and meta.get("kind", SCALE_KIND) == SCALE_KIND
 
 
+def load_vectors(path: Union[str, os.PathLike]) -> dict:
+    """{name: 1-D float32 tensor} from a plain tensor file: safetensors, or a torch-saved dict
+    of tensors (.pt / .pth, read with torch.load(weights_only=True): nothing unpickled but
+    tensors). Leading size-1 dims are dropped ((1, 1, H) -> (H,)); ValueError naming the
+    file and entry for anything else."""
+    path = os.fspath(path)
+    if path.endswith((".pt", ".pth", ".bin")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such vector file: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in state.values()):
+            raise ValueError(f"{path}: expected a dict of tensors, found "
+                             f"{type(state).__name__}")
+    else:
+        if is_scale_file(path):
+            raise ValueError(f"{path} is an sgm-ext scale file; pass it to sgm_ext.patch")
+        read_metadata(path, "vector file")  # names the file when it is not safetensors
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for name, t in state.items():
+        if t.dim() == 0 or any(n != 1 for n in t.shape[:-1]) or not t.is_floating_point():
+            raise ValueError(f"{path}: {name!r} is {t.dtype} of shape {tuple(t.shape)}; a "
+                             "vector is a float tensor of shape (H,) or (1, ..., 1, H)")
+        out[name] = t.reshape(-1).to(torch.float32)
+    return out
+
+
 def load_scales(path: Union[str, os.PathLike]) -> ScaleSet:
     """The ScaleSet in a scale file (safetensors; never unpickled)."""
     return ScaleSet.load(path)

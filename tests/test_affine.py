@@ -354,3 +354,55 @@ def test_a_down_shift_is_the_down_projections_bias_add():
             patched = _aten_ops(root["mlp"], x)
     assert plain[-1] == "aten.linear" and patched[-1] == "aten.linear+bias", patched
     assert "aten.add" not in patched and "aten.mul" not in patched, patched
+
+
+# ---------------------------------------------------------------- steering vectors
+
+def test_steering_vectors_from_a_plain_tensor_file(tmp_path):
+    from safetensors.torch import save_file as save_tensors
+
+    model, inputs = build("mistral")
+    g = torch.Generator().manual_seed(7)
+    v0, v1 = torch.randn(32, generator=g), torch.randn(1, 1, 32, generator=g)
+    path = tmp_path / "vectors.safetensors"
+    save_tensors({"model.layers.0.mlp": v0, "model.layers.1.mlp.down_proj": v1}, path)
+    base = _logits(model, inputs)
+    # the written-out ActAdd hook: the MLP's output plus strength * v
+    handles = [model.model.layers[i].mlp.register_forward_hook(
+        lambda m, a, out, v=v: out + 0.5 * v.reshape(-1)) for i, v in ((0, v0), (1, v1))]
+    want = _logits(model, inputs)
+    for h in handles:
+        h.remove()
+    assert _rel(want, base) > 1e-3
+    for mode in ("fused", "fold", "hook"):
+        with sgm_ext.steering(model, path, mode=mode, strength=0.5) as handle:
+            assert handle.sites == ("model.layers.0.mlp.down_proj",
+                                    "model.layers.1.mlp.down_proj")
+            assert _rel(_logits(model, inputs), want) < 1e-5, mode
+        assert torch.equal(_logits(model, inputs), base), mode
+    torch.save({"model.layers.1.mlp": v0.clone()}, tmp_path / "v.pt")  # a torch-saved dict
+    with sgm_ext.steering(model, tmp_path / "v.pt", mode="hook"):
+        assert not torch.equal(_logits(model, inputs), base)
+
+
+@pytest.mark.parametrize(("vectors", "message"), [
+    ({"model.layers.0.mlp.up_proj": torch.zeros(48)}, "is on a up site; steering vectors"),
+    ({"model.layers.0.mlp": torch.zeros(31)}, r"shifts\['model.layers.0.mlp.down_proj'\] has 31"),
+    ({"model.layers.9.mlp": torch.zeros(32)}, "unknown site 'model.layers.9.mlp'"),
+])
+def test_bad_steering_vectors_are_named(vectors, message):
+    model, inputs = build("mistral")
+    before = _param_hash(model)
+    with pytest.raises(ValueError, match=message):
+        sgm_ext.steering(model, vectors)
+    assert _param_hash(model) == before and sgm_ext.patching._HANDLE_ATTR not in model.__dict__
+
+
+def test_a_vector_file_that_is_not_one_is_named(tmp_path):
+    bad = tmp_path / "m.safetensors"
+    ScaleSet({"a.b": torch.ones(2)}).save(bad)
+    with pytest.raises(ValueError, match="is an sgm-ext scale file"):
+        sgm_ext.load_vectors(bad)
+    torch.save({"v": torch.zeros(2, 3)}, tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"'v' is torch.float32 of shape \(2, 3\)"):
+        sgm_ext.load_vectors(tmp_path / "w.pt")
