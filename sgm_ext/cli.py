@@ -308,7 +308,7 @@ def add_inspect(sub):
 
 def run_inspect(args):
     scales = load_scales(args.path)
-    if len(scales) == 0:
+    if not scales.sites():
         raise ValueError(f"{args.path} holds no sites (an empty scale set)")
     print(scale_report(scales, args.path))
     problems = scale_problems(scales)

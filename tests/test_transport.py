@@ -162,3 +162,14 @@ def test_profile_command_writes_the_transport_maps(saved, method, capsys):
         np.testing.assert_allclose(got.scales[site].numpy(), s, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got.shifts[site].numpy(), b, rtol=1e-4, atol=1e-5)
     assert got.metadata["method"] == method and got.metadata["balanced"] == "True"
+
+
+def test_inspect_shows_shifts_and_accepts_transport_scales_above_1(tmp_path, gen, capsys):
+    path = tmp_path / "maps.safetensors"
+    P.transport_maps(_responses(gen), "gaussian_ot").save(path)
+    assert main(["inspect", str(path)]) == 0  # std ratios above 1 are no error here
+    text = capsys.readouterr().out
+    assert "site (shifts)" in text and "m.layers.1.mlp.down_proj" in text
+    P.transport_maps(_responses(gen), "mean_ot").save(path)  # shifts only
+    assert main(["inspect", str(path)]) == 0
+    assert "scales (all sites)" not in capsys.readouterr().out
