@@ -87,10 +87,12 @@ class ScaleSet:
         return self.scales.items()
 
     def __repr__(self):
-        n = sum(t.numel() for t in self.scales.values())
+        sites = self.sites()
+        n = sum((self.scales.get(s) if s in self.scales else self.shifts[s]).numel()
+                for s in sites)
         damped = sum(int((t != 1).sum()) for t in self.scales.values())
         shifted = f", {len(self.shifts)} shifted sites" if self.shifts else ""
-        return f"ScaleSet({len(self)} sites, {n} neurons, {damped} damped{shifted})"
+        return f"ScaleSet({len(sites)} sites, {n} neurons, {damped} damped{shifted})"
 
     def validate(self, allow_amplify: bool = False) -> "ScaleSet":
         """Raise ValueError naming the first illegal entry: a scale not finite, < 0, or > 1;

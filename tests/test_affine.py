@@ -114,6 +114,7 @@ def test_shifts_round_trip_through_the_file(tmp_path):
         assert torch.equal(got.shifts[k], sh[k])
     assert got.sites() == ["m.layers.0.mlp.up_proj", "m.layers.0.mlp.mid",
                            "m.layers.0.mlp.down_proj"]
+    assert repr(got).startswith("ScaleSet(3 sites, 13 neurons, ") and "2 shifted sites" in repr(got)
 
 
 def test_a_format_1_file_is_still_read(tmp_path):
@@ -406,3 +407,21 @@ def test_a_vector_file_that_is_not_one_is_named(tmp_path):
     torch.save({"v": torch.zeros(2, 3)}, tmp_path / "w.pt")
     with pytest.raises(ValueError, match=r"'v' is torch.float32 of shape \(2, 3\)"):
         sgm_ext.load_vectors(tmp_path / "w.pt")
+
+
+def test_shifts_on_lora_layers_fuse_and_fold_refuses_them():
+    from peft import LoraConfig, get_peft_model
+
+    model, inputs = build("llama")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"],
+                     init_lora_weights=False)  # random B: the adapters change the output
+    model = get_peft_model(model, cfg).eval()
+    ss = _affine(model.get_base_model(), seed=8, kinds={"mid", "down"})
+    base, before = _logits(model, inputs), _param_hash(model)
+    want = _by_hand(model.get_base_model(), inputs, ss, 0.7)
+    with sgm_ext.patched(model, ss, mode="fused", strength=0.7):
+        assert _rel(_logits(model, inputs), want) < 1e-5
+    with pytest.raises(ValueError, match=r"fold the shift of model\.layers\.0\.mlp\.mid into "
+                       r"model\.layers\.0\.mlp\.down_proj, a LoRA layer"):
+        sgm_ext.patch(model, ss, mode="fold")
+    assert torch.equal(_logits(model, inputs), base) and _param_hash(model) == before

@@ -371,7 +371,7 @@ def rand_shift(n, gen):
 
 
 # (leading dims, I, layout, scale?, gate_scale?, strength) with a shift on every one
-SHIFT_VARIANTS = [v for v in VARIANTS if v[2] != "transposed"] + [
+SHIFT_VARIANTS = VARIANTS + [
     ((3, 5), 130, "contiguous", False, False, "rows"),  # a shift alone, per-row strength
     ((7,), 37, "strided", False, True, 0.4),
 ]
