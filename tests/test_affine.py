@@ -425,3 +425,25 @@ def test_shifts_on_lora_layers_fuse_and_fold_refuses_them():
                        r"model\.layers\.0\.mlp\.down_proj, a LoRA layer"):
         sgm_ext.patch(model, ss, mode="fold")
     assert torch.equal(_logits(model, inputs), base) and _param_hash(model) == before
+
+
+@pytest.mark.parametrize("kinds", [{"mid", "down"}, {"gate", "up", "mid", "down"}],
+                         ids=["fast forward", "general forward"])
+@pytest.mark.parametrize("strength", [0.7, "per sequence"])
+def test_a_fused_mlp_with_shifts_compiles_into_one_graph(strength, kinds):
+    model, inputs = build("mistral")
+    ss = _affine(model, seed=9, kinds=kinds)
+    lam = torch.tensor([0.3, 1.0]) if strength == "per sequence" else strength
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        handles = _hand_hooks(model, ss, lam)
+        want = mlp(x)
+        for h in handles:
+            h.remove()
+        with sgm_ext.patched(model, ss, mode="fused", strength=lam):
+            eager = mlp(x)
+            mlp(x)  # a float strength: the fast forward from the second call
+            torch._dynamo.reset()
+            got = torch.compile(mlp, fullgraph=True)(x)
+    assert _rel(got, eager) < 1e-5 and _rel(eager, want) < 1e-5
