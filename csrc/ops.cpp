@@ -120,9 +120,9 @@ at::Tensor act_mul_scale_alloc(ActMulScaleOutFn out_fn, const at::Tensor& gate,
 }
 
 namespace cpu {
-RowsFn select_vec_rows_DEFAULT(int dtype_code, Act act);
-RowsFn select_vec_rows_AVX2(int dtype_code, Act act);
-RowsFn select_vec_rows_AVX512(int dtype_code, Act act);
+RowsFn select_vec_rows_DEFAULT(int dtype_code, Act act, bool shift);
+RowsFn select_vec_rows_AVX2(int dtype_code, Act act, bool shift);
+RowsFn select_vec_rows_AVX512(int dtype_code, Act act, bool shift);
 }  // namespace cpu
 
 namespace {
@@ -142,15 +142,15 @@ RowsFn select_scalar_rows(at::ScalarType dtype, Act act) {
 
 // The vectorized kernel for the capability torch itself runs with here ("AVX512", "AVX2" or
 // "DEFAULT"; the ATEN_CPU_CAPABILITY variable lowers it for both).
-RowsFn select_cpu_rows(at::ScalarType dtype, Act act) {
+RowsFn select_cpu_rows(at::ScalarType dtype, Act act, bool shift) {
   if (dtype == at::kDouble) return select_scalar_rows(dtype, act);  // fp64: gradcheck only
   const int code = dtype == at::kFloat ? 0 : dtype == at::kHalf ? 1 : 2;
   static const std::string capability = at::get_cpu_capability();
 #if defined(__x86_64__)
-  if (capability == "AVX512") return cpu::select_vec_rows_AVX512(code, act);
-  if (capability == "AVX2") return cpu::select_vec_rows_AVX2(code, act);
+  if (capability == "AVX512") return cpu::select_vec_rows_AVX512(code, act, shift);
+  if (capability == "AVX2") return cpu::select_vec_rows_AVX2(code, act, shift);
 #endif
-  return cpu::select_vec_rows_DEFAULT(code, act);
+  return cpu::select_vec_rows_DEFAULT(code, act, shift);
 }
 
 void check_cpu(const at::Tensor& out, const at::Tensor& gate, const std::optional<at::Tensor>& up) {
@@ -172,7 +172,8 @@ void act_mul_scale_out_cpu(at::Tensor& out, const at::Tensor& gate,
   std::vector<at::Tensor> keep;
   const RowArgs args = check_act_mul_scale(out, gate, up, scale, gate_scale, strength,
                                            strength_value, shift, keep);
-  const RowsFn fn = select_cpu_rows(out.scalar_type(), parse_act(std::string(act)));
+  const RowsFn fn = select_cpu_rows(out.scalar_type(), parse_act(std::string(act)),
+                                    args.shift != nullptr);
   if (out.numel() == 0) return;
   // At least 32K elements per task (ATen's grain), so small calls stay on one thread.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(args.n_cols, 1));

@@ -56,10 +56,11 @@ inline void store2(scalar_t* p, const fVec& lo, const fVec& hi) {
   }
 }
 
-// kShift: the row loop with a shift is its own instance, so the scale-only loop is the code it
-// was before shifts existed (a branch per step there measured a few percent on long rows).
+// kShift: the row loop with a shift is its own instance, chosen with the others by
+// select_vec_rows, so the scale-only loop is the code it was before shifts existed (a branch
+// between the two instances inside one row function measured 2-3% per decode-size call).
 template <class scalar_t, Act A, bool kShift>
-void vec_rows_impl(const RowArgs& a, int64_t begin, int64_t end) {
+void vec_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const auto* scale = static_cast<const float*>(a.scale);
   const auto* gate_scale = static_cast<const float*>(a.gate_scale);
   const auto* shift = static_cast<const float*>(a.shift);
@@ -111,34 +112,35 @@ void vec_rows_impl(const RowArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <class scalar_t, Act A>
-void vec_rows(const RowArgs& a, int64_t begin, int64_t end) {
-  if (a.shift) {
-    vec_rows_impl<scalar_t, A, true>(a, begin, end);
-  } else {
-    vec_rows_impl<scalar_t, A, false>(a, begin, end);
-  }
-}
 
-// The row kernel for a data type code (0 float, 1 Half, 2 BFloat16) and an activation.
-inline RowsFn select_vec_rows(int dtype_code, Act act) {
+// The row kernel for a data type code (0 float, 1 Half, 2 BFloat16), an activation, and
+// whether the call has a shift.
+template <bool kShift>
+RowsFn select_vec_rows_for(int dtype_code, Act act) {
   RowsFn fn = nullptr;
   dispatch_act(act, [&](auto a) {
     constexpr Act A = decltype(a)::value;
     switch (dtype_code) {
-      case 0: fn = &vec_rows<float, A>; break;
-      case 1: fn = &vec_rows<c10::Half, A>; break;
-      case 2: fn = &vec_rows<c10::BFloat16, A>; break;
+      case 0: fn = &vec_rows<float, A, kShift>; break;
+      case 1: fn = &vec_rows<c10::Half, A, kShift>; break;
+      case 2: fn = &vec_rows<c10::BFloat16, A, kShift>; break;
     }
   });
   return fn;
+}
+
+inline RowsFn select_vec_rows(int dtype_code, Act act, bool shift) {
+  return shift ? select_vec_rows_for<true>(dtype_code, act)
+               : select_vec_rows_for<false>(dtype_code, act);
 }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace sgm_ext::cpu
 
 // Each capability file defines its entry point with this, e.g. select_vec_rows_AVX2.
-#define SGM_EXT_DEFINE_VEC_ROWS(NAME)                                   \
-  namespace sgm_ext::cpu {                                              \
-  RowsFn NAME(int dtype_code, Act act) { return select_vec_rows(dtype_code, act); } \
+#define SGM_EXT_DEFINE_VEC_ROWS(NAME)                        \
+  namespace sgm_ext::cpu {                                   \
+  RowsFn NAME(int dtype_code, Act act, bool shift) {         \
+    return select_vec_rows(dtype_code, act, shift);          \
+  }                                                          \
   }
