@@ -262,9 +262,23 @@ class _Scaled(_PatchState):
         return x if shift is None else x + shift
 
 
-def _affine_after(h, down, factor, shift):
-    """factor * down(h) + shift (factor None: down(h) + shift) in one pass after down."""
-    y = down(h)
+def _affine_after(x, linear, factor, shift):
+    """factor * linear(x) + shift (factor None: linear(x) + shift) in one pass after it. An
+    output in another dtype or device than the bound vectors (the model moved) comes back
+    unchanged: the fast forward then remakes its state and the general forward applies the
+    site."""
+    y = linear(x)
+    if y.dtype != shift.dtype or y.device != shift.device:
+        return y
+    # _affine's last line, inlined: this runs in the decode loop, where a call costs
+    return y + shift if factor is None else torch.addcmul(shift, y, factor)
+
+
+def _affine(y, factor, shift):
+    """factor * y + shift in one pass, each part only where given: the fused forward's form
+    (hook mode, the reference, multiplies and adds as two ops)."""
+    if shift is None:
+        return _mul(y, factor)
     return y + shift if factor is None else torch.addcmul(shift, y, factor)
 
 
@@ -324,12 +338,13 @@ class _Fused(_Scaled):
         """What _fast_forward needs for the handle's float strength on like's device and dtype:
         (device, dtype, allocating op, its dispatcher form, sub-modules, scale, gate_scale,
         act, down factor); False where only the general forward applies (per-sequence
-        strength, strength 0, no allocating backend, gated_up_proj, the non-gated layout,
-        gate / up shifts). A mid shift is bound into both forms of the op; a down shift makes
-        the last sub-module the down projection with it (see _down)."""
+        strength, strength 0, no allocating backend, gated_up_proj, the non-gated layout).
+        A mid shift is bound into both forms of the op; a site with a shift on a Linear's
+        output (gate, up, gate_up, down) makes that sub-module the Linear with its affine map
+        (see _shifted_output)."""
         lam = self.handle.strength
         alloc = select_alloc(like.device.type)
-        if (not isinstance(lam, float) or lam == 0.0 or alloc is None or self.pre
+        if (not isinstance(lam, float) or lam == 0.0 or alloc is None
                 or self.info.layout == "non_gated" or (GATED_UP_PROJ and like.is_cuda)):
             return False
         eff = self.effective(like.device)
@@ -341,9 +356,10 @@ class _Fused(_Scaled):
             alloc = functools.partial(shift_alloc, shift=eff["mid_shift"])
             prechecked = functools.partial(prechecked, shift=eff["mid_shift"])
         roles = ("gate", "up") if self.info.layout == "gated" else ("gate_up",)
-        subs = tuple(self.subs[r] for r in roles)
+        subs = tuple(self._shifted_output(r, like) if r in self.shifts else self.subs[r]
+                     for r in roles)
         if "down" in self.shifts:
-            down, down_factor = self._down_with_shift(like), None
+            down, down_factor = self._shifted_output("down", like), None
         else:
             down, down_factor = self.subs["down"], self.factor("down", like)
         return (like.device, like.dtype, alloc, prechecked, subs + (down,), eff["prod"],
@@ -358,8 +374,8 @@ class _Fused(_Scaled):
             n = gu.shape[-1] // 2
             g, u = gu[..., :n], gu[..., n:]
         if g.device != device or g.dtype != dtype:  # the model moved: make the state again
-            self.fast = None
-            return self._tail(g, u, self.handle.strength)
+            self.fast = None  # (and run this call by the general forward, from x)
+            return self.impl(x, self.handle.strength)
         if ops.needs_dispatcher(g, u):  # autograd, torch.compile, tensor subclasses
             h = prechecked(g, u, scale, gate_scale, act)
         else:
@@ -367,20 +383,22 @@ class _Fused(_Scaled):
         y = subs[-1](h)
         return y if down_factor is None else y * down_factor
 
-    # The down site with a shift: y = s_eff down(h) + strength b. Without a scale, and when the
-    # down projection is a plain nn.Linear (no hooks, nothing wrapped), the shift is that
-    # GEMM's bias (torch adds a bias inside the matmul: no pass over [T, H] of its own);
-    # otherwise one pass after it (an add, or an addcmul with the scale).
+    # A Linear's output site with a shift: y = s_eff linear(x) + strength b, scale and shift
+    # applied together right after the Linear (a gate / up shift acts before the activation
+    # and the product, so those sites leave the op's vectors). For the down site without a
+    # scale, on a plain nn.Linear (no hooks, nothing wrapped), the shift is that GEMM's bias
+    # (torch adds a bias inside the matmul: no pass over [T, H] of its own); otherwise one
+    # pass after the Linear (an add, or an addcmul with the scale).
 
-    def _down_with_shift(self, like):
-        """The fast forward's down projection for the float strength: a C-level
-        F.linear(h, W, bias + strength b) where that applies, else down then the affine map
-        (vectors bound once)."""
-        down = self.subs["down"]
-        if "down" in self.scales or not _plain_linear(down, like):
-            return functools.partial(_affine_after, down=down, factor=self.factor("down", like),
-                                     shift=self.shift("down", like))
-        return functools.partial(F.linear, weight=down.weight, bias=self._down_bias(like))
+    def _shifted_output(self, kind, like):
+        """The fast forward's sub-module for an output site with a shift, at the float
+        strength: a C-level F.linear(h, W, bias + strength b) for such a down site, else the
+        Linear then the affine map (vectors bound once)."""
+        linear = self.subs[kind]
+        if kind == "down" and "down" not in self.scales and _plain_linear(linear, like):
+            return functools.partial(F.linear, weight=linear.weight, bias=self._down_bias(like))
+        return functools.partial(_affine_after, linear=linear, factor=self.factor(kind, like),
+                                 shift=self.shift(kind, like))
 
     def _down_bias(self, like):
         """The down projection's bias plus strength * b, in like's dtype (float strength)."""
@@ -400,9 +418,11 @@ class _Fused(_Scaled):
         if (isinstance(self.handle.strength, float) and "down" not in self.scales
                 and _plain_linear(down, h)):
             return F.linear(h, down.weight, self._down_bias(h))
-        y = down(h)
-        factor, shift = self.factor("down", y), self.shift("down", y)
-        return y + shift if factor is None else torch.addcmul(shift, y, factor)
+        return self._site(kind="down", y=down(h))
+
+    def _site(self, kind, y):
+        """One site's scale and shift on y, as the fused forward applies them (_affine)."""
+        return _affine(y, self.factor(kind, y), self.shift(kind, y))
 
     # The general forward: every strength, layout and device.
 
@@ -443,7 +463,7 @@ class _Fused(_Scaled):
     def _packed(self, x, lam):
         gu = self.subs["gate_up"](x)
         if "gate_up" in self.pre:
-            gu = self.apply("gate_up", gu)
+            gu = self._site("gate_up", gu)
         if isinstance(lam, float):  # the halves are strided views: no copy
             n = gu.shape[-1] // 2
             return self._tail(gu[..., :n], gu[..., n:], lam)
@@ -458,9 +478,9 @@ class _Fused(_Scaled):
         """down(act(g) * u with the scales and shifts): the gated layouts' general forward."""
         scale, gate_scale, strength, up_first = self._elementwise_args(g, lam)
         if "gate" in self.pre or ("gate" in self.scales and not isinstance(lam, float)):
-            g = self.apply("gate", g)
+            g = self._site("gate", g)
         if up_first:
-            u = self.apply("up", u)
+            u = self._site("up", u)
         if isinstance(lam, float):  # the s_eff vectors were checked when the model was patched
             h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act,
                                              self.effective(g.device)["mid_shift"])
@@ -473,7 +493,7 @@ class _Fused(_Scaled):
         return self._down(h)
 
     def _non_gated(self, x, lam):
-        a = self.apply("fc1", self.subs["fc1"](x))
+        a = self._site("fc1", self.subs["fc1"](x))
         if isinstance(lam, float):
             eff = self.effective(a.device)
             h = ops.act_mul_scale_prechecked(a, None, eff.get("mid"), None, self.info.act,

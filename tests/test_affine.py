@@ -302,7 +302,8 @@ def _aten_ops(fn, *args):
 
 
 SHIFTED = [({"mid"}, set()), ({"down"}, set()), ({"mid", "down"}, {"up"}),
-           ({"mid", "down"}, {"mid", "down"})]
+           ({"mid", "down"}, {"mid", "down"}), ({"gate", "up"}, set()),
+           ({"gate", "up", "down"}, {"gate", "up", "down"})]  # the last: ml-act's Llama sites
 
 
 @pytest.mark.parametrize("layout", ["gated", "packed"])
@@ -310,14 +311,15 @@ SHIFTED = [({"mid"}, set()), ({"down"}, set()), ({"mid", "down"}, {"up"}),
                          ids=lambda k: "+".join(sorted(k)) or "none")
 def test_fast_forward_with_shifts_equals_the_formula_and_runs_no_more_python(layout, shifted,
                                                                              scaled):
-    """Mid and down shifts keep the float-strength fast forward: bitwise what the general
-    forward gives (its first call), the formula's output, and no more Python functions
-    than the unpatched MLP."""
+    """Shifts keep the float-strength fast forward: bitwise what the general forward gives
+    (its first call), the formula's output, and no more Python functions than the unpatched
+    MLP (the last case: scales and shifts on gate, up and down, ml-act's Llama sites)."""
     root = _one_mlp(layout)
     (info,) = find_mlps(root).values()
     sites = {k: site for site, k in info.sites().items()}
-    if layout == "packed":  # the packed layout's up scale is on gate_up
-        scaled = {"gate_up" if k == "up" else k for k in scaled}
+    if layout == "packed":  # the packed layout's gate and up sites are one, gate_up
+        scaled = {"gate_up" if k in ("gate", "up") else k for k in scaled}
+        shifted = {"gate_up" if k in ("gate", "up") else k for k in shifted}
     g = torch.Generator().manual_seed(6)
     ss = ScaleSet({sites[k]: torch.rand(info.site_size(k), generator=g) for k in scaled},
                   shifts={sites[k]: torch.randn(info.site_size(k), generator=g)
@@ -447,3 +449,30 @@ def test_a_fused_mlp_with_shifts_compiles_into_one_graph(strength, kinds):
             torch._dynamo.reset()
             got = torch.compile(mlp, fullgraph=True)(x)
     assert _rel(got, eager) < 1e-5 and _rel(eager, want) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["gated", "packed"])
+def test_fast_forward_with_gate_up_shifts_follows_a_model_moved_to_another_dtype(layout):
+    root = _one_mlp(layout)
+    (info,) = find_mlps(root).values()
+    g = torch.Generator().manual_seed(10)
+    kinds = [k for k in info.sites().values() if k != "mid"]  # gate, up / gate_up, down
+    ss = ScaleSet({info.site(k): 0.5 + torch.rand(info.site_size(k), generator=g)
+                   for k in kinds},
+                  shifts={info.site(k): torch.randn(info.site_size(k), generator=g)
+                          for k in kinds})
+    mlp = root["mlp"]
+    x = torch.randn(2, 3, 16, generator=g)
+    with torch.no_grad(), sgm_ext.patched(root, ss, strength=0.6, allow_amplify=True):
+        mlp(x)
+        mlp(x)
+        assert mlp.forward.fast
+        root.double()
+        got = mlp(x.double())  # the fast state was made for float32
+        assert got.dtype == torch.float64
+    with torch.no_grad():
+        handles = _hand_hooks(root, ss, 0.6)
+        want = mlp(x.double())
+        for h in handles:
+            h.remove()
+    assert _rel(got, want) < 1e-6  # the vectors are float32
