@@ -1,6 +1,6 @@
 """Benchmarks of affine sites (AcT's transport maps): sgm-ext's modes beside a peer-style hook.
 
-    python bench/bench_affine.py [--rounds 5] [--sites down|mid] [--write]
+    python bench/bench_affine.py [--rounds 5] [--sites down|mid|gate,up,down] [--write]
 
 Variants: "unpatched" (the HF module); "act hook" (a Python forward hook per module doing what
 apple/ml-act's Gaussian transport hook does, written here from its formula: pick the
@@ -10,7 +10,7 @@ sgm_ext.interop.from_act from ml-act-layout state files. Per MLP (LlamaMLP, 2048
 default: a 1B-class model) and end to end (bench_patch.py's ~100M Llama decoding 64 tokens
 greedily, variants interleaved step by step). The maps are on the down projections (the
 output of every MLP) or, with --sites mid, on its product (the peer hooks the down
-projection's input there).
+projection's input there); --sites gate,up,down puts them where ml-act does for Llama.
 """
 import argparse
 import copy
@@ -30,18 +30,20 @@ STRENGTH = 0.8
 STD_EPS = 1e-4  # ml-act's default
 
 
-def act_states(model, kind, seed=0):
-    """{module name: ml-act Gaussian transport state} for every MLP of the model: mu / std of
-    the toxic (1) and non-toxic (2) responses, for the down projection's output or its input
-    (kind "mid"; named by the MLP's site, as sgm-ext names that point)."""
+def act_states(model, kinds, seed=0):
+    """{module name: ml-act Gaussian transport state} for every MLP of the model and site kind:
+    mu / std of the toxic (1) and non-toxic (2) responses, for a projection's output or the
+    down projection's input (kind "mid"; named by the MLP's site, as sgm-ext names it)."""
     g = torch.Generator().manual_seed(seed)
     states = {}
     for info in find_mlps(model).values():
-        n = info.site_size(kind)
-        states[info.site(kind)] = {
-            "mu1": torch.randn(n, generator=g) * 0.05, "mu2": torch.randn(n, generator=g) * 0.05,
-            "std1": 0.5 + torch.rand(n, generator=g), "std2": 0.5 + torch.rand(n, generator=g),
-            "quantiles_src": [-1e6, 1e6]}
+        for kind in kinds:
+            n = info.site_size(kind)
+            states[info.site(kind)] = {
+                "mu1": torch.randn(n, generator=g) * 0.05,
+                "mu2": torch.randn(n, generator=g) * 0.05,
+                "std1": 0.5 + torch.rand(n, generator=g), "std2": 0.5 + torch.rand(n, generator=g),
+                "quantiles_src": [-1e6, 1e6]}
     return states
 
 
@@ -94,9 +96,9 @@ def add_act_hooks(model, states, dtype):
     return handles
 
 
-def prepare(base, kind, dtype):
+def prepare(base, kinds, dtype):
     """{variant: model copy}, each with its intervention; and what removes them."""
-    states = act_states(base, kind)
+    states = act_states(base, kinds)
     scales = scales_from(states)
     models = {v: copy.deepcopy(base) for v in VARIANTS}
     undo = add_act_hooks(models["act hook"], states, dtype)
@@ -111,10 +113,10 @@ def remove(undo):
         h.remove()
 
 
-def mlp_row(tokens, dtype, rounds, kind, hidden, inter):
+def mlp_row(tokens, dtype, rounds, kinds, hidden, inter):
     """One row of the per-MLP table: median CPU time per variant, modes in turn."""
     root = llama_mlp(dtype, hidden, inter)
-    models, undo = prepare(root, kind, dtype)
+    models, undo = prepare(root, kinds, dtype)
     del root
     x = torch.randn(1, tokens, hidden, dtype=dtype)
     cpu = {v: [] for v in VARIANTS}
@@ -155,9 +157,9 @@ def decode_round(models, prompt):
     return wall, cpu, tokens
 
 
-def e2e_table(rounds, kind):
+def e2e_table(rounds, kinds):
     base, prompt = e2e_model()
-    models, undo = prepare(base, kind, torch.float32)
+    models, undo = prepare(base, kinds, torch.float32)
     wall = {v: [] for v in VARIANTS}
     cpu = {v: [] for v in VARIANTS}
     agree = {}
@@ -175,7 +177,8 @@ def e2e_table(rounds, kind):
     lines = [f"Llama (random weights, {E2E['num_hidden_layers']} layers), {params / 1e6:.1f}M "
              f"params, greedy decode {NEW_TOKENS} tokens, batch 1, variants interleaved per "
              f"step, median of {rounds} rounds (range of the wall ratio over the rounds); "
-             f"Gaussian transport maps on every MLP's {kind} site, strength {STRENGTH}",
+             f"Gaussian transport maps on every MLP's {', '.join(kinds)} sites, strength "
+             f"{STRENGTH}",
              "",
              "| variant | tokens/s (wall) | ratio to unpatched | range | tokens/s (CPU time) | "
              "ratio | same tokens as act hook |",
@@ -193,7 +196,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--sites", choices=("down", "mid"), default="down")
+    p.add_argument("--sites", default="down",
+                   help="site kinds with maps, comma-separated: down (default), mid, or "
+                   "gate,up,down (ml-act's default sites for Llama)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=5632)
     p.add_argument("--skip-mlp", action="store_true")
@@ -209,7 +214,8 @@ def main(argv=None):
         sections[f"bench_affine.py {name} {args.sites}"] = text
 
     if not args.skip_mlp:
-        rows = [mlp_row(tokens, dtype, rounds, args.sites, args.hidden, args.inter)
+        kinds = args.sites.split(",")
+        rows = [mlp_row(tokens, dtype, rounds, kinds, args.hidden, args.inter)
                 for tokens, rounds in ((1, 20 * args.rounds), (128, args.rounds))
                 for dtype in (torch.float32, torch.bfloat16)]
         section("mlp", f"Per LlamaMLP {args.hidden} x {args.inter}, batch 1, Gaussian transport "
@@ -217,7 +223,7 @@ def main(argv=None):
                 "| tokens | dtype | " + " | ".join(VARIANTS) + " |\n|---|---|"
                 + "---|" * len(VARIANTS) + "\n" + "\n".join(rows))
     if not args.skip_e2e:
-        section("e2e", e2e_table(args.rounds, args.sites))
+        section("e2e", e2e_table(args.rounds, args.sites.split(",")))
     if args.write:
         for name, text in sections.items():
             write_section(name, text)
