@@ -71,14 +71,17 @@ def elementwise_variants():
              for act in ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")]
     cases += [(torch.float32, "silu", True), (torch.float16, "silu", True)]
     cases += [(dt, "quick_gelu", False) for dt in (torch.float32, torch.float16, torch.bfloat16)]
-    for dtype, act, gated in cases:
+    cases = [(*c, False) for c in cases] + [(torch.bfloat16, "silu", True, True)]  # + a shift
+    for dtype, act, gated, shifted in cases:
         args = dict(out_ptr=Ptr(dtype), gate_ptr=Ptr(dtype), up_ptr=Ptr(dtype),
                     scale_ptr=Ptr(torch.float32), gate_scale_ptr=Ptr(torch.float32),
-                    strength_ptr=Ptr(torch.float32), strength_value=1.0, n_cols=INTER,
+                    strength_ptr=Ptr(torch.float32), shift_ptr=Ptr(torch.float32),
+                    strength_value=1.0, n_cols=INTER,
                     stride_gate=INTER, stride_up=INTER if gated else 0, stride_out=INTER,
-                    HAS_UP=gated, HAS_SCALE=True, HAS_GATE_SCALE=gated,
+                    HAS_UP=gated, HAS_SCALE=True, HAS_GATE_SCALE=gated, HAS_SHIFT=shifted,
                     STRENGTH_MODE=STRENGTH_ROWS, ACT=act, COMPUTE=compute_dtype(dtype), BLOCK=block)
-        label = f"{'act_mul_scale' if gated else 'act_scale'}[{TRITON_DTYPES[dtype]},{act}]"
+        label = (f"{'act_mul_scale' if gated else 'act_scale'}[{TRITON_DTYPES[dtype]},{act}"
+                 f"{',shift' if shifted else ''}]")
         yield label, "elementwise", fn, args, dict(num_warps=num_warps)
 
 

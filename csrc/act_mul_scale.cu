@@ -41,7 +41,8 @@ __global__ void act_mul_scale_kernel(scalar_t* __restrict__ out, const scalar_t*
                                      const scalar_t* __restrict__ up,
                                      const acc_t* __restrict__ scale,
                                      const acc_t* __restrict__ gate_scale,
-                                     const acc_t* __restrict__ strength, acc_t strength_value,
+                                     const acc_t* __restrict__ strength,
+                                     const acc_t* __restrict__ shift, acc_t strength_value,
                                      Strength strength_mode, int64_t n_cols, int64_t stride_out,
                                      int64_t stride_gate, int64_t stride_up) {
   const int64_t row = blockIdx.x;
@@ -58,17 +59,20 @@ __global__ void act_mul_scale_kernel(scalar_t* __restrict__ out, const scalar_t*
     const DataPack g = *reinterpret_cast<const DataPack*>(gate + col);
     DataPack u;
     if (up) u = *reinterpret_cast<const DataPack*>(up + col);
-    acc_t gs[VEC], s[VEC];
+    acc_t gs[VEC], s[VEC], b[VEC];
     if (gate_scale) load_acc<VEC>(gate_scale + col, gs);
     if (scale) load_acc<VEC>(scale + col, s);
+    if (shift) load_acc<VEC>(shift + col, b);
     DataPack h;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       acc_t s_eff = acc_t(1);
       if (scale) s_eff = strength_mode == Strength::none ? s[i] : effective_scale(s[i], st);
-      h.v[i] = static_cast<scalar_t>(act_mul_scale_element<A, ScalarMath>(
+      acc_t y = act_mul_scale_element<A, ScalarMath>(
           static_cast<acc_t>(g.v[i]), up ? static_cast<acc_t>(u.v[i]) : acc_t(1),
-          gate_scale ? gs[i] : acc_t(1), s_eff));
+          gate_scale ? gs[i] : acc_t(1), s_eff);
+      if (shift) y = add_shift(y, strength_mode == Strength::none ? b[i] : effective_shift(b[i], st));
+      h.v[i] = static_cast<scalar_t>(y);
     }
     *reinterpret_cast<DataPack*>(out + col) = h;
   }
@@ -76,9 +80,13 @@ __global__ void act_mul_scale_kernel(scalar_t* __restrict__ out, const scalar_t*
     for (int64_t col = n_vec * VEC + threadIdx.x; col < n_cols; col += blockDim.x) {
       acc_t s_eff = acc_t(1);
       if (scale) s_eff = strength_mode == Strength::none ? scale[col] : effective_scale(scale[col], st);
-      out[col] = static_cast<scalar_t>(act_mul_scale_element<A, ScalarMath>(
+      acc_t y = act_mul_scale_element<A, ScalarMath>(
           static_cast<acc_t>(gate[col]), up ? static_cast<acc_t>(up[col]) : acc_t(1),
-          gate_scale ? gate_scale[col] : acc_t(1), s_eff));
+          gate_scale ? gate_scale[col] : acc_t(1), s_eff);
+      if (shift) {
+        y = add_shift(y, strength_mode == Strength::none ? shift[col] : effective_shift(shift[col], st));
+      }
+      out[col] = static_cast<scalar_t>(y);
     }
   }
 }
@@ -97,7 +105,7 @@ void launch(const RowArgs& a, int64_t rows, cudaStream_t stream) {
       static_cast<scalar_t*>(a.out), static_cast<const scalar_t*>(a.gate),
       static_cast<const scalar_t*>(a.up), static_cast<const acc_t*>(a.scale),
       static_cast<const acc_t*>(a.gate_scale), static_cast<const acc_t*>(a.strength),
-      static_cast<acc_t>(a.strength_value), a.strength_mode, a.n_cols, a.stride_out,
+      static_cast<const acc_t*>(a.shift), static_cast<acc_t>(a.strength_value), a.strength_mode, a.n_cols, a.stride_out,
       a.stride_gate, a.stride_up);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -107,12 +115,13 @@ void act_mul_scale_out_cuda(at::Tensor& out, const at::Tensor& gate,
                             const std::optional<at::Tensor>& scale,
                             const std::optional<at::Tensor>& gate_scale,
                             const std::optional<at::Tensor>& strength,
-                            std::optional<double> strength_value, c10::string_view act) {
+                            std::optional<double> strength_value, c10::string_view act,
+                            const std::optional<at::Tensor>& shift) {
   TORCH_CHECK(out.is_cuda(), "act_mul_scale_out (CUDA kernel): out is on ", out.device());
   const c10::cuda::CUDAGuard guard(out.device());
   std::vector<at::Tensor> keep;
   const RowArgs a = check_act_mul_scale(out, gate, up, scale, gate_scale, strength,
-                                        strength_value, keep);
+                                        strength_value, shift, keep);
   const int64_t rows = out.size(0);
   TORCH_CHECK(rows <= INT32_MAX, "act_mul_scale_out: ", rows, " rows; at most 2^31 - 1");
   if (out.numel() == 0) return;
@@ -125,6 +134,7 @@ void act_mul_scale_out_cuda(at::Tensor& out, const at::Tensor& gate,
       const bool vectorizable =
           aligned16(a.out) && aligned16(a.gate) && (!a.up || aligned16(a.up)) &&
           (!a.scale || aligned16(a.scale)) && (!a.gate_scale || aligned16(a.gate_scale)) &&
+          (!a.shift || aligned16(a.shift)) &&
           a.stride_out % kVec == 0 && a.stride_gate % kVec == 0 && a.stride_up % kVec == 0;
       if (vectorizable) {
         launch<scalar_t, acc_t, A, kVec>(a, rows, stream);
@@ -142,4 +152,6 @@ TORCH_LIBRARY_IMPL(sgm_ext, CUDA, m) {
   m.impl("act_mul_scale_out", &sgm_ext::act_mul_scale_out_cuda);
   m.impl("_act_mul_scale_alloc",
          &sgm_ext::act_mul_scale_alloc_with<&sgm_ext::act_mul_scale_out_cuda>);
+  m.impl("_act_mul_scale_shift_alloc",
+         &sgm_ext::act_mul_scale_shift_alloc_with<&sgm_ext::act_mul_scale_out_cuda>);
 }

@@ -70,6 +70,32 @@ SGM_HOST_DEVICE T effective_scale(T scale, T strength) {
   return strength * scale + (T(1.0) - strength);
 }
 
+// strength * shift: the added part of an affine site (y = s_eff x + strength * shift), rounded
+// on its own like effective_scale; and h + that, never contracted with the multiply that made h.
+template <class T>
+SGM_HOST_DEVICE T effective_shift(T shift, T strength) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) {
+    return __fmul_rn(strength, shift);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return __dmul_rn(strength, shift);
+  } else
+#endif
+  return strength * shift;
+}
+
+template <class T>
+SGM_HOST_DEVICE T add_shift(T h, T shift) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) {
+    return __fadd_rn(h, shift);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return __dadd_rn(h, shift);
+  } else
+#endif
+  return h + shift;
+}
+
 // act(gate * gate_scale) * up * s_eff. Absent operands are passed as 1 (x * 1 == x exactly),
 // which gives the non-gated form (up = 1) and the unscaled one (s_eff = 1).
 template <Act A, class M, class T>

@@ -39,7 +39,7 @@ void check_rows(const char* what, const at::Tensor& t, const at::Tensor& out) {
               " must have unit column stride, got strides ", t.strides());
 }
 
-// scale / gate_scale / strength: 1-D of length n, float32 (float64 too for float64 inputs);
+// scale / gate_scale / strength / shift: 1-D of length n, float32 (float64 too for float64 inputs);
 // returned contiguous in the compute dtype.
 const void* vector_arg(const char* what, const std::optional<at::Tensor>& v, int64_t n,
                        const at::Tensor& out, std::vector<at::Tensor>& keep) {
@@ -62,7 +62,8 @@ RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
                             const std::optional<at::Tensor>& scale,
                             const std::optional<at::Tensor>& gate_scale,
                             const std::optional<at::Tensor>& strength,
-                            std::optional<double> strength_value, std::vector<at::Tensor>& keep) {
+                            std::optional<double> strength_value,
+                            const std::optional<at::Tensor>& shift, std::vector<at::Tensor>& keep) {
   const auto dtype = out.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
                   dtype == at::kDouble,
@@ -81,6 +82,7 @@ RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
   a.scale = vector_arg("scale", scale, cols, out, keep);
   a.gate_scale = vector_arg("gate_scale", gate_scale, cols, out, keep);
   a.strength = vector_arg("strength", strength, rows, out, keep);
+  a.shift = vector_arg("shift", shift, cols, out, keep);
   a.strength_value = strength_value.value_or(1.0);
   // As in sgm_ext.reference: a per-row strength, when given, wins over strength_value.
   a.strength_mode = strength.has_value() ? Strength::rows
@@ -95,7 +97,8 @@ RowArgs check_act_mul_scale(const at::Tensor& out, const at::Tensor& gate,
 at::Tensor act_mul_scale_alloc(ActMulScaleOutFn out_fn, const at::Tensor& gate,
                                const std::optional<at::Tensor>& up,
                                const std::optional<at::Tensor>& scale,
-                               const std::optional<at::Tensor>& gate_scale, c10::string_view act) {
+                               const std::optional<at::Tensor>& gate_scale, c10::string_view act,
+                               const std::optional<at::Tensor>& shift) {
   TORCH_CHECK(gate.dim() >= 1, "_act_mul_scale_alloc: gate must have at least one dim");
   TORCH_CHECK(!up.has_value() || up->sizes() == gate.sizes(), "_act_mul_scale_alloc: up has shape ",
               up.has_value() ? up->sizes() : gate.sizes(), ", gate has shape ", gate.sizes());
@@ -112,14 +115,14 @@ at::Tensor act_mul_scale_alloc(ActMulScaleOutFn out_fn, const at::Tensor& gate,
   const std::optional<at::Tensor> up_rows =
       up.has_value() ? std::optional<at::Tensor>(as_rows(*up)) : std::nullopt;
   out_fn(out_rows, as_rows(gate), up_rows, scale, gate_scale, std::nullopt,
-         std::nullopt, act);
+         std::nullopt, act, shift);
   return out;
 }
 
 namespace cpu {
-RowsFn select_vec_rows_DEFAULT(int dtype_code, Act act);
-RowsFn select_vec_rows_AVX2(int dtype_code, Act act);
-RowsFn select_vec_rows_AVX512(int dtype_code, Act act);
+RowsFn select_vec_rows_DEFAULT(int dtype_code, Act act, bool shift);
+RowsFn select_vec_rows_AVX2(int dtype_code, Act act, bool shift);
+RowsFn select_vec_rows_AVX512(int dtype_code, Act act, bool shift);
 }  // namespace cpu
 
 namespace {
@@ -139,15 +142,15 @@ RowsFn select_scalar_rows(at::ScalarType dtype, Act act) {
 
 // The vectorized kernel for the capability torch itself runs with here ("AVX512", "AVX2" or
 // "DEFAULT"; the ATEN_CPU_CAPABILITY variable lowers it for both).
-RowsFn select_cpu_rows(at::ScalarType dtype, Act act) {
+RowsFn select_cpu_rows(at::ScalarType dtype, Act act, bool shift) {
   if (dtype == at::kDouble) return select_scalar_rows(dtype, act);  // fp64: gradcheck only
   const int code = dtype == at::kFloat ? 0 : dtype == at::kHalf ? 1 : 2;
   static const std::string capability = at::get_cpu_capability();
 #if defined(__x86_64__)
-  if (capability == "AVX512") return cpu::select_vec_rows_AVX512(code, act);
-  if (capability == "AVX2") return cpu::select_vec_rows_AVX2(code, act);
+  if (capability == "AVX512") return cpu::select_vec_rows_AVX512(code, act, shift);
+  if (capability == "AVX2") return cpu::select_vec_rows_AVX2(code, act, shift);
 #endif
-  return cpu::select_vec_rows_DEFAULT(code, act);
+  return cpu::select_vec_rows_DEFAULT(code, act, shift);
 }
 
 void check_cpu(const at::Tensor& out, const at::Tensor& gate, const std::optional<at::Tensor>& up) {
@@ -163,12 +166,14 @@ void act_mul_scale_out_cpu(at::Tensor& out, const at::Tensor& gate,
                            const std::optional<at::Tensor>& scale,
                            const std::optional<at::Tensor>& gate_scale,
                            const std::optional<at::Tensor>& strength,
-                           std::optional<double> strength_value, c10::string_view act) {
+                           std::optional<double> strength_value, c10::string_view act,
+                           const std::optional<at::Tensor>& shift) {
   check_cpu(out, gate, up);
   std::vector<at::Tensor> keep;
   const RowArgs args = check_act_mul_scale(out, gate, up, scale, gate_scale, strength,
-                                           strength_value, keep);
-  const RowsFn fn = select_cpu_rows(out.scalar_type(), parse_act(std::string(act)));
+                                           strength_value, shift, keep);
+  const RowsFn fn = select_cpu_rows(out.scalar_type(), parse_act(std::string(act)),
+                                    args.shift != nullptr);
   if (out.numel() == 0) return;
   // At least 32K elements per task (ATen's grain), so small calls stay on one thread.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(args.n_cols, 1));
@@ -181,13 +186,14 @@ at::Tensor act_mul_scale_host(const at::Tensor& gate, const std::optional<at::Te
                               const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& gate_scale,
                               const std::optional<at::Tensor>& strength,
-                              std::optional<double> strength_value, c10::string_view act) {
+                              std::optional<double> strength_value, c10::string_view act,
+                              const std::optional<at::Tensor>& shift) {
   TORCH_CHECK(gate.dim() == 2, "_act_mul_scale_host: gate must be 2-D, got shape ", gate.sizes());
   at::Tensor out = at::empty(gate.sizes(), gate.options());
   check_cpu(out, gate, up);
   std::vector<at::Tensor> keep;
   const RowArgs args = check_act_mul_scale(out, gate, up, scale, gate_scale, strength,
-                                           strength_value, keep);
+                                           strength_value, shift, keep);
   select_scalar_rows(out.scalar_type(), parse_act(std::string(act)))(args, 0, out.size(0));
   return out;
 }
@@ -197,14 +203,18 @@ at::Tensor act_mul_scale_host(const at::Tensor& gate, const std::optional<at::Te
 
 // FRAGMENT: the Python side (sgm_ext/ops.py) defines other ops of the same namespace.
 TORCH_LIBRARY_FRAGMENT(sgm_ext, m) {
+  // shift (last, optional: scale-only callers pass as before): out += strength * shift
   m.def("act_mul_scale_out(Tensor(a!) out, Tensor gate, Tensor? up, Tensor? scale, "
-        "Tensor? gate_scale, Tensor? strength, float? strength_value, str act) -> ()");
+        "Tensor? gate_scale, Tensor? strength, float? strength_value, str act, "
+        "Tensor? shift=None) -> ()");
   m.def("_act_mul_scale_host(Tensor gate, Tensor? up, Tensor? scale, Tensor? gate_scale, "
-        "Tensor? strength, float? strength_value, str act) -> Tensor");
+        "Tensor? strength, float? strength_value, str act, Tensor? shift=None) -> Tensor");
   // act_mul_scale_out on [..., I] inputs into a new tensor: the inference fast path
   // of sgm_ext.ops.act_mul_scale_prechecked (one dispatch per call; no autograd, no strength).
   m.def("_act_mul_scale_alloc(Tensor gate, Tensor? up, Tensor? scale, Tensor? gate_scale, "
         "str act) -> Tensor");
+  m.def("_act_mul_scale_shift_alloc(Tensor gate, Tensor? up, Tensor? scale, Tensor? gate_scale, "
+        "str act, Tensor shift) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sgm_ext, CPU, m) {
@@ -212,6 +222,8 @@ TORCH_LIBRARY_IMPL(sgm_ext, CPU, m) {
   m.impl("_act_mul_scale_host", &sgm_ext::act_mul_scale_host);
   m.impl("_act_mul_scale_alloc",
          &sgm_ext::act_mul_scale_alloc_with<&sgm_ext::act_mul_scale_out_cpu>);
+  m.impl("_act_mul_scale_shift_alloc",
+         &sgm_ext::act_mul_scale_shift_alloc_with<&sgm_ext::act_mul_scale_out_cpu>);
 }
 
 static PyModuleDef sgm_ext_c_module = {

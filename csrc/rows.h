@@ -11,7 +11,8 @@ namespace sgm_ext {
 enum class Strength : int { none = 0, value = 1, rows = 2 };
 
 // Pointers are to the data type of the call (out / gate / up) and to its compute type
-// (scale, gate_scale, strength: float, or double for double inputs). Absent ones are null.
+// (scale, gate_scale, strength, shift: float, or double for double inputs). Absent ones are
+// null.
 struct RowArgs {
   void* out;
   const void* gate;
@@ -19,6 +20,7 @@ struct RowArgs {
   const void* scale;
   const void* gate_scale;
   const void* strength;  // [rows], used when strength_mode == rows
+  const void* shift;  // [n_cols]: out += strength * shift (the shift itself without strength)
   double strength_value;  // used when strength_mode == value
   Strength strength_mode;
   int64_t n_cols, stride_out, stride_gate, stride_up;  // row strides, in elements
@@ -32,6 +34,7 @@ template <class scalar_t, class acc_t, Act A>
 void scalar_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const auto* scale = static_cast<const acc_t*>(a.scale);
   const auto* gate_scale = static_cast<const acc_t*>(a.gate_scale);
+  const auto* shift = static_cast<const acc_t*>(a.shift);
   for (int64_t r = begin; r < end; ++r) {
     const auto* gate = static_cast<const scalar_t*>(a.gate) + r * a.stride_gate;
     const auto* up = a.up ? static_cast<const scalar_t*>(a.up) + r * a.stride_up : nullptr;
@@ -43,9 +46,13 @@ void scalar_rows(const RowArgs& a, int64_t begin, int64_t end) {
       if (scale) {
         s = a.strength_mode == Strength::none ? scale[j] : effective_scale(scale[j], strength);
       }
-      const acc_t h = act_mul_scale_element<A, ScalarMath>(
+      acc_t h = act_mul_scale_element<A, ScalarMath>(
           static_cast<acc_t>(gate[j]), up ? static_cast<acc_t>(up[j]) : acc_t(1),
           gate_scale ? gate_scale[j] : acc_t(1), s);
+      if (shift) {
+        h = add_shift(h, a.strength_mode == Strength::none ? shift[j]
+                                                           : effective_shift(shift[j], strength));
+      }
       out[j] = static_cast<scalar_t>(h);  // c10::Half / BFloat16 round to nearest even
     }
   }

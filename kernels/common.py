@@ -35,6 +35,17 @@ def suppress(h, scale, strength, HAS_SCALE: tl.constexpr, STRENGTH_MODE: tl.cons
     return h
 
 
+@triton.jit
+def add_shift(h, shift, strength, STRENGTH_MODE: tl.constexpr):
+    """h + strength * shift (the shift itself without a strength), as
+    sgm_ext.reference.effective_shift: strength 0 adds exactly 0."""
+    if STRENGTH_MODE == 0:
+        h = h + shift
+    else:
+        h = h + strength * shift
+    return h
+
+
 def strength_mode(strength, strength_value):
     if strength is not None:
         return STRENGTH_ROWS

@@ -3,9 +3,9 @@
 A backend is a module exposing some of the 2-D op functions (`act_mul_scale`,
 `gated_up_proj`; signatures in sgm_ext.reference), and optionally `act_mul_scale_alloc`
 (gate, up, scale, gate_scale, act) -> new tensor, for [..., I] inputs (one call instead of
-allocating and reshaping in Python). The choice goes by the tensors' device
-and by what loads here; SGM_EXT_BACKEND=<name> forces one (an error, never a silent
-fallback, if it cannot serve the call).
+allocating and reshaping in Python), and `act_mul_scale_shift_alloc` (the same plus a
+shift). The choice goes by the tensors' device and by what loads here; SGM_EXT_BACKEND=<name>
+forces one (an error, never a silent fallback, if it cannot serve the call).
 """
 import importlib
 import os
@@ -134,10 +134,12 @@ def select(op, device_type):
     return getattr(_chosen(op, device_type), op)
 
 
-def select_alloc(device_type):
-    """`act_mul_scale_alloc` of the backend that runs act_mul_scale on `device_type`, or None
-    when that backend has none."""
-    return getattr(_chosen("act_mul_scale", device_type), "act_mul_scale_alloc", None)
+def select_alloc(device_type, shift=False):
+    """`act_mul_scale_alloc` (shift: `act_mul_scale_shift_alloc`, which takes the shift last)
+    of the backend that runs act_mul_scale on `device_type`, or None when that backend has
+    none."""
+    name = "act_mul_scale_shift_alloc" if shift else "act_mul_scale_alloc"
+    return getattr(_chosen("act_mul_scale", device_type), name, None)
 
 
 def _select(op, device_type, forced):

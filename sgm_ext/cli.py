@@ -58,6 +58,7 @@ from .responses import DEFAULT_RAM_BUDGET
 from .scale_math import METHODS, check_fraction, check_method, check_strength
 from .scales import is_scale_file, load_scales
 from .serving import SETTINGS_KEY, check_for_serving, read_settings
+from .transport import TRANSPORT_METHODS, balance, transport_maps
 
 RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -100,7 +101,17 @@ def add_profile(sub):
     p.add_argument("--modality", choices=MODALITIES, default="sample",
                    help="the tokens pooled: sample (default: the row's own text and image "
                    "tokens, not the chat template's), all, text, image, response")
-    p.add_argument("--method", choices=METHODS, default="aura")
+    p.add_argument("--method", choices=METHODS + TRANSPORT_METHODS, default="aura",
+                   help="aura (default), det0, damp: scales from the AUROC; mean_ot, "
+                   "gaussian_ot, linear_ot: AcT's transport maps (scales and shifts) from the "
+                   "responses (Rodriguez et al., ICLR 2025); their scales may exceed 1, so "
+                   "patch them with allow_amplify=True")
+    p.add_argument("--balanced", action="store_true",
+                   help="subsample the larger class to the size of the smaller (seeded), as "
+                   "ml-act does; linear_ot needs equal counts")
+    p.add_argument("--allow-amplify", action="store_true",
+                   help="accept aura scales above 1 (experts with AUROC below 0.5: a "
+                   "--threshold under 0.5 with --selection threshold, as ml-aura-vl's 0.3)")
     p.add_argument("--selection", choices=SELECTIONS, default="fdr",
                    help="fdr (default): experts are the neurons whose AUROC beats chance, "
                    "Benjamini-Hochberg at --fdr over all neurons; threshold: AurA's rule, "
@@ -175,7 +186,11 @@ def _positive(value, option, zero=False):
 
 def check_profile_args(args):
     """Every option checked before the data is read or the model loaded."""
-    check_method(args.method, args.alpha)
+    if args.method in TRANSPORT_METHODS:
+        if args.alpha is not None:
+            raise ValueError(f"--alpha is for method damp only (method is {args.method})")
+    else:
+        check_method(args.method, args.alpha)
     check_selection(args.selection, args.fdr)
     _positive(args.top_k, "--top-k", zero=True)
     for option in ("batch_size", "checkpoint_every", "max_samples", "max_length"):
@@ -239,10 +254,15 @@ def _profile(args, rank, world, local_rank):
                         progress=not args.quiet)
     if responses is None:  # a rank other than 0: rank 0 writes
         return 0
+    if args.balanced:
+        responses = balance(responses)
+    if args.method in TRANSPORT_METHODS:
+        return _write_transport(args, responses)
     expertise = compute_expertise(responses)
     selection = dict(selection=args.selection, fdr=args.fdr)
     scales = expertise.to_scales(method=args.method, threshold=args.threshold, top_k=args.top_k,
-                                 strength=args.strength, alpha=args.alpha, **selection)
+                                 strength=args.strength, alpha=args.alpha,
+                                 allow_amplify=args.allow_amplify, **selection)
     experts = expertise.experts(args.threshold, args.top_k, **selection)
     scales.save(args.out)
     if args.expertise_out:
@@ -264,6 +284,20 @@ def _profile(args, rank, world, local_rank):
     return 0
 
 
+def _write_transport(args, responses):
+    """profile --method mean_ot | gaussian_ot | linear_ot: the transport maps' scale file."""
+    scales = transport_maps(responses, args.method, strength=args.strength,
+                            metadata={"balanced": args.balanced})
+    scales.save(args.out)
+    if args.expertise_out:
+        compute_expertise(responses).save(args.expertise_out)
+    amplified = sum(int((s > 1).sum()) for s in scales.scales.values())
+    print(f"wrote {args.out}: {scales!r} ({args.method}) from {len(responses)} samples "
+          f"({scales.metadata['n_toxic']} toxic); {amplified} scales above 1: patch with "
+          "allow_amplify=True")
+    return 0
+
+
 # ------------------------------------------------------------------------ inspect
 
 def add_inspect(sub):
@@ -277,7 +311,7 @@ def add_inspect(sub):
 
 def run_inspect(args):
     scales = load_scales(args.path)
-    if len(scales) == 0:
+    if not scales.sites():
         raise ValueError(f"{args.path} holds no sites (an empty scale set)")
     print(scale_report(scales, args.path))
     problems = scale_problems(scales)

@@ -82,11 +82,14 @@ if _C is None:
             LOAD_ERROR = _error(e)
             _errors.append((cached, LOAD_ERROR))
 
+# The allocating ops' shape functions, so torch.compile can trace the patched MLP's fast
+# forward, which calls them directly: a new contiguous tensor of gate's shape, dtype, device.
 if _C is not None and hasattr(torch.ops.sgm_ext, "_act_mul_scale_alloc"):
-    # The op's shape function, so torch.compile can trace the patched MLP's fast forward, which
-    # calls the allocating op directly (a new contiguous tensor of gate's shape, dtype, device)
     torch.library.register_fake("sgm_ext::_act_mul_scale_alloc")(
         lambda gate, up, scale, gate_scale, act: gate.new_empty(gate.shape))
+if _C is not None and hasattr(torch.ops.sgm_ext, "_act_mul_scale_shift_alloc"):
+    torch.library.register_fake("sgm_ext::_act_mul_scale_shift_alloc")(
+        lambda gate, up, scale, gate_scale, act, shift: gate.new_empty(gate.shape))
 
 # Whether a built library file was found (in the package or in the cache).
 BUILT = bool(_C is not None or any(path for path, _ in _errors))
@@ -131,10 +134,13 @@ def ops():
     """{name: op overload} of the library's functions: `act_mul_scale` (out[R, I] =
     act(gate * gate_scale) * up * s_eff, as sgm_ext.reference.act_mul_scale) and, in a
     library built from current sources, `act_mul_scale_alloc` (the same on [..., I] into a new
-    tensor, for inference calls). Empty when the library did not load."""
+    tensor, for inference calls) and `act_mul_scale_shift_alloc` (that with a shift, last).
+    Empty when the library did not load."""
     if _C is None:
         return {}
     found = {"act_mul_scale": torch.ops.sgm_ext.act_mul_scale_out.default}
     if hasattr(torch.ops.sgm_ext, "_act_mul_scale_alloc"):
         found["act_mul_scale_alloc"] = torch.ops.sgm_ext._act_mul_scale_alloc.default
+    if hasattr(torch.ops.sgm_ext, "_act_mul_scale_shift_alloc"):  # built with shifts
+        found["act_mul_scale_shift_alloc"] = torch.ops.sgm_ext._act_mul_scale_shift_alloc.default
     return found

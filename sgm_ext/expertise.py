@@ -116,7 +116,8 @@ class Expertise:
 
     def to_scales(self, method: str = "aura", threshold: float = 0.5, top_k: Optional[int] = None,
                   strength: float = 1.0, alpha: Optional[float] = None, *,
-                  selection: str = "fdr", fdr: float = DEFAULT_FDR) -> ScaleSet:
+                  selection: str = "fdr", fdr: float = DEFAULT_FDR,
+                  allow_amplify: bool = False) -> ScaleSet:
         """ScaleSet of per-neuron factors, [neurons] float32 per site (DESIGN.md section 2).
 
         aura: alpha = 1 - 2 (AUROC - 0.5) for experts; det0: alpha = 0 for experts; damp:
@@ -125,6 +126,8 @@ class Expertise:
         threshold), among the top_k highest if top_k is given. Everyone else gets 1. strength
         lambda in [0, 1] blends: s_eff = 1 - lambda (1 - alpha), as patching at that strength
         does (bit for bit: the same scale_math.effective_scale on the float32 alphas).
+        allow_amplify: accept experts with AUROC below 0.5, whose aura alpha is above 1 (a
+        threshold under 0.5 with selection "threshold", as ml-aura-vl's 0.3).
         """
         scale_math.check_method(method, alpha)
         strength = scale_math.check_strength(strength, per_sequence=False)
@@ -143,7 +146,7 @@ class Expertise:
             meta["fdr"] = fdr
         if alpha is not None:
             meta["alpha"] = alpha
-        return ScaleSet(scales, meta).validate()
+        return ScaleSet(scales, meta).validate(allow_amplify=allow_amplify)
 
     def save(self, path):
         """safetensors, written atomically: one float64 AUROC tensor per site, metadata as

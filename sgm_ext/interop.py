@@ -3,12 +3,25 @@
 - ml-aura (and its LLaVA variant) writes one `<module name>.statedict` per hooked module, a
   torch-saved dict {"alpha": tensor of shape (1, 1, N)}: the module's outputs are multiplied
   by alpha.
-- ml-act's AurA hook keeps {"auroc": (N,), "strength": scalar} per module; alpha follows from
-  the AUROC: 1 - 2 (AUROC - 0.5) above the threshold (0.5), else 1, then the strength:
-  1 - strength (1 - alpha) (both by sgm_ext.scale_math, as the profiler makes them). Its
-  module names may carry an output selector (`name:0`).
+- ml-act writes one `<module name>.statedict` per hooked module too (its module names may
+  carry an output selector, `name:0`), the state dict of the intervention's hook:
+  - AurA: {"auroc": (N,)} only; alpha = 1 - 2 (AUROC - 0.5) above 0.5, else 1 (by
+    sgm_ext.scale_math, as the profiler makes them). The strength is a setting of the hook
+    run, not saved: pass it to from_act, or patch at that strength;
+  - mean_ot / gaussian_ot (one hook class, so the files are alike and the method is given):
+    {"mu1", "std1"} of the toxic responses, {"mu2", "std2"} of the non-toxic ones, (N,) each;
+    gaussian_ot: z' = (std2 / std1)(z - mu1) + mu2, mean_ot: z' = z - mu1 + mu2, on the
+    neurons where std1 and std2 exceed std_eps (1e-4), the others unchanged;
+  - linear_ot: {"net.w1", "net.b1"}, (1, N) each: z' = w1 z + b1;
+  each transport file also holds the source quantiles ("quantiles_dict_src") and the ones
+  it masks by ("quantiles_src": [-1e6, 1e6] or "q_all" for every token). Only that "all"
+  setting is read; a real quantile mask (transport only where z lies between two quantiles)
+  is refused.
+  As a ScaleSet: scale s and shift b with z' = s z + b, so patching at strength lambda gives
+  ml-act's blend lambda z' + (1 - lambda) z.
 
-Files are read with torch.load(weights_only=True): tensors only, nothing unpickled.
+Files are read with torch.load(weights_only=True): tensors, lists and strings only, nothing
+unpickled.
 """
 import os
 from pathlib import Path
@@ -16,8 +29,13 @@ from pathlib import Path
 import torch
 
 from .registry import MID
-from .scale_math import check_strength, effective_scale, method_scales
+from .scale_math import check_strength, effective_scale, effective_shift, method_scales
 from .scales import ScaleSet
+
+ACT_METHODS = ("aura", "mean_ot", "gaussian_ot", "linear_ot")
+ACT_SUFFIXES = (".statedict", ".pt", ".pth")
+STD_EPS = 1e-4  # ml-act's default std_eps of its Gaussian hooks
+_ALL_QUANTILES = 1e6  # ml-act's "q_all" bounds: [-1e6, 1e6]
 
 AURA_SUFFIX = ".statedict"
 # transformers 4.x module paths of LLaVA-style models (what ml-aura-vl hooked) -> 5.x paths.
@@ -97,22 +115,101 @@ def from_aura(directory, model=None):
     return ScaleSet(scales, {"method": "aura", "source": f"ml-aura:{os.fspath(directory)}"})
 
 
-def from_act(directory, threshold=0.5, model=None):
-    """ScaleSet from ml-act's AurA state files ({"auroc": (N,), "strength": scalar})."""
-    suffixes = (AURA_SUFFIX, ".pt", ".pth")
-    files = _state_files(directory, suffixes)
-    names = {f: _module_name(f, suffixes) for f in files}
+def from_act(directory, threshold=0.5, model=None, *, method="aura", strength=1.0,
+             std_eps=STD_EPS):
+    """ScaleSet from ml-act's state files of one intervention `method` (see the module
+    docstring for each layout): aura ({"auroc"}: scales), mean_ot / gaussian_ot ({"mu1",
+    "mu2", "std1", "std2"}: shifts, and scales for gaussian_ot), linear_ot ({"net.w1",
+    "net.b1"}: scales and shifts). strength: the hook run's strength, baked in (1.0: patch at
+    the strength you want instead). Transport scales may exceed 1: patch them with
+    allow_amplify=True."""
+    if method not in ACT_METHODS:
+        raise ValueError(f"method must be one of {ACT_METHODS}, got {method!r}")
+    strength = check_strength(strength, per_sequence=False)
+    files = _state_files(directory, ACT_SUFFIXES)
+    names = {f: _module_name(f, ACT_SUFFIXES) for f in files}
     rename = _rename(names.values(), model)
-    scales = {}
+    scales, shifts = {}, {}
     for f in files:
-        state = _load(f, "auroc")
-        auroc = _vector(state["auroc"], f, "auroc")
-        strength = check_strength(float(state.get("strength", 1.0)), per_sequence=False,
-                                  name=f"{f}: strength")
-        alpha = method_scales(auroc, auroc > threshold, "aura")
-        scales[rename[names[f]]] = effective_scale(alpha, strength)
-    return ScaleSet(scales, {"method": "aura", "threshold": threshold,
-                             "source": f"ml-act:{os.fspath(directory)}"})
+        site = rename[names[f]]
+        if method == "aura":
+            auroc = _vector(_load(f, "auroc")["auroc"], f, "auroc")
+            alpha = method_scales(auroc, auroc > threshold, "aura")
+            scales[site] = effective_scale(alpha, strength)
+            continue
+        scale, shift = _transport_map(f, method, std_eps)
+        if scale is not None:
+            scales[site] = effective_scale(scale, strength)
+        shifts[site] = effective_shift(shift, strength)
+    meta = {"method": method, "source": f"ml-act:{os.fspath(directory)}", "strength": strength}
+    if method == "aura":
+        meta["threshold"] = threshold
+    return ScaleSet(scales, meta, shifts=shifts)
+
+
+def _transport_map(path, method, std_eps):
+    """(scale or None, shift) [N] float32 of one ml-act transport state file."""
+    keys = ("net.w1", "net.b1") if method == "linear_ot" else ("mu1", "mu2", "std1", "std2")
+    state = _load(path, keys[0])
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{path}: a {method} state needs {', '.join(keys)}; missing "
+                         f"{', '.join(missing)}")
+    _check_all_quantiles(path, state.get("quantiles_src", "q_all"))
+    v = {k: _vector(state[k], path, k).double() for k in keys}
+    if method == "linear_ot":
+        return v["net.w1"].float(), v["net.b1"].float()
+    moved = (v["std1"] > std_eps) & (v["std2"] > std_eps)
+    ratio = v["std2"] / torch.where(moved, v["std1"], 1.0)
+    scale = torch.where(moved, ratio, 1.0) if method == "gaussian_ot" \
+        else torch.ones_like(ratio)
+    shift = torch.where(moved, v["mu2"] - scale * v["mu1"], 0.0)
+    return (scale.float() if method == "gaussian_ot" else None), shift.float()
+
+
+def _check_all_quantiles(path, quantiles):
+    """ValueError unless ml-act's quantile setting transports every token ("q_all")."""
+    everything = quantiles == "q_all" or (
+        isinstance(quantiles, (list, tuple)) and len(quantiles) == 2
+        and all(isinstance(q, (int, float)) for q in quantiles)
+        and quantiles[0] <= -_ALL_QUANTILES and quantiles[1] >= _ALL_QUANTILES)
+    if not everything:
+        shown = quantiles if isinstance(quantiles, str) else type(quantiles).__name__
+        raise ValueError(f"{path}: quantiles_src is {shown}: ml-act transports only the values "
+                         "inside source quantiles there, a mask sgm-ext does not apply; learn "
+                         "the map with quantiles_src q_all")
+
+
+def to_act(scales, directory):
+    """Write a ScaleSet as ml-act's AurA state files, `<site>.statedict` = {"auroc": (N,)};
+    returns the paths written. AUROC = 1 - alpha / 2 inverts ml-act's alpha = 1 - 2 (AUROC -
+    0.5) for alpha in [0, 1] (alpha 1 -> 0.5, which ml-act leaves alone). Refused before
+    anything is written: shifts, scales above 1, and `mid` sites (AurA hooks modules)."""
+    if getattr(scales, "shifts", None):
+        raise ValueError("ml-act's AurA files hold scales only; this ScaleSet has shifts (e.g. "
+                         f"{next(iter(scales.shifts))!r})")
+    _check_module_sites(scales)
+    for site, t in scales.items():
+        if (t > 1).any() or (t < 0).any():
+            i = int(((t > 1) | (t < 0)).nonzero()[0])
+            raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()}: ml-act's AurA files "
+                             "hold factors in [0, 1] only")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    written = []
+    for site, t in scales.items():
+        path = d / (site + AURA_SUFFIX)
+        auroc = 1.0 - t.detach().to(torch.float64) / 2.0
+        torch.save({"auroc": auroc.to(torch.float32).clone()}, path)
+        written.append(path)
+    return written
+
+
+def _check_module_sites(scales):
+    for site in scales:
+        if site == MID or site.endswith("." + MID):
+            raise ValueError(f"site {site!r} is an MLP's product, not a module output; AurA "
+                             "files name hooked modules (use the up_proj site instead)")
 
 
 def to_aura(scales, directory):
@@ -121,10 +218,10 @@ def to_aura(scales, directory):
     AurA hooks module outputs, so a `mid` site (no module of its own) cannot be written:
     move it onto the up_proj site (same effect in a gated MLP) first.
     """
-    for site in scales:
-        if site == MID or site.endswith("." + MID):
-            raise ValueError(f"site {site!r} is an MLP's product, not a module output; AurA "
-                             "files name hooked modules (use the up_proj site instead)")
+    _check_module_sites(scales)
+    if getattr(scales, "shifts", None):
+        raise ValueError("AurA files hold scales only; this ScaleSet has shifts (e.g. "
+                         f"{next(iter(scales.shifts))!r})")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,6 +1,7 @@
 """Apply a ScaleSet to a model: `patch(model, scales, mode=...)`.
 
-Three ways to do the same math, s_eff = 1 - strength (1 - scale) on each site:
+Three ways to do the same math on each site, y = s_eff x + strength * b with s_eff = 1 -
+strength (1 - scale) and b the site's shift (0 where it has none):
 - "fused": the MLP's forward is swapped for one that calls the MLP's own sub-modules (so
   quantized Linears, PEFT LoRA layers and accelerate hooks keep working) and sgm_ext.ops for
   the activation x product x scale. With SGM_EXT_GATED_UP_PROJ=1, plain fp16 / bf16 Linears
@@ -8,10 +9,12 @@ Three ways to do the same math, s_eff = 1 - strength (1 - scale) on each site:
   Triton kernel); off by default, since on an H100 that kernel is slower than cuBLAS's two
   GEMMs plus the elementwise op (bench/RESULTS.md, GPU).
 - "fold": the scales are multiplied into the weights (rows of the Linear a site is the output
-  of, columns of the down / fc2 Linear for `mid`); the touched slices are saved first and
-  copied back on unpatch, so restoring is bit-exact.
-- "hook": forward hooks on the sub-modules that multiply their outputs, as AurA does it; the
-  reference the other two are tested against.
+  of, columns of the down / fc2 Linear for `mid`), the shifts into the biases (a bias is
+  created where there is none; a `mid` shift b enters the down bias as W_down b); the touched
+  slices are saved first and copied back on unpatch, so restoring is bit-exact (a created
+  bias is removed again).
+- "hook": forward hooks on the sub-modules that change their outputs (multiply, then add), as
+  AurA and ml-act do it; the reference the other two are tested against.
 
 Everything is validated before the model is touched: on any error the model is unchanged
 and the message names the offending entry. The forward swap keeps parameters and state_dict
@@ -26,18 +29,20 @@ torch.save(model.state_dict()) works as for any model.
 import contextlib
 import copy
 import difflib
+import functools
 import os
 from collections.abc import Mapping
 from typing import NamedTuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
 from .backends import select_alloc
 from .registry import REGISTRY, describe, find_mlps, site_index
-from .scale_math import check_strength, effective_scale
-from .scales import ScaleSet, config_fingerprint, load_scales
+from .scale_math import check_strength, effective_scale, effective_shift
+from .scales import ScaleSet, config_fingerprint, load_scales, load_vectors
 
 MODES = ("fused", "fold", "hook")
 _HANDLE_ATTR = "_sgm_ext_patch"  # on the patched model (root) and on every patched MLP
@@ -93,6 +98,11 @@ class _Target(NamedTuple):
     info: object  # registry.MLPInfo
     module: nn.Module
     scales: dict  # site kind -> float32 CPU tensor
+    shifts: dict  # site kind -> float32 CPU tensor (sites with an added shift)
+
+    def kinds(self):
+        """The site kinds this MLP changes, with a scale, a shift or both."""
+        return list(dict.fromkeys([*self.scales, *self.shifts]))
 
 
 def _as_scaleset(scales):
@@ -132,16 +142,17 @@ def _resolve(root, scales):
     index = site_index(mlps)
     modules = dict(root.named_modules())
     by_mlp = {}
-    for site, value in scales.items():
-        if site not in index:
-            raise _site_error(site, modules, mlps)
-        info, kind = index[site]
-        want = info.site_size(kind)
-        if value.numel() != want:
-            raise ValueError(f"scales[{site!r}] has {value.numel()} values, the model's {kind} "
-                             f"site there has {want} ({info.class_name})")
-        by_mlp.setdefault(info.path, {})[kind] = value
-    return [_Target(mlps[p], modules[p], s) for p, s in by_mlp.items()]
+    for what, entries in (("scales", scales.scales), ("shifts", scales.shifts)):
+        for site, value in entries.items():
+            if site not in index:
+                raise _site_error(site, modules, mlps)
+            info, kind = index[site]
+            want = info.site_size(kind)
+            if value.numel() != want:
+                raise ValueError(f"{what}[{site!r}] has {value.numel()} values, the model's "
+                                 f"{kind} site there has {want} ({info.class_name})")
+            by_mlp.setdefault(info.path, ({}, {}))[what == "shifts"][kind] = value
+    return [_Target(mlps[p], modules[p], s, b) for p, (s, b) in by_mlp.items()]
 
 
 def _check_fingerprint(root, scales):
@@ -160,13 +171,19 @@ def _check_fingerprint(root, scales):
 # ---------------------------------------------------------------- fused and hook modes
 
 class _Scaled(_PatchState):
-    """The scales of one MLP, their s_eff per device for the handle's float strength."""
+    """The scales and shifts of one MLP: s_eff and strength * b per device for the handle's
+    float strength, per row for a per-sequence one."""
 
     def __init__(self, handle, target):
         self.handle = handle
         self.info = target.info
         self.module = target.module
         self.scales = target.scales
+        self.shifts = target.shifts
+        # A gate / up / gate_up shift acts before the activation or the product, so the fused
+        # forward applies those sites to the op's inputs (x * s_eff + shift) instead of
+        # passing their scales to the op.
+        self.pre = tuple(k for k in ("gate", "up", "gate_up") if k in target.shifts)
         self._cache = {}
 
     def invalidate(self):
@@ -179,21 +196,34 @@ class _Scaled(_PatchState):
             self._cache[key] = {k: s.to(device) for k, s in self.scales.items()}
         return self._cache[key]
 
+    def raw_shifts(self, device):
+        """The shifts themselves on `device`."""
+        key = ("raw shifts", device)
+        if key not in self._cache:
+            self._cache[key] = {k: b.to(device) for k, b in self.shifts.items()}
+        return self._cache[key]
+
     def effective(self, device):
         """{kind: s_eff [n] float32} for the float strength, plus what the op takes:
         "gate_scale" (gate, or the gate half of gate_up) and "prod" (up, or the up half of
-        gate_up, times mid): one vector each, computed once."""
+        gate_up, times mid): one vector each, computed once. Sites in self.pre are left out
+        of both (the forward applies them to the op's inputs)."""
         key = ("eff", device)
         if key not in self._cache:
             lam = self.handle.strength
             eff = {k: effective_scale(s, lam).to(device) for k, s in self.scales.items()}
             gate, up = eff.get("gate"), eff.get("up")
-            if "gate_up" in eff:
+            if "gate_up" in eff and "gate_up" not in self.pre:
                 gate, up = (half.contiguous() for half in eff["gate_up"].chunk(2))
+            gate = None if "gate" in self.pre else gate
+            up = None if "up" in self.pre else up
             mid = eff.get("mid")
             eff["gate_scale"] = gate
             eff["prod"] = up * mid if up is not None and mid is not None else \
                 (up if up is not None else mid)
+            mid_shift = self.shifts.get("mid")
+            eff["mid_shift"] = None if mid_shift is None else \
+                effective_shift(mid_shift.to(device), lam)
             self._cache[key] = eff
         return self._cache[key]
 
@@ -210,17 +240,63 @@ class _Scaled(_PatchState):
         s = self.raw(like.device)[kind]
         return effective_scale(s, _rows(self.handle, like, self.info.path)).to(like.dtype)
 
+    def shift(self, kind, like):
+        """strength * b of one site to add to `like` (in like's dtype), or None."""
+        if kind not in self.shifts:
+            return None
+        lam = self.handle.strength
+        if isinstance(lam, float):
+            key = ("shift", kind, like.device, like.dtype)
+            if key not in self._cache:
+                b = self.shifts[kind].to(like.device)
+                self._cache[key] = effective_shift(b, lam).to(like.dtype)
+            return self._cache[key]
+        b = self.raw_shifts(like.device)[kind]
+        return effective_shift(b, _rows(self.handle, like, self.info.path)).to(like.dtype)
+
+    def apply(self, kind, x):
+        """x * s_eff + strength * b for one site (each part only where the site has it)."""
+        factor, shift = self.factor(kind, x), self.shift(kind, x)
+        if factor is not None:
+            x = x * factor
+        return x if shift is None else x + shift
+
+
+def _affine_after(x, linear, factor, shift):
+    """factor * linear(x) + shift (factor None: linear(x) + shift) in one pass after it. An
+    output in another dtype or device than the bound vectors (the model moved) comes back
+    unchanged: the fast forward then remakes its state and the general forward applies the
+    site."""
+    y = linear(x)
+    if y.dtype != shift.dtype or y.device != shift.device:
+        return y
+    # _affine's last line, inlined: this runs in the decode loop, where a call costs
+    return y + shift if factor is None else torch.addcmul(shift, y, factor)
+
+
+def _affine(y, factor, shift):
+    """factor * y + shift in one pass, each part only where given: the fused forward's form
+    (hook mode, the reference, multiplies and adds as two ops)."""
+    if shift is None:
+        return _mul(y, factor)
+    return y + shift if factor is None else torch.addcmul(shift, y, factor)
+
 
 def _mul(x, factor):
     return x if factor is None else x * factor
 
 
+def _plain_linear(m, x):
+    """A plain nn.Linear in x's dtype without hooks (accelerate's included): calling F.linear
+    with its weight is calling it."""
+    return (type(m) is nn.Linear and m.weight.dtype == x.dtype
+            and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")))
+
+
 def _use_gated_up_proj(gate, up, x):
     """On CUDA, plain fp16 / bf16 nn.Linear gate and up without bias or hooks: one fused GEMM."""
     return (GATED_UP_PROJ and x.is_cuda and x.dtype in _GEMM_DTYPES
-            and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype
-                    and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
-                    for m in (gate, up)))
+            and all(_plain_linear(m, x) and m.bias is None for m in (gate, up)))
 
 
 class _Fused(_Scaled):
@@ -260,127 +336,198 @@ class _Fused(_Scaled):
 
     def _fast_state(self, like):
         """What _fast_forward needs for the handle's float strength on like's device and dtype:
-        (device, dtype, allocating op, sub-modules, scale, gate_scale, act, down factor); False
-        where only the general forward applies (per-sequence strength, strength 0, no
-        allocating backend, gated_up_proj, the non-gated layout)."""
+        (device, dtype, allocating op, its dispatcher form, sub-modules, scale, gate_scale,
+        act, down factor); False where only the general forward applies (per-sequence
+        strength, strength 0, no allocating backend, gated_up_proj, the non-gated layout).
+        A mid shift is bound into both forms of the op; a site with a shift on a Linear's
+        output (gate, up, gate_up, down) makes that sub-module the Linear with its affine map
+        (see _shifted_output)."""
         lam = self.handle.strength
         alloc = select_alloc(like.device.type)
         if (not isinstance(lam, float) or lam == 0.0 or alloc is None
                 or self.info.layout == "non_gated" or (GATED_UP_PROJ and like.is_cuda)):
             return False
         eff = self.effective(like.device)
-        roles = ("gate", "up", "down") if self.info.layout == "gated" else ("gate_up", "down")
-        return (like.device, like.dtype, alloc, tuple(self.subs[r] for r in roles), eff["prod"],
-                eff["gate_scale"], self.info.act, self.factor("down", like))
+        prechecked = ops.act_mul_scale_prechecked
+        if eff["mid_shift"] is not None:
+            shift_alloc = select_alloc(like.device.type, shift=True)
+            if shift_alloc is None:  # a library built before shifts
+                return False
+            alloc = functools.partial(shift_alloc, shift=eff["mid_shift"])
+            prechecked = functools.partial(prechecked, shift=eff["mid_shift"])
+        roles = ("gate", "up") if self.info.layout == "gated" else ("gate_up",)
+        subs = tuple(self._shifted_output(r, like) if r in self.shifts else self.subs[r]
+                     for r in roles)
+        if "down" in self.shifts:
+            down, down_factor = self._shifted_output("down", like), None
+        else:
+            down, down_factor = self.subs["down"], self.factor("down", like)
+        return (like.device, like.dtype, alloc, prechecked, subs + (down,), eff["prod"],
+                eff["gate_scale"], self.info.act, down_factor)
 
     def _fast_forward(self, x, fast):
-        # The checks read attributes and call no Python function: what ops.needs_dispatcher asks
-        # (compile, autograd, subclasses) is answered by the allocating op's fake kernel
-        # (compiled.py), requires_grad and the type. The allocating op does not check that the
-        # vectors are on the activations' device, so the state's device is compared here.
-        device, dtype, alloc, subs, scale, gate_scale, act, down_factor = fast
+        # The checks read attributes and call no Python function: torch.compile traces the
+        # allocating ops through their fake kernels (compiled.py); autograd and tensor subclasses
+        # take the op's dispatcher form. The allocating ops do not check that the vectors are on
+        # the activations' device, so the state's device is compared here.
+        device, dtype, alloc, prechecked, subs, scale, gate_scale, act, down_factor = fast
         if len(subs) == 3:
             g, u = subs[0](x), subs[1](x)
         else:  # packed gate_up: the halves are strided views, no copy
             gu = subs[0](x)
             n = gu.shape[-1] // 2
             g, u = gu[..., :n], gu[..., n:]
-        if (g.requires_grad or u.requires_grad or type(g) is not Tensor or g.dtype is not dtype
-                or g.device != device):
-            if g.dtype is not dtype or g.device != device:  # the model moved: a new state
-                self.fast = None
-            return self._tail(g, u, self.handle.strength)
-        y = subs[-1](alloc(g, u, scale, gate_scale, act))
+        if g.device != device or g.dtype is not dtype:  # the model moved: a new state, and
+            self.fast = None  # this call by the general forward, from x (g and u may carry
+            return self.impl(x, self.handle.strength)  # gate / up shifts already)
+        if g.requires_grad or u.requires_grad or type(g) is not Tensor:
+            h = prechecked(g, u, scale, gate_scale, act)
+        else:
+            h = alloc(g, u, scale, gate_scale, act)
+        y = subs[-1](h)
         return y if down_factor is None else y * down_factor
+
+    # A Linear's output site with a shift: y = s_eff linear(x) + strength b, scale and shift
+    # applied together right after the Linear (a gate / up shift acts before the activation
+    # and the product, so those sites leave the op's vectors). For the down site without a
+    # scale, on a plain nn.Linear (no hooks, nothing wrapped), the shift is that GEMM's bias
+    # (torch adds a bias inside the matmul: no pass over [T, H] of its own); otherwise one
+    # pass after the Linear (an add, or an addcmul with the scale).
+
+    def _shifted_output(self, kind, like):
+        """The fast forward's sub-module for an output site with a shift, at the float
+        strength: a C-level F.linear(h, W, bias + strength b) for such a down site, else the
+        Linear then the affine map (vectors bound once)."""
+        linear = self.subs[kind]
+        if kind == "down" and "down" not in self.scales and _plain_linear(linear, like):
+            return functools.partial(F.linear, weight=linear.weight, bias=self._down_bias(like))
+        return functools.partial(_affine_after, linear=linear, factor=self.factor(kind, like),
+                                 shift=self.shift(kind, like))
+
+    def _down_bias(self, like):
+        """The down projection's bias plus strength * b, in like's dtype (float strength)."""
+        key = ("down bias", like.device, like.dtype)
+        if key not in self._cache:
+            shift = self.shift("down", like).float()
+            bias = self.subs["down"].bias
+            self._cache[key] = (shift if bias is None else bias.float() + shift).to(like.dtype)
+        return self._cache[key]
+
+    def _down(self, h):
+        """down(h) with the down site's scale and shift, every strength and module kind."""
+        down = self.subs["down"]
+        if "down" not in self.shifts:
+            y = down(h)
+            return _mul(y, self.factor("down", y))
+        if (isinstance(self.handle.strength, float) and "down" not in self.scales
+                and _plain_linear(down, h)):
+            return F.linear(h, down.weight, self._down_bias(h))
+        return self._site(kind="down", y=down(h))
+
+    def _site(self, kind, y):
+        """One site's scale and shift on y, as the fused forward applies them (_affine)."""
+        return _affine(y, self.factor(kind, y), self.shift(kind, y))
 
     # The general forward: every strength, layout and device.
 
     def _elementwise_args(self, like, lam):
-        """(scale, gate_scale, strength, up pre-factor) for the op on [..., I] activations.
+        """(scale, gate_scale, strength, up first) for the op on [..., I] activations.
 
         A float strength is folded into the s_eff vectors, up x mid into one. A per-sequence
-        strength goes to the op with one scale; a second product-side scale (up beside mid)
-        is applied to `up` first.
+        strength goes to the op with one scale; a second product-side scale (up beside mid),
+        or an up shift, makes the up site apply to `up` first (up first: True).
         """
         if isinstance(lam, float):
             eff = self.effective(like.device)
-            return eff["prod"], eff["gate_scale"], None, None
+            return eff["prod"], eff["gate_scale"], None, "up" in self.pre
         raw = self.raw(like.device)
-        scale = raw.get("mid", raw.get("up"))
-        up_factor = self.factor("up", like) if "mid" in raw else None
-        strength = None if scale is None else _rows(self.handle, like, self.info.path)[..., 0]
-        return scale, None, strength, up_factor
+        up_first = "up" in self.pre or ("mid" in raw and "up" in raw)
+        scale = raw.get("mid") if up_first else raw.get("mid", raw.get("up"))
+        strength = self._op_strength(like, scale, self.raw_shifts(like.device).get("mid"))
+        return scale, None, strength, up_first
+
+    def _op_strength(self, like, scale, shift):
+        """The per-sequence strength as the op takes it ([B, 1, ...] over like's leading
+        dims), or None when the op has neither a scale nor a shift to apply it to."""
+        if scale is None and shift is None:
+            return None
+        return _rows(self.handle, like, self.info.path)[..., 0]
 
     def _gated(self, x, lam):
         gate, up = self.subs["gate"], self.subs["up"]
         per_row_gate = not isinstance(lam, float) and "gate" in self.scales
-        if not per_row_gate and _use_gated_up_proj(gate, up, x):
-            scale, gate_scale, strength, up_factor = self._elementwise_args(x, lam)
-            if up_factor is None:
+        if not (per_row_gate or self.pre or self.shifts) and _use_gated_up_proj(gate, up, x):
+            scale, gate_scale, strength, up_first = self._elementwise_args(x, lam)
+            if not up_first:
                 h = ops.gated_up_proj(x, gate.weight, up.weight, scale, act=self.info.act,
                                       gate_scale=gate_scale, strength=strength)
-                y = self.subs["down"](h)
-                return _mul(y, self.factor("down", y))
+                return self._down(h)
         return self._tail(gate(x), up(x), lam)
 
     def _packed(self, x, lam):
         gu = self.subs["gate_up"](x)
+        if "gate_up" in self.pre:
+            gu = self._site("gate_up", gu)
         if isinstance(lam, float):  # the halves are strided views: no copy
             n = gu.shape[-1] // 2
             return self._tail(gu[..., :n], gu[..., n:], lam)
-        gu = _mul(gu, self.factor("gate_up", gu))
-        mid = self.raw(gu.device).get("mid")
-        strength = None if mid is None else _rows(self.handle, gu, self.info.path)[..., 0]
-        h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, strength=strength)
-        y = self.subs["down"](h)
-        return _mul(y, self.factor("down", y))
+        if "gate_up" not in self.pre:
+            gu = _mul(gu, self.factor("gate_up", gu))
+        mid, mid_shift = self.raw(gu.device).get("mid"), self.raw_shifts(gu.device).get("mid")
+        h = ops.act_mul_scale_packed(gu, mid, act=self.info.act, shift=mid_shift,
+                                     strength=self._op_strength(gu, mid, mid_shift))
+        return self._down(h)
 
     def _tail(self, g, u, lam):
-        """down(act(g) * u with the scales): the gated layouts' general forward from g, u."""
-        scale, gate_scale, strength, up_factor = self._elementwise_args(g, lam)
+        """down(act(g) * u with the scales and shifts): the gated layouts' general forward."""
+        scale, gate_scale, strength, up_first = self._elementwise_args(g, lam)
+        if "gate" in self.pre or ("gate" in self.scales and not isinstance(lam, float)):
+            g = self._site("gate", g)
+        if up_first:
+            u = self._site("up", u)
         if isinstance(lam, float):  # the s_eff vectors were checked when the model was patched
-            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act)
+            h = ops.act_mul_scale_prechecked(g, u, scale, gate_scale, self.info.act,
+                                             self.effective(g.device)["mid_shift"])
             if self.fast is None and not torch.compiler.is_compiling():
                 self.fast = self._fast_state(g)
         else:
-            if "gate" in self.scales:
-                g = g * self.factor("gate", g)
-            h = ops.act_mul_scale(g, _mul(u, up_factor), scale, act=self.info.act,
-                                  gate_scale=gate_scale, strength=strength)
-        y = self.subs["down"](h)
-        return _mul(y, self.factor("down", y))
+            h = ops.act_mul_scale(g, u, scale, act=self.info.act, gate_scale=gate_scale,
+                                  strength=strength,
+                                  shift=self.raw_shifts(g.device).get("mid"))
+        return self._down(h)
 
     def _non_gated(self, x, lam):
-        a = self.subs["fc1"](x)
-        a = _mul(a, self.factor("fc1", a))
+        a = self._site("fc1", self.subs["fc1"](x))
         if isinstance(lam, float):
-            h = ops.act_mul_scale_prechecked(a, None, self.effective(a.device).get("mid"), None,
-                                             self.info.act)
+            eff = self.effective(a.device)
+            h = ops.act_mul_scale_prechecked(a, None, eff.get("mid"), None, self.info.act,
+                                             eff["mid_shift"])
         else:
-            mid = self.raw(a.device).get("mid")
-            strength = None if mid is None else _rows(self.handle, a, self.info.path)[..., 0]
-            h = ops.act_scale(a, mid, act=self.info.act, strength=strength)
+            mid, mid_shift = self.raw(a.device).get("mid"), self.raw_shifts(a.device).get("mid")
+            h = ops.act_scale(a, mid, act=self.info.act, shift=mid_shift,
+                              strength=self._op_strength(a, mid, mid_shift))
         return self.subs["fc2"](h)
 
 
 class _OutputHook(_PatchState):
-    """Forward hook: output * s_eff of one site (AurA's way)."""
+    """Forward hook: output * s_eff + strength * b of one site (AurA's and ml-act's way)."""
 
     def __init__(self, scaled, kind):
         self.scaled, self.kind = scaled, kind
 
     def __call__(self, module, args, output):
-        return output * self.scaled.factor(self.kind, output)
+        return self.scaled.apply(self.kind, output)
 
 
 class _InputHook(_PatchState):
-    """Forward pre-hook: input * s_eff of one site (`mid`, the input of down / fc2)."""
+    """Forward pre-hook: input * s_eff + strength * b of one site (`mid`, the input of down /
+    fc2)."""
 
     def __init__(self, scaled, kind):
         self.scaled, self.kind = scaled, kind
 
     def __call__(self, module, args):
-        return (args[0] * self.scaled.factor(self.kind, args[0]), *args[1:])
+        return (self.scaled.apply(self.kind, args[0]), *args[1:])
 
 
 # ---------------------------------------------------------------- fold mode
@@ -423,9 +570,63 @@ def _fold_params(lin, axis, where):
     return [(w, 0)] + ([(lin.bias, 0)] if lin.bias is not None else [])
 
 
-def _fold_plan(target, strength):
-    """[(tensor, dim, index, factors)] for one MLP: the slices fold mode multiplies."""
+class _Scale(NamedTuple):
+    """Fold edit: multiply slices `index` along `dim` of `tensor` by `factors`."""
+    tensor: torch.Tensor
+    dim: int
+    index: torch.Tensor
+    factors: torch.Tensor
+
+
+class _Bias(NamedTuple):
+    """Fold edit: set a Linear's bias (created when it has none) to `value` (float32)."""
+    linear: nn.Module
+    value: torch.Tensor
+
+
+def _shift_biases(target, strength, where):
+    """{Linear attribute: new bias [out] float32} for the Linears a shift folds into.
+
+    A Linear L with output y = W x + c whose output site has s_eff and shift b, and whose
+    input is a `mid` site with shift b_mid (L = down / fc2), computes after folding
+    s_eff (W (x + b_mid) + c) + b: its new bias is s_eff (c + W b_mid) + b, from the weights
+    as they are before any fold.
+    """
     info, m = target.info, target.module
+    shifts = {k: effective_shift(b, strength) for k, b in target.shifts.items()}
+    biases = {}
+    for kind, b in shifts.items():
+        if not b.any():  # strength 0 or a zero vector: nothing to add, no bias to create
+            continue
+        attr, reads_input = info.site_point(kind)
+        lin = getattr(m, attr)
+        if _lora_parts(lin) is not None:
+            raise ValueError(f"fold mode cannot fold the shift of {info.site(kind)} into "
+                             f"{where(attr)}, a LoRA layer; use mode='fused' or mode='hook'")
+        w = _plain_weight(lin, where(attr))
+        if attr not in biases:
+            biases[attr] = (lin.bias.detach().float().cpu().clone() if lin.bias is not None
+                            else torch.zeros(w.shape[0]))
+        if reads_input:
+            biases[attr] += w.detach().float().cpu() @ b
+    for attr, c in biases.items():  # the output site's scale and shift of each such Linear
+        for kind, (a, reads_input) in ((k, info.site_point(k)) for k in target.kinds()):
+            if a == attr and not reads_input:
+                if kind in target.scales:
+                    c.mul_(effective_scale(target.scales[kind], strength))
+                if kind in shifts:
+                    c.add_(shifts[kind])
+    return biases
+
+
+def _fold_plan(target, strength):
+    """[_Scale | _Bias] for one MLP: the slices fold mode multiplies and the biases it sets."""
+    info, m = target.info, target.module
+
+    def where(attr):
+        return f"{info.path}.{attr}"
+
+    biases = _shift_biases(target, strength, where)
     eff = {k: effective_scale(s, strength) for k, s in target.scales.items()}
     plan = []
     for kind, e in eff.items():
@@ -435,31 +636,51 @@ def _fold_plan(target, strength):
         attr, reads_input = info.site_point(kind)  # an input site scales columns, else rows
         axis = "cols" if reads_input else "rows"
         lin = getattr(m, attr)
-        where = f"{info.path}.{attr}"
-        for tensor, dim in _fold_params(lin, axis, where):
-            plan.append((tensor, dim, idx, e[idx]))
-    return plan
+        for tensor, dim in _fold_params(lin, axis, where(attr)):
+            if attr in biases and tensor is lin.bias:
+                continue  # set as a whole below
+            plan.append(_Scale(tensor, dim, idx, e[idx]))
+    return plan + [_Bias(getattr(m, attr), c) for attr, c in biases.items()]
 
 
 def _apply_fold(plan):
-    """Save every touched slice, then multiply; returns what restores them."""
+    """Save every touched slice and bias, then multiply and set; returns what restores them:
+    [(tensor, dim, index, saved slice)] and [(Linear, its bias Parameter or None, saved)]."""
+    scales = [e for e in plan if isinstance(e, _Scale)]
+    biases = [e for e in plan if isinstance(e, _Bias)]
     saved = [(t, dim, idx, t.detach().index_select(dim, idx.to(t.device)).clone())
-             for t, dim, idx, _ in plan]
+             for t, dim, idx, _ in scales]
+    saved_biases = [(lin, lin.bias, None if lin.bias is None else lin.bias.detach().clone())
+                    for lin, _ in biases]
     with torch.no_grad():
-        for t, dim, idx, factors in plan:
+        for t, dim, idx, factors in scales:
             i = idx.to(t.device)
             shape = [1] * t.dim()
             shape[dim] = -1
             cd = torch.promote_types(t.dtype, torch.float32)  # fp32 math (fp64 stays fp64)
             part = t.index_select(dim, i).to(cd) * factors.to(t.device, cd).view(shape)
             t.index_copy_(dim, i, part.to(t.dtype))
-    return saved
+        for lin, value in biases:
+            w = lin.weight
+            if lin.bias is None:
+                lin.bias = nn.Parameter(value.to(w.device, w.dtype),
+                                        requires_grad=w.requires_grad)
+            else:
+                lin.bias.copy_(value)
+    return saved, saved_biases
 
 
 def _undo_fold(saved):
+    slices, biases = saved
     with torch.no_grad():
-        for t, dim, idx, original in reversed(saved):
+        for t, dim, idx, original in reversed(slices):
             t.index_copy_(dim, idx.to(t.device), original.to(t.device, t.dtype))
+        for lin, param, original in reversed(biases):
+            if param is None:
+                lin.bias = None  # the Linear had no bias: remove the one fold created
+            else:
+                param.copy_(original)
+                lin.bias = param
 
 
 def _remove_hook(module, hook, pre):
@@ -486,7 +707,7 @@ class PatchHandle(_PatchState):
 
     def __init__(self, model, root, targets, mode, strength):
         self.model, self.mode = model, mode
-        self.sites = tuple(t.info.site(k) for t in targets for k in t.scales)
+        self.sites = tuple(t.info.site(k) for t in targets for k in t.kinds())
         self._root, self._targets, self._strength = root, targets, strength
         # What remove() undoes, as data (a deep copy maps the modules onto the copy's):
         self._swaps = []  # (module, attribute, had an instance value, that value)
@@ -542,7 +763,7 @@ class PatchHandle(_PatchState):
         scaled = _Scaled(self, target)
         self._scaled.append(scaled)
         info, m = target.info, target.module
-        for kind in target.scales:
+        for kind in target.kinds():
             attr, reads_input = info.site_point(kind)
             sub = getattr(m, attr)
             if reads_input:
@@ -563,9 +784,10 @@ class PatchHandle(_PatchState):
             if not isinstance(strength, float):
                 raise ValueError("fold mode bakes one strength into the weights; per-sequence "
                                  "strength needs mode='fused' or mode='hook'")
-            plan = self._plan(strength)  # raises before anything changes
+            # planned from the unfolded weights (a mid shift enters the down bias through
+            # W_down); the Linears were checked when the model was patched
             _undo_fold(self._folded)
-            self._folded = _apply_fold(plan)
+            self._folded = _apply_fold(self._plan(strength))
         self._strength = strength
         self._strength_devices.clear()
         for s in self._scaled:
@@ -658,12 +880,41 @@ def check_scales(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.Path
     registry.MLPInfo, module, scales: {site kind: tensor}); raises naming the first bad
     entry. A model built on the meta device is enough (no weights are read)."""
     scales = _as_scaleset(scales)
-    if len(scales) == 0:
+    if not scales.sites():
         raise ValueError("the scale set is empty: nothing to patch")
     scales.validate(allow_amplify=allow_amplify)
     root = _unwrap(model)
     _check_fingerprint(root, scales)
     return _resolve(root, scales)
+
+
+def steering(model: nn.Module, vectors: Union[Mapping, str, os.PathLike], *,
+             mode: str = "fused", strength: Union[float, torch.Tensor] = 1.0) -> "PatchHandle":
+    """Add steering vectors to MLP outputs (activation addition: ActAdd, contrastive activation
+    addition): y = down(h) + strength * v, a shift on each MLP's `down` site.
+
+    vectors: {name: [H] tensor} or a plain tensor file (safetensors, or a torch-saved dict;
+    load_vectors); a name is an MLP's path (`model.layers.3.mlp`) or its down projection's
+    (`model.layers.3.mlp.down_proj`). Returns the PatchHandle (set_strength, remove); the
+    model is untouched on any error. Vectors on other sites: a ScaleSet with shifts."""
+    if isinstance(vectors, (str, os.PathLike)):
+        vectors = load_vectors(vectors)
+    mlps = find_mlps(_unwrap(model))
+    index = site_index(mlps)
+    shifts = {}
+    for name, v in dict(vectors).items():
+        info = mlps.get(name)
+        if info is not None and "down" not in info.sites().values():
+            raise ValueError(f"steering vector {name!r}: {info.class_name} has no down site "
+                             f"(its sites: {', '.join(info.sites().values())})")
+        site = info.site("down") if info is not None else name
+        if site in index and index[site][1] != "down":
+            raise ValueError(f"steering vector {name!r} is on a {index[site][1]} site; steering "
+                             "vectors are added to MLP outputs (down sites): give the MLP's or "
+                             "its down projection's path, or use a ScaleSet with shifts")
+        shifts[site] = v
+    return patch(model, ScaleSet({}, {"method": "steering"}, shifts=shifts), mode=mode,
+                 strength=strength)
 
 
 def unpatch(model: nn.Module) -> None:

@@ -11,7 +11,8 @@ their own modules; this one is the profiler's public face:
 - responses.py: the store of pooled responses (spills to memory-mapped files);
 - pooling.py: which sites are observed, and the pooling hooks;
 - inputs.py: chat template, image tokens, batching;
-- expertise.py: AUROC per neuron (auroc.py) and the scales it gives (scale_math.py).
+- expertise.py: AUROC per neuron (auroc.py) and the scales it gives (scale_math.py);
+- transport.py: AcT's transport maps (mean_ot, gaussian_ot, linear_ot) from the responses.
 """
 from .collect import collect
 from .expertise import Expertise, expertise
@@ -19,9 +20,11 @@ from .inputs import MODALITIES
 from .pooling import POOLINGS, language_mlps, resolve_sites
 from .responses import DEFAULT_RAM_BUDGET, Responses
 from .scale_math import METHODS
+from .transport import TRANSPORT_METHODS, balance, transport_maps
 
-__all__ = ["DEFAULT_RAM_BUDGET", "METHODS", "MODALITIES", "POOLINGS", "Expertise", "Responses",
-           "collect", "expertise", "language_mlps", "resolve_sites", "run"]
+__all__ = ["DEFAULT_RAM_BUDGET", "METHODS", "MODALITIES", "POOLINGS", "TRANSPORT_METHODS",
+           "Expertise", "Responses", "balance", "collect", "expertise", "language_mlps",
+           "resolve_sites", "run", "transport_maps"]
 
 
 def run(model, data, *, processor=None, **collect_options):

@@ -9,6 +9,7 @@ from .files import write_json, write_text
 from .plots import eval_chart
 from .registry import site_kind, site_layer
 from .scale_math import illegal_counts
+from .transport import TRANSPORT_METHODS
 
 REPORT_FILES = ("report.json", "report.md", "report.png", "generations.jsonl")
 
@@ -39,6 +40,14 @@ def scale_report(scales, path):
     for site, s in scales.items():
         lines.append(f"{s.numel():>8} {int((s != 1).sum()):>7} {float(s.min()):>7.4f} "
                      f"{float(s.mean()):>7.4f} {float(s.max()):>7.4f}  {site}")
+    if scales.shifts:
+        lines.append(f"{'neurons':>8} {'shifted':>7} {'min':>7} {'mean':>7} {'max':>7}  "
+                     "site (shifts)")
+        for site, b in scales.shifts.items():
+            lines.append(f"{b.numel():>8} {int((b != 0).sum()):>7} {float(b.min()):>7.4f} "
+                         f"{float(b.mean()):>7.4f} {float(b.max()):>7.4f}  {site}")
+    if not scales.scales:
+        return "\n".join(lines)
     values = torch.cat([s for _, s in scales.items()])
     finite = values[torch.isfinite(values)]
     edges = [i / 10 for i in range(11)]
@@ -60,10 +69,17 @@ def scale_report(scales, path):
 
 
 def scale_problems(scales):
-    """One line per site with illegal scales (not finite, negative, above 1), or []."""
+    """One line per site with illegal scales (not finite, negative, above 1 except in a
+    transport map, whose scales are std ratios or slopes) or shifts (not finite), or []."""
     out = []
+    amplifies = scales.metadata.get("method") in TRANSPORT_METHODS
+    for site, b in scales.shifts.items():
+        n = int((~torch.isfinite(b)).sum())
+        if n:
+            out.append(f"{site}: {n} shifts not finite")
     for site, s in scales.items():
-        bad = {rule: n for rule, n in illegal_counts(s).items() if n}
+        bad = {rule: n for rule, n in illegal_counts(s).items()
+               if n and not (amplifies and rule == "above 1")}
         if bad:
             out.append(f"{site}: " + ", ".join(f"{n} {rule}" for rule, n in bad.items()) +
                        " (scales must be finite and in [0, 1]; above 1 only as amplification, "

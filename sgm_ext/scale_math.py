@@ -8,7 +8,10 @@ so that they agree bit for bit (DESIGN.md section 2):
   the form the CUDA, C++ and Triton kernels use too;
 - AurA's factor alpha = 1 - 2 (AUROC - 0.5) for expert neurons, 1 for the others; the
   baselines `det0` (alpha 0) and `damp` (a constant alpha);
-- strengths lie in [0, 1]; scales are finite, >= 0, and > 1 (amplification) only when asked.
+- the shift of an affine site (y = s_eff x + strength * b: AcT's transport maps, steering
+  vectors) is strength * b, evaluated with the same rounded strength as s_eff;
+- strengths lie in [0, 1]; scales are finite, >= 0, and > 1 (amplification) only when asked;
+  shifts are finite.
 """
 from typing import Optional, Union
 
@@ -41,6 +44,21 @@ def effective_scale(scale: Tensor, strength: Optional[Strength]) -> Tensor:
         # copy per call (refused under CUDA graph capture)
         st = torch.tensor(float(strength), dtype=scale.dtype).item()
     return st * scale + (1.0 - st)
+
+
+def effective_shift(shift: Tensor, strength: Optional[Strength]) -> Tensor:
+    """strength * b, in shift's dtype: the added part of y = s_eff x + strength * b.
+
+    Same strength forms and rounding as effective_scale (None or 1.0: the shift itself, the
+    same tensor), so strength 0 adds exactly 0 and strength 1 adds b bit for bit.
+    """
+    if strength is None:
+        return shift
+    if isinstance(strength, Tensor):
+        return strength.to(shift.dtype) * shift
+    if strength == 1.0:
+        return shift
+    return torch.tensor(float(strength), dtype=shift.dtype).item() * shift
 
 
 # ---------------------------------------------------------------- methods
@@ -133,3 +151,11 @@ def check_scale_values(site: str, t: Tensor, allow_amplify: bool = False) -> Non
         i = int((t > 1).nonzero()[0])
         raise ValueError(f"scales[{site!r}][{i}] is {t[i].item()} > 1 (amplification); "
                          "pass allow_amplify=True if that is intended")
+
+
+def check_shift_values(site: str, t: Tensor) -> None:
+    """ValueError naming the first entry of a site's shift that is not finite."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"shifts[{site!r}][{i}] is {t[i].item()}: shifts must be finite")

@@ -119,6 +119,10 @@ def check_for_serving(hf_config, settings: Settings) -> list:
     scales = load_scales(settings.scales)
     model = skeleton(hf_config)
     targets = check_scales(model, scales, allow_amplify=settings.allow_amplify)
+    shifted = [t.info.site(k) for t in targets for k in t.shifts]
+    if shifted:
+        raise ValueError(f"vLLM serving takes scales only; the scale file has shifts (e.g. "
+                         f"{shifted[0]!r}): serve them with transformers and sgm_ext.patch")
     lm_paths = set(language_mlps(model))
     refused = [site for t in targets if t.info.path not in lm_paths or t.info.layout != "gated"
                for site in sorted(t.info.site(k) for k in t.scales)]

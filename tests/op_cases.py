@@ -91,3 +91,9 @@ def check_alloc_op(lead, n, layout, dtype, gen, device="cpu"):
     assert_matches(out, expected(gate, None, "relu", scale))
     empty = torch.ops.sgm_ext._act_mul_scale_alloc(gate[..., :0], up[..., :0], None, None, "silu")
     assert empty.shape == (*lead, 0)
+    shift = torch.randn(n, generator=gen).to(device)  # the allocating op with a shift
+    out = torch.ops.sgm_ext._act_mul_scale_shift_alloc(gate, up, scale, gate_scale, "gelu", shift)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert_matches(out, expected(gate, up, "gelu", scale, gate_scale, shift=shift))
+    out = torch.ops.sgm_ext._act_mul_scale_shift_alloc(gate, None, None, None, "relu", shift)
+    assert_matches(out, expected(gate, None, "relu", shift=shift))

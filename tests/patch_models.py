@@ -215,3 +215,23 @@ def build(name, seed=0):
     torch.manual_seed(seed)
     model, inputs = BUILDERS[name]()
     return model.eval(), inputs
+
+
+def python_calls(fn, *args):
+    """The Python function calls made while fn(*args) runs (C functions not counted). The
+    garbage collector is run first and held off meanwhile: a collection inside the call runs
+    the weakref callbacks of earlier tests' objects, which would be counted as the call's."""
+    import gc
+    import sys
+
+    calls = []
+    gc.collect()
+    gc.disable()
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name)
+                   if event == "call" else None)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    return calls

@@ -20,8 +20,8 @@ TOLERANCE = {
 }
 
 
-def expected(gate, up, act, scale=None, gate_scale=None, strength=None):
-    """act(gate * gate_scale) * up * (1 - strength (1 - scale)) in float64.
+def expected(gate, up, act, scale=None, gate_scale=None, strength=None, shift=None):
+    """act(gate * gate_scale) * up * (1 - strength (1 - scale)) + strength * shift in float64.
 
     strength: None, a number, or a tensor broadcastable to gate.shape[:-1].
     """
@@ -38,6 +38,13 @@ def expected(gate, up, act, scale=None, gate_scale=None, strength=None):
         elif strength is not None:
             s = 1 - strength * (1 - s)
         h = h * s
+    if shift is not None:
+        b = shift.double()
+        if isinstance(strength, torch.Tensor):
+            b = strength.double()[..., None] * b
+        elif strength is not None:
+            b = strength * b
+        h = h + b
     return h
 
 

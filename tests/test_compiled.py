@@ -161,6 +161,15 @@ def test_per_element_functions_on_host(act, dtype, gen):
     ]
     for args, ref in cases:
         assert_matches(host(gate, *args, act), ref)
+    shift = torch.randn(n, generator=gen, dtype=torch.float64).to(vec_dtype)  # affine sites
+    shifted = [
+        ((up, scale, gate_scale, strength, None),
+         expected(gate, up, act, scale, gate_scale, strength, shift)),
+        ((up, None, None, None, 0.3), expected(gate, up, act, strength=0.3, shift=shift)),
+        ((None, scale, None, None, None), expected(gate, None, act, scale, shift=shift)),
+    ]
+    for args, ref in shifted:
+        assert_matches(host(gate, *args, act, shift), ref)
 
 
 def test_strength_endpoints_are_exact_on_host(gen):
@@ -259,10 +268,13 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         gate = torch.randn(3, n, generator=g).to(dtype)
         up = torch.randn(3, n, generator=g).to(dtype)
         scale, st = torch.rand(n, generator=g), torch.rand(3, generator=g)
+        b = torch.randn(n, generator=g)
         for act in ACT64:
             out = torch.full((3, n), float("nan"), dtype=dtype)
             torch.ops.sgm_ext.act_mul_scale_out(out, gate, up, scale, None, st, None, act)
             assert_matches(out, expected(gate, up, act, scale, strength=st))
+            torch.ops.sgm_ext.act_mul_scale_out(out, gate, up, scale, None, st, None, act, b)
+            assert_matches(out, expected(gate, up, act, scale, strength=st, shift=b))
 print("ok")
 """
     if capability != "default" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":

@@ -73,6 +73,30 @@ def test_act_mul_scale_matches_float64(backend, dtype, act, variant, gen):
     assert_matches(out, expected(gate, up, act, scale, gate_scale, strength))
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shift_matches_float64(backend, dtype, variant, gen):
+    # an affine site's shift (AcT): out = act(g gs) u s_eff + strength shift, every layout
+    lead, n, layout, has_scale, has_gs, st_kind = variant
+    scale = rand_scale(n, gen, device=DEV) if has_scale else None
+    gate_scale = (0.5 + rand_scale(n, gen, device=DEV)) if has_gs else None
+    shift = torch.randn(n, generator=gen).to(DEV)
+    strength = rand_strength(st_kind, lead, gen, device=DEV)
+    kw = dict(act="silu", gate_scale=gate_scale, strength=strength, shift=shift)
+    if layout == "packed":
+        gate_up = rand((*lead, 2 * n), dtype, "contiguous", gen, DEV)
+        out = sgm_ext.act_mul_scale_packed(gate_up, scale, **kw)
+        gate, up = gate_up[..., :n], gate_up[..., n:]
+    else:
+        gate = rand((*lead, n), dtype, layout, gen, DEV)
+        up = rand((*lead, n), dtype, layout, gen, DEV)
+        out = sgm_ext.act_mul_scale(gate, up, scale, **kw)
+    assert out.device.type == DEV and out.dtype == dtype
+    assert_matches(out, expected(gate, up, "silu", scale, gate_scale, strength, shift))
+    x_out = sgm_ext.act_scale(gate, scale, act="gelu", strength=strength, shift=shift)
+    assert_matches(x_out, expected(gate, None, "gelu", scale, None, strength, shift))
+
+
 @pytest.mark.parametrize("act", sgm_ext.ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_act_scale_matches_float64(backend, dtype, act, gen):

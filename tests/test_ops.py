@@ -360,3 +360,134 @@ def test_inference_fast_path_equals_the_registered_op(backend, gen):
     via_op = sgm_ext.act_mul_scale(gate.requires_grad_(), up, scale, strength=0.5)
     assert via_op.grad_fn is not None and fast.grad_fn is None
     assert torch.equal(fast, via_op.detach())
+
+
+# ------------------------------------------------------------------ shifts (affine sites)
+
+def rand_shift(n, gen):
+    b = torch.randn(n, generator=gen)
+    b[0] = 0.0
+    return b
+
+
+# (leading dims, I, layout, scale?, gate_scale?, strength) with a shift on every one
+SHIFT_VARIANTS = VARIANTS + [
+    ((3, 5), 130, "contiguous", False, False, "rows"),  # a shift alone, per-row strength
+    ((7,), 37, "strided", False, True, 0.4),
+]
+
+
+@pytest.mark.parametrize("variant", SHIFT_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shift_matches_float64(backend, dtype, act, variant, gen):
+    lead, n, layout, has_scale, has_gs, st_kind = variant
+    scale = rand_scale(n, gen) if has_scale else None
+    gate_scale = (0.5 + rand_scale(n, gen)) if has_gs else None
+    shift = rand_shift(n, gen)
+    strength = rand_strength(st_kind, lead, gen)
+    kw = dict(act=act, gate_scale=gate_scale, strength=strength, shift=shift)
+    if layout == "packed":
+        gate_up = rand((*lead, 2 * n), dtype, "contiguous", gen)
+        out = sgm_ext.act_mul_scale_packed(gate_up, scale, **kw)
+        gate, up = gate_up[..., :n], gate_up[..., n:]
+    else:
+        gate, up = rand((*lead, n), dtype, layout, gen), rand((*lead, n), dtype, layout, gen)
+        out = sgm_ext.act_mul_scale(gate, up, scale, **kw)
+    assert out.dtype == dtype
+    assert_matches(out, expected(gate, up, act, scale, gate_scale, strength, shift))
+    if gate_scale is None:  # the non-gated op on the gate input
+        x_out = sgm_ext.act_scale(gate, scale, act=act, strength=strength, shift=shift)
+        assert_matches(x_out, expected(gate, None, act, scale, None, strength, shift))
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "non_gated"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backend_with_a_shift_writes_every_output_element(backend, dtype, gated, gen):
+    rows, n = 5, 1029
+    gate, up = rand((rows, n), dtype, "padded", gen), rand((rows, n), dtype, "padded", gen)
+    scale, strength, shift = rand_scale(n, gen), torch.rand(rows, generator=gen), \
+        rand_shift(n, gen)
+    fn = select("act_mul_scale", "cpu")
+    for st, sv in ((strength, None), (None, 0.7), (None, None)):
+        out = torch.full((rows, n), float("nan"), dtype=dtype)
+        fn(out, gate, up if gated else None, scale, None, st, sv, "silu", shift)
+        assert_matches(out, expected(gate, up if gated else None, "silu", scale, None,
+                                     st if st is not None else sv, shift))
+
+
+def test_shift_strength_edges_and_per_sequence_are_exact(backend, gen):
+    gate, up = torch.randn(3, 5, 50, generator=gen), torch.randn(3, 5, 50, generator=gen)
+    scale, shift = rand_scale(50, gen), rand_shift(50, gen)
+    plain = sgm_ext.act_mul_scale(gate, up)
+    assert torch.equal(sgm_ext.act_mul_scale(gate, up, scale, strength=0.0, shift=shift), plain)
+    assert torch.equal(sgm_ext.act_mul_scale(gate, up, scale, strength=1.0, shift=shift),
+                       sgm_ext.act_mul_scale(gate, up, scale, shift=shift))
+    strengths = [0.0, 0.35, 1.0]
+    batched = sgm_ext.act_mul_scale(gate, up, scale, shift=shift,
+                                    strength=torch.tensor(strengths)[:, None])
+    for b, st in enumerate(strengths):
+        uniform = sgm_ext.act_mul_scale(gate, up, scale, strength=st, shift=shift)
+        assert torch.equal(batched[b], uniform[b]), f"sequence {b} (strength {st})"
+
+
+def test_shift_gradcheck(backend, gen):
+    g, up, scale, gs, st = _grad_inputs(gen)
+    shift = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda g, u, s, gs, st, b: sgm_ext.act_mul_scale(g, u, s, act="silu", gate_scale=gs,
+                                                         strength=st, shift=b),
+        (g, up, scale, gs, st, shift))
+    assert torch.autograd.gradcheck(
+        lambda g, u, b: sgm_ext.act_mul_scale(g, u, act="gelu", strength=0.6, shift=b),
+        (g, up, shift))
+    gate_up = torch.cat([g, up], -1).detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, st, b: sgm_ext.act_mul_scale_packed(x, act="relu", strength=st, shift=b),
+        (gate_up, st, shift))
+    assert torch.autograd.gradcheck(
+        lambda x, s, b: sgm_ext.act_scale(x, s, act="quick_gelu", shift=b), (g, scale, shift))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shift_opcheck(backend, dtype):
+    g = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
+    u = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
+    s, b = torch.rand(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    rows = torch.rand(6, requires_grad=True)
+    ops = torch.ops.sgm_ext
+    for op, args in [
+        (ops.act_mul_scale.default, (g, u, s, None, rows, None, "silu", b)),
+        (ops.act_mul_scale.default, (g, u, None, None, None, 0.5, "gelu", b)),
+        (ops.act_mul_scale_packed.default,
+         (torch.randn(2, 3, 12, dtype=dtype, requires_grad=True), s, None, None, None, "relu", b)),
+        (ops.act_scale.default, (g, s, rows, None, "quick_gelu", b)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+def test_shift_torch_compile_fullgraph(gen):
+    g, u = torch.randn(2, 5, 24, generator=gen), torch.randn(2, 5, 24, generator=gen)
+    s, b, st = rand_scale(24, gen), rand_shift(24, gen), torch.rand(2, 1, generator=gen)
+
+    def fn(g, u, s, b, st):
+        return sgm_ext.act_mul_scale(g, u, s, act="silu", strength=st, shift=b) + \
+            sgm_ext.act_scale(g, None, act="gelu", shift=b)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    args = (g, u, s, b, st)
+    assert torch.equal(compiled(*args), fn(*args))
+    leaves = [a.detach().requires_grad_() for a in args]
+    compiled(*leaves).square().sum().backward()
+    eager = [a.detach().requires_grad_() for a in args]
+    fn(*eager).square().sum().backward()
+    for a, e in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_bad_shift_is_named():
+    g = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"shift has shape \(7,\)"):
+        sgm_ext.act_mul_scale(g, g, shift=torch.zeros(7))
+    with pytest.raises(TypeError, match="shift must be float32"):
+        sgm_ext.act_scale(g, act="silu", shift=torch.zeros(8, dtype=torch.float16))

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from patch_models import BUILDERS, B, build
+from patch_models import BUILDERS, B, build, python_calls
 from torch import nn
 
 import sgm_ext
@@ -624,19 +624,6 @@ def test_a_patched_model_is_not_pickled_but_its_state_dict_saves(mode, tmp_path)
 
 # ---------------------------------------------------------------- the fast float-strength forward
 
-def _python_calls(fn, *args):
-    """The Python function calls made while fn(*args) runs (C functions not counted)."""
-    import sys
-
-    calls = []
-    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name)
-                   if event == "call" else None)
-    try:
-        fn(*args)
-    finally:
-        sys.setprofile(None)
-    return calls
-
 
 @pytest.mark.parametrize("sites", [("mid",), ("gate", "up", "down")])
 def test_fused_decode_forward_runs_no_more_python_than_the_unpatched_one(sites):
@@ -649,12 +636,12 @@ def test_fused_decode_forward_runs_no_more_python_than_the_unpatched_one(sites):
     x = torch.randn(1, 1, 16)
     with torch.inference_mode():
         root["mlp"](x)
-        plain = _python_calls(root["mlp"], x)
+        plain = python_calls(root["mlp"], x)
         counts = {}
         for mode in ("fused", "hook"):
             with sgm_ext.patched(root, scales, mode=mode):
                 root["mlp"](x)  # the first call makes the per-strength state
-                counts[mode] = _python_calls(root["mlp"], x)
+                counts[mode] = python_calls(root["mlp"], x)
     assert len(counts["fused"]) <= len(plain), (counts["fused"], plain)
     assert len(counts["fused"]) < len(counts["hook"]), (counts["fused"], counts["hook"])
 
@@ -773,8 +760,10 @@ def test_fast_forward_remakes_its_state_for_another_device():
     with sgm_ext.patched(root, scales), torch.no_grad():
         want = [root["mlp"](x) for _ in range(2)][-1]
         fused = root["mlp"].forward
-        fused.fast = (torch.device("meta"),) + fused.fast[1:4] + (
-            torch.full_like(fused.fast[4], float("nan")),) + fused.fast[5:]
+        state = list(fused.fast)
+        scale_at = next(i for i, v in enumerate(state) if isinstance(v, torch.Tensor))
+        state[0], state[scale_at] = torch.device("meta"), torch.full_like(state[scale_at], 2.0**99)
+        fused.fast = tuple(state)
         assert torch.equal(root["mlp"](x), want)
         assert fused.fast and fused.fast[0] == torch.device("cpu")
         assert torch.equal(root["mlp"](x), want)

@@ -108,3 +108,25 @@ def test_evaluation_example_runs(tmp_path, monkeypatch):
         said = [bool(g[run]["answer"].strip()) for g in saved["generations"]
                 if g["label"] == "harmful"]
         assert numbers["harmful"] == sum(said), run
+
+
+def test_affine_example_runs(tmp_path, monkeypatch):
+    # the README's AcT and steering lines: the patched model is the formula's, then restored
+    monkeypatch.chdir(tmp_path)
+    with open("labelled.jsonl", "w") as f:
+        for row in planted_rows():
+            f.write(json.dumps(row) + "\n")
+    model, tok = planted_llama(), tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = tok("word1 tox2 word3", return_tensors="pt")
+    with torch.no_grad():
+        base = model(**inputs).logits
+    ns = {"model": model, "processor": tok, "inputs": inputs}
+    with torch.no_grad():
+        exec(python_block("sgm_ext.steering("), ns)
+    assert ns["logits"].shape == base.shape and not torch.allclose(ns["logits"], base)
+    maps = ns["maps"]
+    assert set(maps.shifts) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert set(maps.scales) == set(maps.shifts)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "forward" not in model.model.layers[1].mlp.__dict__

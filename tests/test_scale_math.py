@@ -58,9 +58,8 @@ def test_to_scales_at_a_strength_is_effective_scale_of_the_full_scales(lam):
 
 def test_from_act_uses_the_same_alpha_and_blend(tmp_path):
     auroc = torch.tensor([0.2, 0.5, 0.6, 0.9, 1.0])
-    torch.save({"auroc": auroc, "strength": torch.tensor(0.3)},
-               tmp_path / "m.layers.0.mlp.up_proj.statedict")
-    got = interop.from_act(tmp_path)["m.layers.0.mlp.up_proj"]
+    torch.save({"auroc": auroc}, tmp_path / "m.layers.0.mlp.up_proj.statedict")  # ml-act's
+    got = interop.from_act(tmp_path, strength=0.3)["m.layers.0.mlp.up_proj"]  # the run's strength
     alpha = scale_math.method_scales(auroc, auroc > 0.5, "aura")
     assert torch.equal(got, scale_math.effective_scale(alpha, 0.3))
 

@@ -267,6 +267,10 @@ def test_start_up_checks_name_the_bad_entry(tmp_path):
         ScaleSet(scales).save(tmp_path / "s.safetensors")
         with pytest.raises(ValueError, match=message):
             serving.check_for_serving(hf.config, settings(tmp_path / "s.safetensors"))
+    ScaleSet(good, shifts={site: torch.ones(48)}).save(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="vLLM serving takes scales only; the scale file has "
+                       "shifts"):
+        serving.check_for_serving(hf.config, settings(tmp_path / "s.safetensors"))
     other, _ = build("qwen3")
     ScaleSet(good, {"config_fingerprint": config_fingerprint(other.config)}).save(
         tmp_path / "s.safetensors")

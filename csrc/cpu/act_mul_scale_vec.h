@@ -56,10 +56,14 @@ inline void store2(scalar_t* p, const fVec& lo, const fVec& hi) {
   }
 }
 
-template <class scalar_t, Act A>
+// kShift: the row loop with a shift is its own instance, chosen with the others by
+// select_vec_rows, so the scale-only loop is the code it was before shifts existed (a branch
+// between the two instances inside one row function measured 2-3% per decode-size call).
+template <class scalar_t, Act A, bool kShift>
 void vec_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const auto* scale = static_cast<const float*>(a.scale);
   const auto* gate_scale = static_cast<const float*>(a.gate_scale);
+  const auto* shift = static_cast<const float*>(a.shift);
   const fVec one(1.0f);
   for (int64_t r = begin; r < end; ++r) {
     const auto* gate = static_cast<const scalar_t*>(a.gate) + r * a.stride_gate;
@@ -81,39 +85,62 @@ void vec_rows(const RowArgs& a, int64_t begin, int64_t end) {
           s[1] = effective_scale(s[1], strength_v);
         }
       }
-      store2(out + j, act_mul_scale_element<A, VecMath>(g[0], u[0], gs[0], s[0]),
-             act_mul_scale_element<A, VecMath>(g[1], u[1], gs[1], s[1]));
+      fVec h[2] = {act_mul_scale_element<A, VecMath>(g[0], u[0], gs[0], s[0]),
+                   act_mul_scale_element<A, VecMath>(g[1], u[1], gs[1], s[1])};
+      if constexpr (kShift) {
+        fVec b[2];
+        load2(shift + j, b[0], b[1]);
+        for (int k = 0; k < 2; ++k) {
+          h[k] = add_shift(h[k], a.strength_mode == Strength::none
+                                     ? b[k] : effective_shift(b[k], strength_v));
+        }
+      }
+      store2(out + j, h[0], h[1]);
     }
     for (; j < a.n_cols; ++j) {  // scalar tail: the same element function on floats
       float s = 1.0f;
       if (scale) s = a.strength_mode == Strength::none ? scale[j] : effective_scale(scale[j], strength);
-      const float h = act_mul_scale_element<A, ScalarMath>(
+      float h = act_mul_scale_element<A, ScalarMath>(
           static_cast<float>(gate[j]), up ? static_cast<float>(up[j]) : 1.0f,
           gate_scale ? gate_scale[j] : 1.0f, s);
+      if constexpr (kShift) {
+        h = add_shift(h, a.strength_mode == Strength::none ? shift[j]
+                                                           : effective_shift(shift[j], strength));
+      }
       out[j] = static_cast<scalar_t>(h);
     }
   }
 }
 
-// The row kernel for a data type code (0 float, 1 Half, 2 BFloat16) and an activation.
-inline RowsFn select_vec_rows(int dtype_code, Act act) {
+
+// The row kernel for a data type code (0 float, 1 Half, 2 BFloat16), an activation, and
+// whether the call has a shift.
+template <bool kShift>
+RowsFn select_vec_rows_for(int dtype_code, Act act) {
   RowsFn fn = nullptr;
   dispatch_act(act, [&](auto a) {
     constexpr Act A = decltype(a)::value;
     switch (dtype_code) {
-      case 0: fn = &vec_rows<float, A>; break;
-      case 1: fn = &vec_rows<c10::Half, A>; break;
-      case 2: fn = &vec_rows<c10::BFloat16, A>; break;
+      case 0: fn = &vec_rows<float, A, kShift>; break;
+      case 1: fn = &vec_rows<c10::Half, A, kShift>; break;
+      case 2: fn = &vec_rows<c10::BFloat16, A, kShift>; break;
     }
   });
   return fn;
+}
+
+inline RowsFn select_vec_rows(int dtype_code, Act act, bool shift) {
+  return shift ? select_vec_rows_for<true>(dtype_code, act)
+               : select_vec_rows_for<false>(dtype_code, act);
 }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace sgm_ext::cpu
 
 // Each capability file defines its entry point with this, e.g. select_vec_rows_AVX2.
-#define SGM_EXT_DEFINE_VEC_ROWS(NAME)                                   \
-  namespace sgm_ext::cpu {                                              \
-  RowsFn NAME(int dtype_code, Act act) { return select_vec_rows(dtype_code, act); } \
+#define SGM_EXT_DEFINE_VEC_ROWS(NAME)                        \
+  namespace sgm_ext::cpu {                                   \
+  RowsFn NAME(int dtype_code, Act act, bool shift) {         \
+    return select_vec_rows(dtype_code, act, shift);          \
+  }                                                          \
   }
