@@ -235,3 +235,26 @@ def python_calls(fn, *args):
         sys.setprofile(None)
         gc.enable()
     return calls
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def rel(a, b):
+    """max |a - b| / max |b|: the relative error the tests bound."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def param_hash(model):
+    """sha256 of every state_dict entry's name and bytes: equal before and after means the
+    weights are exactly as they were."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.dtype.is_floating_point else t.cpu().numpy().tobytes())
+    return h.hexdigest()

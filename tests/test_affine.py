@@ -1,10 +1,9 @@
 """Affine sites (y = s_eff x + strength * b): the scale file's shifts, and every patch mode
 against forward hooks written here from the formula."""
-import hashlib
 
 import pytest
 import torch
-from patch_models import build, python_calls
+from patch_models import build, logits, param_hash, python_calls, rel
 from safetensors.torch import save_file
 
 import sgm_ext
@@ -73,27 +72,10 @@ def _hand_hooks(model, scaleset, strength):
     return handles
 
 
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _param_hash(model):
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _by_hand(model, inputs, scaleset, strength):
     handles = _hand_hooks(model, scaleset, strength)
     try:
-        return _logits(model, inputs)
+        return logits(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -154,11 +136,11 @@ def test_bad_shifts_leave_the_model_untouched(edit, message):
     ss = _affine(model)
     site = next(iter(ss.shifts))
     edit(ss.shifts, site)
-    before, base = _param_hash(model), _logits(model, inputs)
+    before, base = param_hash(model), logits(model, inputs)
     for mode in ("fused", "fold", "hook"):
         with pytest.raises(ValueError, match=message):
             sgm_ext.patch(model, ss, mode=mode)
-        assert _param_hash(model) == before and torch.equal(_logits(model, inputs), base)
+        assert param_hash(model) == before and torch.equal(logits(model, inputs), base)
 
 
 # ---------------------------------------------------------------- the patch modes
@@ -167,12 +149,12 @@ def test_bad_shifts_leave_the_model_untouched(edit, message):
 def test_hook_mode_is_the_formula_bit_for_bit(name):
     model, inputs = build(name)
     ss = _affine(model)
-    base = _logits(model, inputs)
+    base = logits(model, inputs)
     for strength in (1.0, 0.35):
         want = _by_hand(model, inputs, ss, strength)
-        assert _rel(want, base) > 1e-3  # the shifts do change the output
+        assert rel(want, base) > 1e-3  # the shifts do change the output
         with sgm_ext.patched(model, ss, mode="hook", strength=strength):
-            assert torch.equal(_logits(model, inputs), want), strength
+            assert torch.equal(logits(model, inputs), want), strength
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -183,7 +165,7 @@ def test_fused_and_fold_match_the_formula(name, mode):
     for strength in (1.0, 0.6):
         want = _by_hand(model, inputs, ss, strength)
         with sgm_ext.patched(model, ss, mode=mode, strength=strength):
-            assert _rel(_logits(model, inputs), want) < 1e-5, strength
+            assert rel(logits(model, inputs), want) < 1e-5, strength
 
 
 @pytest.mark.parametrize("kinds", [{"mid"}, {"down"}, {"gate"}, {"up"}, {"mid", "up"}],
@@ -195,7 +177,7 @@ def test_each_site_kind_alone_matches_the_formula(kinds, scales):
     want = _by_hand(model, inputs, ss, 0.8)
     for mode in ("fused", "fold", "hook"):
         with sgm_ext.patched(model, ss, mode=mode, strength=0.8):
-            assert _rel(_logits(model, inputs), want) < 1e-5, mode
+            assert rel(logits(model, inputs), want) < 1e-5, mode
 
 
 @pytest.mark.parametrize("name", ["mistral", "phi3"])
@@ -206,24 +188,24 @@ def test_per_sequence_strength_with_shifts(name, mode):
     strength = torch.tensor([0.25, 1.0])
     want = _by_hand(model, inputs, ss, strength)
     with sgm_ext.patched(model, ss, mode=mode, strength=strength):
-        assert _rel(_logits(model, inputs), want) < 1e-5
+        assert rel(logits(model, inputs), want) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "llava"])
 def test_strength_zero_and_unpatch_are_exact_with_shifts(name):
     model, inputs = build(name)
     ss = _affine(model, seed=4)
-    base, before = _logits(model, inputs), _param_hash(model)
+    base, before = logits(model, inputs), param_hash(model)
     biases = {p: m.bias is None for p, m in model.named_modules()
               if isinstance(m, torch.nn.Linear)}
     for mode in ("fused", "fold", "hook"):
         handle = sgm_ext.patch(model, ss, mode=mode, strength=0.0)
-        assert torch.equal(_logits(model, inputs), base), mode
+        assert torch.equal(logits(model, inputs), base), mode
         handle.set_strength(1.0)
-        assert _rel(_logits(model, inputs), base) > 1e-3, mode
+        assert rel(logits(model, inputs), base) > 1e-3, mode
         handle.remove()
-        assert torch.equal(_logits(model, inputs), base), mode
-        assert _param_hash(model) == before, mode
+        assert torch.equal(logits(model, inputs), base), mode
+        assert param_hash(model) == before, mode
         assert biases == {p: m.bias is None for p, m in model.named_modules()
                           if isinstance(m, torch.nn.Linear)}, mode
 
@@ -238,7 +220,7 @@ def test_fold_creates_a_bias_and_refolds_with_the_strength():
         for strength in (0.3, 1.0):
             handle.set_strength(strength)
             want = _by_hand_after_unfold(model, inputs, ss, strength, handle)
-            assert _rel(_logits(model, inputs), want) < 1e-5, strength
+            assert rel(logits(model, inputs), want) < 1e-5, strength
     assert down.bias is None and "model.layers.0.mlp.down_proj.bias" not in model.state_dict()
 
 
@@ -324,7 +306,7 @@ def test_fast_forward_with_shifts_equals_the_formula_and_runs_no_more_python(lay
             fast = mlp(x)
             calls = python_calls(mlp, x)
     assert torch.equal(fast, first)
-    assert _rel(fast, want) < 1e-5
+    assert rel(fast, want) < 1e-5
     assert len(calls) <= len(plain_calls), (calls, plain_calls)
 
 
@@ -355,23 +337,23 @@ def test_steering_vectors_from_a_plain_tensor_file(tmp_path):
     v0, v1 = torch.randn(32, generator=g), torch.randn(1, 1, 32, generator=g)
     path = tmp_path / "vectors.safetensors"
     save_tensors({"model.layers.0.mlp": v0, "model.layers.1.mlp.down_proj": v1}, path)
-    base = _logits(model, inputs)
+    base = logits(model, inputs)
     # the written-out ActAdd hook: the MLP's output plus strength * v
     handles = [model.model.layers[i].mlp.register_forward_hook(
         lambda m, a, out, v=v: out + 0.5 * v.reshape(-1)) for i, v in ((0, v0), (1, v1))]
-    want = _logits(model, inputs)
+    want = logits(model, inputs)
     for h in handles:
         h.remove()
-    assert _rel(want, base) > 1e-3
+    assert rel(want, base) > 1e-3
     for mode in ("fused", "fold", "hook"):
         with sgm_ext.steering(model, path, mode=mode, strength=0.5) as handle:
             assert handle.sites == ("model.layers.0.mlp.down_proj",
                                     "model.layers.1.mlp.down_proj")
-            assert _rel(_logits(model, inputs), want) < 1e-5, mode
-        assert torch.equal(_logits(model, inputs), base), mode
+            assert rel(logits(model, inputs), want) < 1e-5, mode
+        assert torch.equal(logits(model, inputs), base), mode
     torch.save({"model.layers.1.mlp": v0.clone()}, tmp_path / "v.pt")  # a torch-saved dict
     with sgm_ext.steering(model, tmp_path / "v.pt", mode="hook"):
-        assert not torch.equal(_logits(model, inputs), base)
+        assert not torch.equal(logits(model, inputs), base)
 
 
 @pytest.mark.parametrize(("vectors", "message"), [
@@ -381,10 +363,10 @@ def test_steering_vectors_from_a_plain_tensor_file(tmp_path):
 ])
 def test_bad_steering_vectors_are_named(vectors, message):
     model, inputs = build("mistral")
-    before = _param_hash(model)
+    before = param_hash(model)
     with pytest.raises(ValueError, match=message):
         sgm_ext.steering(model, vectors)
-    assert _param_hash(model) == before and sgm_ext.patching._HANDLE_ATTR not in model.__dict__
+    assert param_hash(model) == before and sgm_ext.patching._HANDLE_ATTR not in model.__dict__
 
 
 def test_a_vector_file_that_is_not_one_is_named(tmp_path):
@@ -405,14 +387,14 @@ def test_shifts_on_lora_layers_fuse_and_fold_refuses_them():
                      init_lora_weights=False)  # random B: the adapters change the output
     model = get_peft_model(model, cfg).eval()
     ss = _affine(model.get_base_model(), seed=8, kinds={"mid", "down"})
-    base, before = _logits(model, inputs), _param_hash(model)
+    base, before = logits(model, inputs), param_hash(model)
     want = _by_hand(model.get_base_model(), inputs, ss, 0.7)
     with sgm_ext.patched(model, ss, mode="fused", strength=0.7):
-        assert _rel(_logits(model, inputs), want) < 1e-5
+        assert rel(logits(model, inputs), want) < 1e-5
     with pytest.raises(ValueError, match=r"fold the shift of model\.layers\.0\.mlp\.mid into "
                        r"model\.layers\.0\.mlp\.down_proj, a LoRA layer"):
         sgm_ext.patch(model, ss, mode="fold")
-    assert torch.equal(_logits(model, inputs), base) and _param_hash(model) == before
+    assert torch.equal(logits(model, inputs), base) and param_hash(model) == before
 
 
 @pytest.mark.parametrize("kinds", [{"mid", "down"}, {"gate", "up", "mid", "down"}],
@@ -434,7 +416,7 @@ def test_a_fused_mlp_with_shifts_compiles_into_one_graph(strength, kinds):
             mlp(x)  # a float strength: the fast forward from the second call
             torch._dynamo.reset()
             got = torch.compile(mlp, fullgraph=True)(x)
-    assert _rel(got, eager) < 1e-5 and _rel(eager, want) < 1e-5
+    assert rel(got, eager) < 1e-5 and rel(eager, want) < 1e-5
 
 
 @pytest.mark.parametrize("layout", ["gated", "packed"])
@@ -461,4 +443,4 @@ def test_fast_forward_with_gate_up_shifts_follows_a_model_moved_to_another_dtype
         want = mlp(x.double())
         for h in handles:
             h.remove()
-    assert _rel(got, want) < 1e-6  # the vectors are float32
+    assert rel(got, want) < 1e-6  # the vectors are float32

@@ -1,12 +1,11 @@
 """sgm_ext.patch on tiny models of the real transformers classes: fused / fold against the
 hook reference, strength, unpatch, per-sequence strength, quantized / LoRA / accelerate,
 torch.compile, and bad input leaving the model untouched."""
-import hashlib
 import warnings
 
 import pytest
 import torch
-from patch_models import BUILDERS, B, build, python_calls
+from patch_models import BUILDERS, B, build, logits, param_hash, python_calls, rel
 from torch import nn
 
 import sgm_ext
@@ -35,24 +34,6 @@ def _scales(model, seed=0, only_text=False):
             s[torch.rand(n, generator=g) < 0.3] = 1.0
             out[site] = s
     return out
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _param_hash(model):
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.dtype.is_floating_point else t.cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _module_state(model):
@@ -96,16 +77,16 @@ def test_fused_and_fold_match_hook_reference(name):
     scales = _scales(model)
     kinds = {k for i in find_mlps(model).values() for k in i.sites().values()}
     assert kinds >= {"mid"} and len(kinds) >= 2  # every site kind of the model's layouts
-    base = _logits(model, inputs)
+    base = logits(model, inputs)
     with sgm_ext.patched(model, scales, mode="hook"):
-        ref = _logits(model, inputs)
+        ref = logits(model, inputs)
         ref_tokens = _greedy(model, inputs)
-    assert _rel(ref, base) > 1e-3  # the scales do change the output
+    assert rel(ref, base) > 1e-3  # the scales do change the output
     for mode in ("fused", "fold"):
         with sgm_ext.patched(model, scales, mode=mode):
-            got = _logits(model, inputs)
+            got = logits(model, inputs)
             tokens = _greedy(model, inputs)
-        assert _rel(got, ref) < 1e-5, mode
+        assert rel(got, ref) < 1e-5, mode
         assert torch.equal(tokens, ref_tokens), mode
 
 
@@ -113,16 +94,16 @@ def test_fused_and_fold_match_hook_reference(name):
 def test_strength_zero_and_unpatch_are_exact(name):
     model, inputs = build(name)
     scales = _scales(model, seed=1)
-    base = _logits(model, inputs)
-    before, snapshot = _param_hash(model), _module_state(model)
+    base = logits(model, inputs)
+    before, snapshot = param_hash(model), _module_state(model)
     for mode in ("fused", "fold", "hook"):
         handle = sgm_ext.patch(model, scales, mode=mode, strength=0.0)
-        assert torch.equal(_logits(model, inputs), base), mode
+        assert torch.equal(logits(model, inputs), base), mode
         handle.set_strength(0.7)
-        assert not torch.equal(_logits(model, inputs), base), mode
+        assert not torch.equal(logits(model, inputs), base), mode
         sgm_ext.unpatch(model)
-        assert torch.equal(_logits(model, inputs), base), mode
-        assert _param_hash(model) == before, mode
+        assert torch.equal(logits(model, inputs), base), mode
+        assert param_hash(model) == before, mode
         _no_patch_left(model, snapshot)
 
 
@@ -135,12 +116,12 @@ def test_per_sequence_strength_equals_each_sequence_alone(name):
     with sgm_ext.patched(model, scales, mode="hook") as h:
         for i in range(B):
             h.set_strength(float(strengths[i]))
-            alone.append(_logits(model, _one(inputs, i)))
+            alone.append(logits(model, _one(inputs, i)))
     alone = torch.cat(alone)
     for mode in ("fused", "hook"):
         with sgm_ext.patched(model, scales, mode=mode, strength=strengths[:, None]):
-            batched = _logits(model, inputs)
-        assert _rel(batched, alone) < 1e-5, mode
+            batched = logits(model, inputs)
+        assert rel(batched, alone) < 1e-5, mode
 
 
 # ---------------------------------------------------------------- the math, written out
@@ -200,9 +181,9 @@ def test_every_mode_computes_the_written_out_formula(layout):
                          x)
     for mode in ("hook", "fused", "fold"):
         with sgm_ext.patched(root, scales, mode=mode) as h, torch.no_grad():
-            assert _rel(root["mlp"](x).double(), want) < 1e-5, mode
+            assert rel(root["mlp"](x).double(), want) < 1e-5, mode
             h.set_strength(lam)
-            assert _rel(root["mlp"](x).double(), want_half) < 1e-5, mode
+            assert rel(root["mlp"](x).double(), want_half) < 1e-5, mode
 
 
 # ---------------------------------------------------------------- strength semantics
@@ -214,10 +195,10 @@ def test_strength_interpolates_per_site():
     scales = _scales(model, seed=3)
     eff = {k: 1 - 0.4 * (1 - v) for k, v in scales.items()}
     with sgm_ext.patched(model, eff, mode="hook"):
-        ref = _logits(model, inputs)
+        ref = logits(model, inputs)
     for mode in ("fused", "fold", "hook"):
         with sgm_ext.patched(model, scales, mode=mode, strength=0.4):
-            assert _rel(_logits(model, inputs), ref) < 1e-5, mode
+            assert rel(logits(model, inputs), ref) < 1e-5, mode
 
 
 def test_per_sequence_strength_on_a_vision_tower_with_the_batch_first():
@@ -230,9 +211,9 @@ def test_per_sequence_strength_on_a_vision_tower_with_the_batch_first():
     with sgm_ext.patched(model, scales, mode="hook") as h:
         for i, lam in enumerate((0.5, 0.0)):
             h.set_strength(lam)
-            alone.append(_logits(model, _one(inputs, i)))
+            alone.append(logits(model, _one(inputs, i)))
     with sgm_ext.patched(model, scales, strength=torch.tensor([0.5, 0.0])):
-        assert _rel(_logits(model, inputs), torch.cat(alone)) < 1e-5
+        assert rel(logits(model, inputs), torch.cat(alone)) < 1e-5
 
 
 def test_fused_forward_takes_one_input():
@@ -247,7 +228,7 @@ def test_per_sequence_strength_needs_the_batch_first():
     model, inputs = build("qwen2_vl")  # vision activations are [patches, dim]: no batch dim
     with sgm_ext.patched(model, _scales(model), strength=torch.tensor([0.5, 1.0])):
         with pytest.raises(ValueError, match=r"visual\.blocks\.0\.mlp: per-sequence strength"):
-            _logits(model, inputs)
+            logits(model, inputs)
 
 
 def test_scale_file_path_and_fingerprint():
@@ -255,7 +236,7 @@ def test_scale_file_path_and_fingerprint():
     scales = ScaleSet(_scales(model), {"config_fingerprint": config_fingerprint(model.config),
                                        "model_type": "mistral"})
     with sgm_ext.patched(model, scales, mode="hook"):
-        ref = _logits(model, inputs)
+        ref = logits(model, inputs)
     import os
     import tempfile
 
@@ -263,7 +244,7 @@ def test_scale_file_path_and_fingerprint():
         path = os.path.join(d, "s.safetensors")
         scales.save(path)
         with sgm_ext.patched(model, path):
-            assert _rel(_logits(model, inputs), ref) < 1e-5
+            assert rel(logits(model, inputs), ref) < 1e-5
 
 
 def test_supported_architectures_lists_the_issue_classes():
@@ -291,15 +272,15 @@ def test_dynamic_quantized_linear_fused_matches_hook_and_fold_refuses():
     up = model.model.layers[0].mlp.up_proj
     assert type(up).__module__.startswith("torch.ao.nn.quantized.dynamic")
     scales = _scales(model, seed=4)
-    base, snapshot = _logits(model, inputs), _module_state(model)
+    base, snapshot = logits(model, inputs), _module_state(model)
     with sgm_ext.patched(model, scales, mode="hook"):
-        ref = _logits(model, inputs)
+        ref = logits(model, inputs)
     with sgm_ext.patched(model, scales, mode="fused"):
-        assert _rel(_logits(model, inputs), ref) < 1e-5
+        assert rel(logits(model, inputs), ref) < 1e-5
     with pytest.raises(ValueError, match=r"fold mode cannot fold scales into "
                                          r"model\.layers\.0\.mlp\.gate_proj.*use mode='fused'"):
         sgm_ext.patch(model, scales, mode="fold")
-    assert torch.equal(_logits(model, inputs), base)
+    assert torch.equal(logits(model, inputs), base)
     _no_patch_left(model, snapshot)
 
 
@@ -316,14 +297,14 @@ def _lora_llama():
 def test_peft_lora_matches_hook_and_unpatches_exactly(mode):
     model, inputs = _lora_llama()
     scales = _scales(model.get_base_model(), seed=5)
-    base = _logits(model, inputs)
-    before = _param_hash(model)
+    base = logits(model, inputs)
+    before = param_hash(model)
     with sgm_ext.patched(model, scales, mode="hook"):
-        ref = _logits(model, inputs)
+        ref = logits(model, inputs)
     with sgm_ext.patched(model, scales, mode=mode):
-        assert _rel(_logits(model, inputs), ref) < 1e-5
-    assert torch.equal(_logits(model, inputs), base)
-    assert _param_hash(model) == before
+        assert rel(logits(model, inputs), ref) < 1e-5
+    assert torch.equal(logits(model, inputs), base)
+    assert param_hash(model) == before
 
 
 def _counting_hook():
@@ -350,10 +331,10 @@ def test_accelerate_hook_on_the_mlp_keeps_running():
     wrapper, snapshot = mlp.__dict__["forward"], _module_state(model)
     scales = _scales(model, seed=6)
     with sgm_ext.patched(model, scales, mode="hook"):
-        ref = _logits(model, inputs)
+        ref = logits(model, inputs)
     with sgm_ext.patched(model, scales, mode="fused"):
         Count.calls = 0
-        assert _rel(_logits(model, inputs), ref) < 1e-5
+        assert rel(logits(model, inputs), ref) < 1e-5
         assert Count.calls == 1
     assert mlp.__dict__["forward"] is wrapper  # accelerate's wrapper is back, untouched
     _no_patch_left(model, snapshot)
@@ -372,7 +353,7 @@ def test_gated_up_proj_dispatch(monkeypatch):
     model, inputs = build("mistral")
     scales = _scales(model, seed=7)
     with sgm_ext.patched(model, scales, mode="hook"):
-        ref = _logits(model, inputs)
+        ref = logits(model, inputs)
     calls = []
     real = sgm_ext.ops.gated_up_proj
 
@@ -383,7 +364,7 @@ def test_gated_up_proj_dispatch(monkeypatch):
     monkeypatch.setattr(patch_mod, "_use_gated_up_proj", lambda g, u, x: True)
     monkeypatch.setattr(patch_mod.ops, "gated_up_proj", spy)
     with sgm_ext.patched(model, scales, mode="fused"):
-        assert _rel(_logits(model, inputs), ref) < 1e-5
+        assert rel(logits(model, inputs), ref) < 1e-5
     assert len(calls) == 2  # one per layer
 
 
@@ -391,11 +372,11 @@ def test_torch_compile_matches_eager():
     model, inputs = build("llama")
     scales = _scales(model, seed=8)
     with sgm_ext.patched(model, scales, mode="fused"):
-        eager = _logits(model, inputs)
+        eager = logits(model, inputs)
         compiled = torch.compile(model.forward)
         with torch.no_grad():
             got = compiled(**inputs).logits
-    assert _rel(got, eager) < 1e-5
+    assert rel(got, eager) < 1e-5
     # The fused MLP alone compiles into one graph (no graph break around the custom op).
     mlp = model.model.layers[0].mlp
     x = torch.randn(2, 5, 32)
@@ -403,7 +384,7 @@ def test_torch_compile_matches_eager():
         eager = mlp(x)
         torch._dynamo.reset()
         got = torch.compile(mlp, fullgraph=True)(x)
-    assert _rel(got, eager) < 1e-5
+    assert rel(got, eager) < 1e-5
 
 
 # ---------------------------------------------------------------- bad input
@@ -439,7 +420,7 @@ def _bad_cases(model):
 
 def test_bad_input_is_refused_and_the_model_is_untouched(tmp_path):
     model, inputs = build("llama")
-    base, before, snapshot = _logits(model, inputs), _param_hash(model), _module_state(model)
+    base, before, snapshot = logits(model, inputs), param_hash(model), _module_state(model)
     other = build("llava")[0]  # a scale file made for another model, read from disk
     other_file = ScaleSet(_scales(other), {"config_fingerprint": config_fingerprint(other.config),
                                            "model_type": "llava"}).save(tmp_path / "llava.st")
@@ -448,8 +429,8 @@ def test_bad_input_is_refused_and_the_model_is_untouched(tmp_path):
     for scales, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             sgm_ext.patch(model, scales, **kwargs)
-        assert _param_hash(model) == before
-        assert torch.equal(_logits(model, inputs), base)
+        assert param_hash(model) == before
+        assert torch.equal(logits(model, inputs), base)
         _no_patch_left(model, snapshot)
 
 
@@ -458,13 +439,13 @@ def test_amplification_with_the_flag_and_double_patch():
     scales = _scales(model, seed=10)
     scales["model.layers.0.mlp.mid"][0] = 2.0
     handle = sgm_ext.patch(model, scales, mode="fold", allow_amplify=True)
-    patched_logits, patched_hash = _logits(model, inputs), _param_hash(model)
+    patched_logits, patched_hash = logits(model, inputs), param_hash(model)
     with pytest.raises(ValueError, match="already patched"):
         sgm_ext.patch(model, _scales(model, seed=11), mode="fused")
     with pytest.raises(ValueError, match="already patched"):  # a sub-model of a patched one
         sgm_ext.patch(model.model, {"layers.0.mlp.mid": torch.ones(48)})
-    assert torch.equal(_logits(model, inputs), patched_logits)
-    assert _param_hash(model) == patched_hash
+    assert torch.equal(logits(model, inputs), patched_logits)
+    assert param_hash(model) == patched_hash
     handle.remove()
     with pytest.raises(ValueError, match="not patched"):
         sgm_ext.unpatch(model)
@@ -510,10 +491,10 @@ def test_deepcopy_of_a_patched_model_is_an_independent_patched_model(mode):
 
     model, inputs = build("llava")  # Llama MLPs and CLIP MLPs: gated and non-gated
     scales = _scales(model, seed=13)
-    base, before, snapshot = _logits(model, inputs), _param_hash(model), _module_state(model)
+    base, before, snapshot = logits(model, inputs), param_hash(model), _module_state(model)
     clean = copy.deepcopy(model)  # after a forward: transformers adds hooks of its own then
     handle = sgm_ext.patch(model, scales, mode=mode)
-    patched, patched_hash, marks = _logits(model, inputs), _param_hash(model), _marked(model)
+    patched, patched_hash, marks = logits(model, inputs), param_hash(model), _marked(model)
     assert not torch.equal(patched, base)
 
     dup = copy.deepcopy(model)
@@ -521,42 +502,42 @@ def test_deepcopy_of_a_patched_model_is_an_independent_patched_model(mode):
     assert dup_handle is not handle and dup_handle.model is dup and dup_handle.active
     assert set(_marked(dup)) == set(marks)
     assert all(h is dup_handle for h in _marked(dup).values())
-    assert torch.equal(_logits(dup, inputs), patched)
-    assert _param_hash(dup) == patched_hash
+    assert torch.equal(logits(dup, inputs), patched)
+    assert param_hash(dup) == patched_hash
 
     dup_handle.set_strength(0.5)  # the strength of one does not change the other
-    half = _logits(dup, inputs)
+    half = logits(dup, inputs)
     assert not torch.equal(half, patched)
-    assert torch.equal(_logits(model, inputs), patched)
+    assert torch.equal(logits(model, inputs), patched)
     handle.set_strength(0.25)
-    assert torch.equal(_logits(dup, inputs), half)
+    assert torch.equal(logits(dup, inputs), half)
     handle.set_strength(0.5)
-    assert torch.equal(_logits(model, inputs), half)
+    assert torch.equal(logits(model, inputs), half)
     handle.set_strength(1.0)
-    assert torch.equal(_logits(model, inputs), patched)
+    assert torch.equal(logits(model, inputs), patched)
 
     sgm_ext.unpatch(dup)  # restores the copy exactly, leaves the original patched
     assert not dup_handle.active
-    assert _param_hash(dup) == _param_hash(clean)
+    assert param_hash(dup) == param_hash(clean)
     assert _leftovers(dup) == _leftovers(clean)
-    assert torch.equal(_logits(dup, inputs), base)
+    assert torch.equal(logits(dup, inputs), base)
     assert handle.active and _marked(model) == marks
-    assert _param_hash(model) == patched_hash
-    assert torch.equal(_logits(model, inputs), patched)
+    assert param_hash(model) == patched_hash
+    assert torch.equal(logits(model, inputs), patched)
 
     again = copy.deepcopy(model)  # the other order: the original's remove() first
     handle.remove()
-    assert _param_hash(model) == before
-    assert torch.equal(_logits(model, inputs), base)
+    assert param_hash(model) == before
+    assert torch.equal(logits(model, inputs), base)
     _no_patch_left(model, snapshot)
-    assert torch.equal(_logits(again, inputs), patched)
+    assert torch.equal(logits(again, inputs), patched)
     again.__dict__[patch_mod._HANDLE_ATTR].remove()
-    assert _param_hash(again) == before and _leftovers(again) == _leftovers(clean)
+    assert param_hash(again) == before and _leftovers(again) == _leftovers(clean)
 
     for m in (model, dup, again):  # every one can be patched again
         with sgm_ext.patched(m, scales, mode=mode):
-            assert torch.equal(_logits(m, inputs), patched)
-        assert torch.equal(_logits(m, inputs), base)
+            assert torch.equal(logits(m, inputs), patched)
+        assert torch.equal(logits(m, inputs), base)
 
 
 def test_deepcopy_keeps_an_accelerate_hook_on_the_mlp():
@@ -568,25 +549,25 @@ def test_deepcopy_keeps_an_accelerate_hook_on_the_mlp():
     model, inputs = build("llama")
     mlp = model.model.layers[0].mlp
     add_hook_to_module(mlp, Count())
-    base = _logits(model, inputs)
+    base = logits(model, inputs)
     handle = sgm_ext.patch(model, _scales(model, seed=14), mode="fused")
-    patched = _logits(model, inputs)
+    patched = logits(model, inputs)
     dup = copy.deepcopy(model)
     dup_mlp = dup.model.layers[0].mlp
     fused = dup_mlp.__dict__["_old_forward"]
     assert isinstance(fused, patch_mod._Fused) and fused.module is dup_mlp
     Count.calls = 0
-    assert torch.equal(_logits(dup, inputs), patched)
+    assert torch.equal(logits(dup, inputs), patched)
     assert Count.calls == 1  # the copy's accelerate wrapper runs around the copy's fused forward
     sgm_ext.unpatch(dup)
     assert dup_mlp.__dict__["_old_forward"].__self__ is dup_mlp  # the class forward, bound
     assert dup_mlp.__dict__["forward"].args == (dup_mlp,)  # the copy's accelerate wrapper
-    assert torch.equal(_logits(dup, inputs), base)
+    assert torch.equal(logits(dup, inputs), base)
     assert isinstance(mlp.__dict__["_old_forward"], patch_mod._Fused)
-    assert torch.equal(_logits(model, inputs), patched)
+    assert torch.equal(logits(model, inputs), patched)
     handle.remove()
     assert mlp.__dict__["_old_forward"].__self__ is mlp
-    assert torch.equal(_logits(model, inputs), base)
+    assert torch.equal(logits(model, inputs), base)
 
 
 @pytest.mark.parametrize("mode", ["fused", "fold", "hook"])
@@ -598,9 +579,9 @@ def test_a_patched_model_is_not_pickled_but_its_state_dict_saves(mode, tmp_path)
 
     model, inputs = build("llama")
     fresh = copy.deepcopy(model)
-    base = _logits(model, inputs)
+    base = logits(model, inputs)
     handle = sgm_ext.patch(model, _scales(model, seed=15), mode=mode)
-    patched, patched_hash, marks = _logits(model, inputs), _param_hash(model), _marked(model)
+    patched, patched_hash, marks = logits(model, inputs), param_hash(model), _marked(model)
     message = (r"a model patched by sgm-ext cannot be pickled .*remove the patch first "
                r"\(handle\.remove\(\) / sgm_ext\.unpatch\(model\)\), save, and patch again")
     path = tmp_path / "model.pt"
@@ -609,16 +590,16 @@ def test_a_patched_model_is_not_pickled_but_its_state_dict_saves(mode, tmp_path)
         with pytest.raises(TypeError, match=message):
             save()
         assert handle.active and _marked(model) == marks
-        assert _param_hash(model) == patched_hash
-        assert torch.equal(_logits(model, inputs), patched)
+        assert param_hash(model) == patched_hash
+        assert torch.equal(logits(model, inputs), patched)
     assert not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())
 
     torch.save(model.state_dict(), tmp_path / "state.pt")  # works while patched
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     fresh.load_state_dict(state)  # fold: the folded weights; else the model's own
-    assert torch.equal(_logits(fresh, inputs), patched if mode == "fold" else base)
+    assert torch.equal(logits(fresh, inputs), patched if mode == "fold" else base)
     handle.remove()
-    assert torch.equal(_logits(model, inputs), base)
+    assert torch.equal(logits(model, inputs), base)
     pickle.loads(pickle.dumps(model))  # unpatched, it pickles as before
 
 
@@ -666,17 +647,17 @@ def test_fast_forward_equals_the_general_forward_and_follows_the_strength(layout
             first = mlp(x)
             assert fused.fast, "the first call at a float strength makes the fast state"
             assert torch.equal(mlp(x), first)
-            assert _rel(first.double(), _formula(mlp, layout, by_kind, x)) < 1e-5
+            assert rel(first.double(), _formula(mlp, layout, by_kind, x)) < 1e-5
             h.set_strength(torch.tensor([1.0, 0.0]))
             per_seq = mlp(x)
             assert not fused.fast
-            assert _rel(per_seq[0], first[0]) < 1e-6 and _rel(per_seq[1], plain[1]) < 1e-6
+            assert rel(per_seq[0], first[0]) < 1e-6 and rel(per_seq[1], plain[1]) < 1e-6
             h.set_strength(0.0)
             assert torch.equal(mlp(x), plain) and torch.equal(mlp(x), plain)
             h.set_strength(0.5)
             half = {k: 1 - 0.5 * (1 - v) for k, v in by_kind.items()}
             for _ in range(2):
-                assert _rel(mlp(x).double(), _formula(mlp, layout, half, x)) < 1e-5
+                assert rel(mlp(x).double(), _formula(mlp, layout, half, x)) < 1e-5
             assert fused.fast
 
 
@@ -695,7 +676,7 @@ def test_fast_forward_follows_a_model_moved_to_another_dtype():
     with sgm_ext.patched(root, scales, mode="hook"), torch.no_grad():
         want = root["mlp"](xd)
     for y in got:
-        assert y.dtype == torch.float64 and _rel(y, want) < 1e-12
+        assert y.dtype == torch.float64 and rel(y, want) < 1e-12
 
 
 def test_deepcopy_made_after_fast_calls_uses_its_own_modules():
@@ -727,7 +708,7 @@ def test_fast_forward_compiles_into_one_graph():
         assert root["mlp"].forward.fast
         torch._dynamo.reset()
         got = torch.compile(root["mlp"], fullgraph=True)(x)
-    assert _rel(got, eager) < 1e-6
+    assert rel(got, eager) < 1e-6
 
 
 def test_fast_forward_gradients_equal_hook_mode():
@@ -746,7 +727,7 @@ def test_fast_forward_gradients_equal_hook_mode():
             root["mlp"](x).square().sum().backward()
             grads[mode] = {n: p.grad.clone() for n, p in root.named_parameters()}
     for name, g in grads["hook"].items():
-        assert g.abs().max() > 0 and _rel(grads["fused"][name], g) < 1e-5, name
+        assert g.abs().max() > 0 and rel(grads["fused"][name], g) < 1e-5, name
 
 
 def test_fast_forward_remakes_its_state_for_another_device():
