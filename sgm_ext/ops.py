@@ -51,7 +51,7 @@ def _vector_grad(d, like):
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
-def needs_dispatcher(*tensors):
+def _needs_dispatcher(*tensors):
     """Whether a call must go through the registered custom op rather than straight to its
     implementation: when gradients flow, when torch.compile traces, or for tensor subclasses
     and functorch-wrapped tensors. Plain inference skips the dispatcher's Python layers,
@@ -122,7 +122,7 @@ def act_mul_scale_prechecked(gate, up, scale, gate_scale, act, shift=None):
     each Python line runs with cold caches (the weights streamed between two calls evict
     them), so with the compiled backends the fast path is one call into C++.
     """
-    if not needs_dispatcher(gate, up):
+    if not _needs_dispatcher(gate, up):
         device_type = gate.device.type
         if shift is None:
             alloc = backends.select_alloc(device_type)
@@ -336,7 +336,7 @@ def act_mul_scale(gate: Tensor, up: Tensor, scale: Optional[Tensor] = None, *, a
     gate_scale = _check_vector("gate_scale", gate_scale, n, gate)
     shift = _check_vector("shift", shift, n, gate)
     st, sv = _strength_args(strength, scale, gate.shape[:-1], gate, shift)
-    op = (_act_mul_scale if needs_dispatcher(gate, up, scale, gate_scale, st, shift)
+    op = (_act_mul_scale if _needs_dispatcher(gate, up, scale, gate_scale, st, shift)
           else _act_mul_scale_impl)
     return op(gate, up, scale, gate_scale, st, sv, act, shift)
 
@@ -356,7 +356,7 @@ def act_mul_scale_packed(gate_up: Tensor, scale: Optional[Tensor] = None, *, act
     gate_scale = _check_vector("gate_scale", gate_scale, n, gate_up)
     shift = _check_vector("shift", shift, n, gate_up)
     st, sv = _strength_args(strength, scale, gate_up.shape[:-1], gate_up, shift)
-    op = (_act_mul_scale_packed if needs_dispatcher(gate_up, scale, gate_scale, st, shift)
+    op = (_act_mul_scale_packed if _needs_dispatcher(gate_up, scale, gate_scale, st, shift)
           else _act_mul_scale_packed_impl)
     return op(gate_up, scale, gate_scale, st, sv, act, shift)
 
@@ -372,7 +372,7 @@ def act_scale(x: Tensor, scale: Optional[Tensor] = None, *, act: str,
     scale = _check_vector("scale", scale, n, x)
     shift = _check_vector("shift", shift, n, x)
     st, sv = _strength_args(strength, scale, x.shape[:-1], x, shift)
-    op = _act_scale if needs_dispatcher(x, scale, st, shift) else _act_scale_impl
+    op = _act_scale if _needs_dispatcher(x, scale, st, shift) else _act_scale_impl
     return op(x, scale, st, sv, act, shift)
 
 
@@ -395,6 +395,6 @@ def gated_up_proj(x: Tensor, w_gate: Tensor, w_up: Tensor, scale: Optional[Tenso
     scale = _check_vector("scale", scale, n, x)
     gate_scale = _check_vector("gate_scale", gate_scale, n, x)
     st, sv = _strength_args(strength, scale, x.shape[:-1], x)
-    op = (_gated_up_proj if needs_dispatcher(x, w_gate, w_up, scale, gate_scale, st)
+    op = (_gated_up_proj if _needs_dispatcher(x, w_gate, w_up, scale, gate_scale, st)
           else _gated_up_proj_impl)
     return op(x, w_gate, w_up, scale, gate_scale, st, sv, act)

@@ -30,14 +30,21 @@ def test_op_example_runs():
     torch.testing.assert_close(ns["h"], torch.nn.functional.silu(gate) * up * s_eff)
 
 
-def test_workflow_example_runs(tmp_path, monkeypatch):
+def _workspace(tmp_path, monkeypatch):
+    """What the README's workflow examples start from, in tmp_path (the working directory):
+    labelled.jsonl of the planted rows, the planted Llama and its tokenizer, a copy of its
+    weights to compare with afterwards, and one encoded input."""
     monkeypatch.chdir(tmp_path)
     with open("labelled.jsonl", "w") as f:
         for row in planted_rows():
             f.write(json.dumps(row) + "\n")
     model, tok = planted_llama(), tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs = tok("word1 tox2 word3", return_tensors="pt")
+    return model, tok, before, tok("word1 tox2 word3", return_tensors="pt")
+
+
+def test_workflow_example_runs(tmp_path, monkeypatch):
+    model, tok, before, inputs = _workspace(tmp_path, monkeypatch)
     ns = {"model": model, "processor": tok, "inputs": inputs}
     exec(python_block("sgm_ext.patch("), ns)
     found = {site: set((t < 1).nonzero().flatten().tolist()) for site, t in ns["scales"].items()}
@@ -112,13 +119,7 @@ def test_evaluation_example_runs(tmp_path, monkeypatch):
 
 def test_affine_example_runs(tmp_path, monkeypatch):
     # the README's AcT and steering lines: the patched model is the formula's, then restored
-    monkeypatch.chdir(tmp_path)
-    with open("labelled.jsonl", "w") as f:
-        for row in planted_rows():
-            f.write(json.dumps(row) + "\n")
-    model, tok = planted_llama(), tokenizer()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs = tok("word1 tox2 word3", return_tensors="pt")
+    model, tok, before, inputs = _workspace(tmp_path, monkeypatch)
     with torch.no_grad():
         base = model(**inputs).logits
     ns = {"model": model, "processor": tok, "inputs": inputs}
