@@ -19,7 +19,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_patch import E2E, NEW_TOKENS, e2e_model, llama_mlp  # sets the torch threads
+from bench_patch import (  # sets the torch threads
+    E2E,
+    NEW_TOKENS,
+    decode_round,
+    e2e_model,
+    llama_mlp,
+)
 from timing import command_line, environment, medians, timed, write_section
 
 import sgm_ext
@@ -136,27 +142,6 @@ def mlp_row(tokens, dtype, rounds, kinds, hidden, inter):
     return f"| {tokens} | {str(dtype)[6:]} | {cells} |"
 
 
-def decode_round(models, prompt):
-    """Greedy decode by every variant, interleaved step by step with the order rotating:
-    ({variant: summed wall s}, {variant: summed CPU s}, {variant: tokens})."""
-    from transformers import DynamicCache
-
-    ids = dict.fromkeys(VARIANTS, prompt)
-    caches = {v: DynamicCache(config=models[v].config) for v in VARIANTS}
-    tokens = {v: [] for v in VARIANTS}
-    wall, cpu = dict.fromkeys(VARIANTS, 0.0), dict.fromkeys(VARIANTS, 0.0)
-    for step in range(NEW_TOKENS):
-        k = step % len(VARIANTS)
-        for v in VARIANTS[k:] + VARIANTS[:k]:
-            w, c, out = timed(lambda v=v: models[v](input_ids=ids[v], past_key_values=caches[v],
-                                                    use_cache=True).logits[:, -1])
-            ids[v] = out.argmax(-1, keepdim=True)
-            tokens[v].append(int(ids[v]))
-            wall[v] += w
-            cpu[v] += c
-    return wall, cpu, tokens
-
-
 def e2e_table(rounds, kinds):
     base, prompt = e2e_model()
     models, undo = prepare(base, kinds, torch.float32)
@@ -165,7 +150,7 @@ def e2e_table(rounds, kinds):
     agree = {}
     with torch.inference_mode():
         for r in range(rounds + 1):
-            w_sum, c_sum, tokens = decode_round(models, prompt)
+            w_sum, c_sum, tokens = decode_round(models, prompt, VARIANTS)
             agree = {v: tokens[v] == tokens["act hook"] for v in VARIANTS}
             if r:  # round 0 warms up
                 for v in VARIANTS:

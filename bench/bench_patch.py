@@ -159,26 +159,24 @@ def test_e2e_decode(benchmark, mode):
 
 # ---------------------------------------------------------------- interleaved script
 
-def decode_round(models, prompt):
-    """Greedy decode of NEW_TOKENS by every model (one per mode), interleaved step by step with
-    the order rotating each step, so a slow second of the shared machine hits every mode alike:
-    ({mode: summed wall s}, {mode: summed CPU s}, {mode: tokens})."""
+def decode_round(models, prompt, names=MODES):
+    """Greedy decode of NEW_TOKENS by every model named (one per mode or variant), interleaved
+    step by step with the order rotating each step, so a slow second of the shared machine
+    hits every one alike: ({name: summed wall s}, {name: summed CPU s}, {name: tokens})."""
     from transformers import DynamicCache
 
-    ids = dict.fromkeys(MODES, prompt)
-    caches = {m: DynamicCache(config=models[m].config) for m in MODES}
-    tokens = {m: [] for m in MODES}
-    wall, cpu = dict.fromkeys(MODES, 0.0), dict.fromkeys(MODES, 0.0)
+    ids = dict.fromkeys(names, prompt)
+    caches = {m: DynamicCache(config=models[m].config) for m in names}
+    tokens = {m: [] for m in names}
+    wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for step in range(NEW_TOKENS):
-        for m in MODES[step % len(MODES):] + MODES[:step % len(MODES)]:
+        for m in names[step % len(names):] + names[:step % len(names)]:
             w, c, out = timed(lambda m=m: models[m](input_ids=ids[m], past_key_values=caches[m],
                                                     use_cache=True).logits[:, -1])
             ids[m] = out.argmax(-1, keepdim=True)
             tokens[m].append(int(ids[m]))
             wall[m] += w
             cpu[m] += c
-    for m in ("fold", "fused"):
-        assert tokens[m] == tokens["hook"], f"{m} decoded other tokens than hook"
     return wall, cpu, tokens
 
 
@@ -223,7 +221,9 @@ def interleaved_e2e(rounds, sites=SITES, real=False):
     cpu = {m: [] for m in MODES}
     with torch.inference_mode():
         for r in range(rounds + 1):
-            w_sum, c_sum, _ = decode_round(models, prompt)
+            w_sum, c_sum, tokens = decode_round(models, prompt)
+            for m in ("fold", "fused"):
+                assert tokens[m] == tokens["hook"], f"{m} decoded other tokens than hook"
             if r:  # round 0 warms up
                 for m in MODES:
                     wall[m].append(w_sum[m])
