@@ -308,6 +308,22 @@ def test_a_scale_key_without_dots_is_named_as_the_unknown_site(home, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("bad", ["size", "nan"])
+def test_a_bad_shift_is_named_and_nothing_is_written(home, tmp_path, bad):
+    """A scale file whose shift has the wrong size or a NaN (format 2): eval names the entry on
+    one line before any work, and the model, the file and --out stay as they were."""
+    hidden = 32  # the planted Llama's
+    shift = torch.ones(hidden + 1) if bad == "size" else torch.tensor([float("nan")] + [0.0] * 31)
+    scales = tmp_path / "shifted.safetensors"
+    ScaleSet({}, shifts={"model.layers.0.mlp.down_proj": shift}).save(scales)
+    message = ("shifts['model.layers.0.mlp.down_proj'] has 33 values" if bad == "size" else
+               "shifts['model.layers.0.mlp.down_proj'][0] is nan")
+    refused(["eval", "--model", home / "model", "--scales", scales, "--prompts",
+             home / "prompts.jsonl", "--out", tmp_path / "r", "--judge", "refusal", "--quiet"],
+            message, home, scales)
+    assert not (tmp_path / "r").exists()
+
+
 def test_non_utf8_rows_are_named_or_skipped_and_a_bom_is_accepted(home, tmp_path):
     rows = planted_rows()[:8]
     data = tmp_path / "latin1.jsonl"
