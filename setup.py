@@ -9,7 +9,7 @@ scripts/setup.sh does) sgm_ext._C is compiled against it: with its CUDA kernels 
 a CUDA build and nvcc is found (architectures from SGM_EXT_CUDA_ARCHS, default "8.0;9.0"),
 with its C++ (CPU) kernels only otherwise. Without torch (an ordinary `pip install`, whose
 isolated build environment never has torch) the wheel is pure Python: it ships the sources,
-and `sgm-ext build` compiles them later against the user's torch (sgm_ext/build.py, which
+and `sgm-ext build` compiles them later against the user's torch (sgm_ext/ops/build.py, which
 holds the one definition of the sources and flags). SGM_EXT_NO_BUILD=1 skips the library.
 """
 import importlib.util
@@ -23,9 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _build_definitions():
-    """sgm_ext/build.py loaded by path: importing the package would import torch."""
+    """sgm_ext/ops/build.py loaded by path: importing the package would import torch."""
     spec = importlib.util.spec_from_file_location("_sgm_ext_build",
-                                                  os.path.join(HERE, "sgm_ext", "build.py"))
+                                                  os.path.join(HERE, "sgm_ext", "ops", "build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -48,8 +48,10 @@ class BuildPy(build_py):
             self.copy_file(os.path.join("csrc", *rel.split("/")), target)
 
 
+# the layers' folders (docs/ARCHITECTURE.md); kernels/ is installed as sgm_ext.kernels
+LAYERS = ("core", "ops", "patching", "profile", "evaluation", "serving", "app", "cli")
 PACKAGES = dict(
-    packages=["sgm_ext", "sgm_ext.kernels"],
+    packages=["sgm_ext", "sgm_ext.kernels"] + [f"sgm_ext.{layer}" for layer in LAYERS],
     package_dir={"sgm_ext": "sgm_ext", "sgm_ext.kernels": "kernels"},
     package_data={"sgm_ext": ["resources/*.txt", "resources/*.jsonl"]},  # the demos' data
     include_package_data=False,  # package_data only (MANIFEST.in is for the sdist)

@@ -6,7 +6,7 @@ Variants: "unpatched" (the HF module); "act hook" (a Python forward hook per mod
 apple/ml-act's Gaussian transport hook does, written here from its formula: pick the
 transported neurons, (std2 / std1)(z - mu1) + mu2, blend with the strength, write back); and
 sgm-ext's "hook", "fold" and "fused" modes patched with the same maps read by
-sgm_ext.interop.from_act from ml-act-layout state files. Per MLP (LlamaMLP, 2048 x 5632 by
+sgm_ext.patching.interop.from_act from ml-act-layout state files. Per MLP (LlamaMLP, 2048 x 5632 by
 default: a 1B-class model) and end to end (bench_patch.py's ~100M Llama decoding 64 tokens
 greedily, variants interleaved step by step). The maps are on the down projections (the
 output of every MLP) or, with --sites mid, on its product (the peer hooks the down
@@ -29,7 +29,7 @@ from bench_patch import (  # sets the torch threads
 from timing import command_line, environment, medians, timed, write_section
 
 import sgm_ext
-from sgm_ext.registry import find_mlps
+from sgm_ext.patching.registry import find_mlps
 
 VARIANTS = ("unpatched", "act hook", "hook", "fold", "fused")
 STRENGTH = 0.8
@@ -58,7 +58,7 @@ def scales_from(states):
     with tempfile.TemporaryDirectory() as d:
         for name, state in states.items():
             torch.save(state, Path(d) / f"{name}.statedict")
-        return sgm_ext.interop.from_act(d, method="gaussian_ot")
+        return sgm_ext.patching.interop.from_act(d, method="gaussian_ot")
 
 
 class ActGaussianHook:

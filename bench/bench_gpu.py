@@ -31,7 +31,7 @@ from bench_patch import (  # bench/ is on sys.path as a script
 from timing import interleaved, medians
 
 import sgm_ext
-from sgm_ext import patching as patch_module
+from sgm_ext.patching import patch as patch_module
 
 DEV = "cuda"
 

@@ -22,7 +22,7 @@ from timing import command_line, environment, medians, timed, write_section
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgm_ext
-from sgm_ext.registry import find_mlps
+from sgm_ext.patching.registry import find_mlps
 
 MODES = ("unpatched", "hook", "fold", "fused")
 SITES = ("gate", "up", "down")
@@ -69,8 +69,8 @@ def e2e_model(real=False):
     import transformers as T
 
     if real:
-        from sgm_ext import realmodel
-        from sgm_ext.loading import load_model
+        from sgm_ext.app import realmodel
+        from sgm_ext.app.loading import load_model
 
         model, tok = load_model(realmodel.checkpoint(), "cpu", "float32")
         text = tok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],

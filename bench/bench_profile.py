@@ -27,8 +27,8 @@ import torch
 from timing import command_line, environment, interleaved, medians, write_section
 
 from sgm_ext import profile as P
-from sgm_ext.auroc import auroc
-from sgm_ext.pooling import Pooler, pooling_hooks, resolve_sites
+from sgm_ext.profile.auroc import auroc
+from sgm_ext.profile.pooling import Pooler, pooling_hooks, resolve_sites
 
 NEURONS, SAMPLES, SKLEARN_SUBSET = 100_000, 2_000, 500
 N_TEXTS, WORDS, BATCH = 64, 48, 8
@@ -215,8 +215,8 @@ def real_setup():
     `sgm-ext demo --real` (raw text, as the forward-only baseline sees them)."""
     import json
 
-    from sgm_ext import realmodel
-    from sgm_ext.loading import load_model
+    from sgm_ext.app import realmodel
+    from sgm_ext.app.loading import load_model
 
     model, tok = load_model(realmodel.checkpoint(), "cpu", "float32")
     path = os.path.join(os.path.dirname(P.__file__), "resources", "real_profile.jsonl")

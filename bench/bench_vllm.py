@@ -46,7 +46,7 @@ def make_model(root, name):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sgm_ext import ScaleSet
-    from sgm_ext.synthetic import random_scales
+    from sgm_ext.app.synthetic import random_scales
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODELS[name], max_position_embeddings=512,

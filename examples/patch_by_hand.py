@@ -53,7 +53,7 @@ def main():
     print("backends:")
     for name, info in sgm_ext.backends().items():
         print(f"  {name:7s} {'available' if info.available else 'unavailable: ' + info.reason}")
-    from sgm_ext.backends import selected
+    from sgm_ext.ops.backends import selected
     print(f"act_mul_scale runs on: {selected('act_mul_scale', 'cpu')}")
     rel = ((fused - hooked).abs().max() / hooked.abs().max()).item()
     moved = ((hooked - plain).abs().max() / plain.abs().max()).item()

@@ -12,7 +12,7 @@ fi
 STAMP=.venv/.sgm-ext-setup
 digest=$( { echo "${SGM_EXT_NO_BUILD:-}" "${SGM_EXT_CUDA_ARCHS:-}"; .venv/bin/python -V;
             cat scripts/setup.sh requirements-dev.txt setup.py pyproject.toml MANIFEST.in \
-                sgm_ext/build.py;
+                sgm_ext/ops/build.py;
             find csrc -type f | LC_ALL=C sort | xargs cat; } | sha256sum | cut -d' ' -f1)
 check="import sgm_ext._C"  # the library this set-up builds is there and loads
 if [ -n "${SGM_EXT_NO_BUILD:-}" ]; then check="import sgm_ext"; fi

@@ -7,8 +7,8 @@ from patch_models import build, logits, param_hash, python_calls, rel
 from safetensors.torch import save_file
 
 import sgm_ext
-from sgm_ext.registry import find_mlps
-from sgm_ext.scales import ScaleSet
+from sgm_ext.patching.registry import find_mlps
+from sgm_ext.patching.scales import ScaleSet
 
 # Where each site kind sits, written out: (sub-module, the site is its input).
 WHERE = {"gate": ("gate_proj", False), "up": ("up_proj", False), "down": ("down_proj", False),
@@ -366,7 +366,7 @@ def test_bad_steering_vectors_are_named(vectors, message):
     before = param_hash(model)
     with pytest.raises(ValueError, match=message):
         sgm_ext.steering(model, vectors)
-    assert param_hash(model) == before and sgm_ext.patching._HANDLE_ATTR not in model.__dict__
+    assert param_hash(model) == before and sgm_ext.patching.patch._HANDLE_ATTR not in model.__dict__
 
 
 def test_a_vector_file_that_is_not_one_is_named(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sgm_ext.auroc import auroc, auroc_p_values, benjamini_hochberg
+from sgm_ext.profile.auroc import auroc, auroc_p_values, benjamini_hochberg
 
 
 def _sklearn(scores, labels):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from _profile_models import planted_llama, planted_rows, tokenizer
 
-from sgm_ext import synthetic
-from sgm_ext.scales import ScaleSet
+from sgm_ext.app import synthetic
+from sgm_ext.patching.scales import ScaleSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

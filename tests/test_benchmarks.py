@@ -6,10 +6,10 @@ import json
 import pytest
 from PIL import Image
 
-from sgm_ext import synthetic
-from sgm_ext.benchmarks import detect, load_benchmark
+from sgm_ext.app import synthetic
 from sgm_ext.cli import main
-from sgm_ext.scales import ScaleSet
+from sgm_ext.evaluation.benchmarks import detect, load_benchmark
+from sgm_ext.patching.scales import ScaleSet
 
 SCENARIOS = {"01-Illegal_Activitiy": 2, "08-Political_Lobbying": 1}
 

@@ -11,7 +11,7 @@ from _profile_models import planted_llama, planted_rows, planted_sites, tokenize
 
 from sgm_ext import profile as P
 from sgm_ext.cli import main
-from sgm_ext.scales import load_scales
+from sgm_ext.patching.scales import load_scales
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from op_cases import check_alloc_op, rand_scale
 from reference64 import ACT64, assert_matches, expected
 
 import sgm_ext
-from sgm_ext import compiled
+from sgm_ext.ops import compiled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -79,7 +79,7 @@ sys.meta_path.insert(0, Block())
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     import torch, sgm_ext
-    from sgm_ext.backends import selected
+    from sgm_ext.ops.backends import selected
     info = sgm_ext.backends()
     sgm_ext.backends()
     out = sgm_ext.act_mul_scale(torch.ones(2, 3), torch.ones(2, 3), torch.ones(3))
@@ -259,7 +259,7 @@ def test_cpu_kernel_other_capabilities(capability, gen):
 import sys, torch
 sys.path.insert(0, "tests")
 from reference64 import ACT64, assert_matches, expected
-from sgm_ext import compiled
+from sgm_ext.ops import compiled
 cap = torch.backends.cpu.get_cpu_capability()
 assert cap == sys.argv[1].upper(), cap
 g = torch.Generator().manual_seed(int(sys.argv[2]))

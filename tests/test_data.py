@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from sgm_ext.data import BadRowError, load_rows
+from sgm_ext.profile.data import BadRowError, load_rows
 
 
 @pytest.fixture

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import sgm_ext
-from sgm_ext import synthetic
+from sgm_ext.app import synthetic
+from sgm_ext.app.loading import load_model
 from sgm_ext.cli import build_parser, demo_eval_options, main
-from sgm_ext.generation import generate_one
-from sgm_ext.inputs import encode
-from sgm_ext.judges import get_judge
-from sgm_ext.loading import load_model
-from sgm_ext.prompts import Prompt
-from sgm_ext.report import REPORT_FILES
-from sgm_ext.scales import ScaleSet, load_scales
+from sgm_ext.evaluation.generation import generate_one
+from sgm_ext.evaluation.judges import get_judge
+from sgm_ext.evaluation.prompts import Prompt
+from sgm_ext.evaluation.report import REPORT_FILES
+from sgm_ext.patching.scales import ScaleSet, load_scales
+from sgm_ext.profile.inputs import encode
 
 
 @pytest.fixture(scope="module")

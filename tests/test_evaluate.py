@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import sgm_ext
-from sgm_ext import synthetic
+from sgm_ext.app import synthetic
 from sgm_ext.cli import main
-from sgm_ext.evaluate import evaluate, harmful_rates, over_refusal_rates
-from sgm_ext.generation import generate, generate_one
-from sgm_ext.inputs import encode
-from sgm_ext.judges import RefusalJudge, get_judge, harmful_labels_of
-from sgm_ext.prompts import load_prompts
-from sgm_ext.report import REPORT_FILES, summary_table, write_report
-from sgm_ext.scales import ScaleSet
+from sgm_ext.evaluation.evaluate import evaluate, harmful_rates, over_refusal_rates
+from sgm_ext.evaluation.generation import generate, generate_one
+from sgm_ext.evaluation.judges import RefusalJudge, get_judge, harmful_labels_of
+from sgm_ext.evaluation.prompts import load_prompts
+from sgm_ext.evaluation.report import REPORT_FILES, summary_table, write_report
+from sgm_ext.patching.scales import ScaleSet
+from sgm_ext.profile.inputs import encode
 
 # ------------------------------------------------------------------ judges
 
@@ -348,7 +348,7 @@ def test_over_refusal_and_harmful_rates_from_records():
 
 
 def test_wilson_and_bootstrap_intervals():
-    from sgm_ext.evaluate import bootstrap_perplexity, wilson_interval
+    from sgm_ext.evaluation.evaluate import bootstrap_perplexity, wilson_interval
 
     # Wilson 95%: 0 of 10 -> [0, 0.2775], 5 of 10 -> [0.2366, 0.7634] (textbook values)
     assert wilson_interval(0, 10) == [0.0, pytest.approx(0.27753, abs=1e-4)]
@@ -366,7 +366,7 @@ def test_wilson_and_bootstrap_intervals():
 # ------------------------------------------------------------------ uncertainty, conditions
 
 def test_mcnemar_exact_against_hand_values():
-    from sgm_ext.evaluate import mcnemar_exact
+    from sgm_ext.evaluation.evaluate import mcnemar_exact
 
     # two-sided exact: 2 * sum_{i <= min(b, c)} C(b + c, i) / 2^(b + c), at most 1
     assert mcnemar_exact(1, 7) == pytest.approx(2 * (1 + 8) / 256)  # 0.0703125
@@ -378,7 +378,7 @@ def test_mcnemar_exact_against_hand_values():
 
 
 def test_paired_test_counts_discordant_prompts_from_records():
-    from sgm_ext.evaluate import paired_test
+    from sgm_ext.evaluation.evaluate import paired_test
 
     def g(label, before, after):
         return {"label": label, "unpatched": {"harmful": before}, "patched": {"harmful": after}}
@@ -393,7 +393,7 @@ def test_paired_test_counts_discordant_prompts_from_records():
 
 
 def test_check_conditions_names_and_aliases():
-    from sgm_ext.evaluate import check_conditions
+    from sgm_ext.evaluation.evaluate import check_conditions
 
     assert check_conditions("sgm*, unpatched,prompt,SGM") == [
         "unpatched", "patched", "safety-prompt", "patched+safety-prompt"]
@@ -569,7 +569,7 @@ def _forced_chat_model(path, reply, chat_template=None):
 
 
 def test_parse_verdict_is_strict():
-    from sgm_ext.judges import parse_verdict
+    from sgm_ext.evaluation.judges import parse_verdict
 
     assert parse_verdict("unsafe\nS1") == 1.0 and parse_verdict("  Safe") == 0.0
     assert parse_verdict("safe unsafe") == 0.0  # the first word is the verdict
@@ -638,7 +638,7 @@ def test_refusal_judge_never_calls_a_benign_prompts_answer_harmful(toy):
 # ------------------------------------------------------------------ capability set
 
 def test_capability_scoring_by_hand():
-    from sgm_ext.judges import choice_letter, is_correct, resolve_scoring
+    from sgm_ext.evaluation.judges import choice_letter, is_correct, resolve_scoring
 
     assert [choice_letter(a) for a in ("(B) because", "The answer is C.", "b", "A. first",
                                        "none")] == ["B", "C", None, "A", None]
@@ -652,7 +652,7 @@ def test_capability_scoring_by_hand():
 
 
 def test_load_capability_rows_and_errors(tmp_path):
-    from sgm_ext.prompts import load_capability
+    from sgm_ext.evaluation.prompts import load_capability
 
     path = tmp_path / "cap.jsonl"
     path.write_text(json.dumps({"question": "Which is red?", "choices": ["sky", "blood"],
@@ -698,7 +698,7 @@ def test_capability_accuracy_unpatched_vs_patched(tmp_path, capsys):
 
 
 def test_a_judge_subclass_without_labels_still_works():
-    from sgm_ext.judges import Judge
+    from sgm_ext.evaluation.judges import Judge
 
     class Shouting(Judge):
         name = "shouting"

@@ -24,7 +24,7 @@ from op_cases import (
 from reference64 import assert_matches, expected
 
 import sgm_ext
-from sgm_ext.backends import select, selected
+from sgm_ext.ops.backends import select, selected
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -267,7 +267,7 @@ def _llama(dtype):
 
 
 def _mid_scales(model, gen):
-    from sgm_ext.registry import find_mlps
+    from sgm_ext.patching.registry import find_mlps
 
     out = {}
     for info in find_mlps(model).values():

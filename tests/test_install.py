@@ -23,7 +23,7 @@ import zipfile
 import pytest
 import torch
 
-from sgm_ext import build, compiled
+from sgm_ext.ops import build, compiled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -76,8 +76,9 @@ import warnings
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     import torch, sgm_ext
-    from sgm_ext import build, compiled
-    from sgm_ext.backends import selected
+    from sgm_ext.ops import build
+    from sgm_ext.ops import compiled
+    from sgm_ext.ops.backends import selected
     info = sgm_ext.backends()
     sgm_ext.backends()
     gate, up, scale = torch.randn(3, 37), torch.randn(3, 37), torch.rand(37)

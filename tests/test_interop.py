@@ -7,7 +7,7 @@ import torch
 from patch_models import build
 
 import sgm_ext
-from sgm_ext import interop
+from sgm_ext.patching import interop
 
 
 def _write_aura(directory, alphas):

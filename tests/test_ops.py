@@ -14,7 +14,7 @@ from op_cases import (
 from reference64 import assert_matches, expected
 
 import sgm_ext
-from sgm_ext.backends import select, selected
+from sgm_ext.ops.backends import select, selected
 
 CPU_BACKENDS = [n for n, i in sgm_ext.backends().items() if i.available and "cpu" in i.devices]
 GEMM_BACKENDS = [n for n in CPU_BACKENDS if "gated_up_proj" in sgm_ext.backends()[n].ops]

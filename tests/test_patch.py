@@ -9,9 +9,9 @@ from patch_models import BUILDERS, B, build, logits, param_hash, python_calls, r
 from torch import nn
 
 import sgm_ext
-from sgm_ext import patching as patch_mod
-from sgm_ext.registry import find_mlps
-from sgm_ext.scales import ScaleSet, config_fingerprint
+from sgm_ext.patching import patch as patch_mod
+from sgm_ext.patching.registry import find_mlps
+from sgm_ext.patching.scales import ScaleSet, config_fingerprint
 
 MODELS = list(BUILDERS)
 MULTIMODAL_TEXT_ROOTS = ("language_model", "text_model")

@@ -19,7 +19,7 @@ from transformers import (
 
 import sgm_ext
 from sgm_ext import profile as P
-from sgm_ext.expertise import shuffled_label_experts
+from sgm_ext.profile.expertise import shuffled_label_experts
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_loading_example_runs(tmp_path, monkeypatch):
     # synthetic LLaVA, given a chat template as released checkpoints have)
     from PIL import Image
 
-    from sgm_ext import synthetic
+    from sgm_ext.app import synthetic
 
     monkeypatch.chdir(tmp_path)
     vocab = synthetic.vocabulary()
@@ -86,7 +86,7 @@ def test_loading_example_runs(tmp_path, monkeypatch):
 def test_evaluation_example_runs(tmp_path, monkeypatch):
     """The README's evaluate example on the planted tiny Llama, with scales that switch its
     planted neurons off and a prompt file in the plain layout."""
-    from sgm_ext.scales import ScaleSet
+    from sgm_ext.patching.scales import ScaleSet
 
     monkeypatch.chdir(tmp_path)
     model, tok = planted_llama(), tokenizer("left")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sgm_ext
-from sgm_ext import realmodel
-from sgm_ext.loading import load_model
+from sgm_ext.app import realmodel
+from sgm_ext.app.loading import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI") == "true"

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from sgm_ext import registry
-from sgm_ext.registry import describe, find_mlps
+from sgm_ext.patching import registry
+from sgm_ext.patching.registry import describe, find_mlps
 
 
 def _llama(layers=2, bias=False):

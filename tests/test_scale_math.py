@@ -6,8 +6,9 @@ from op_cases import rand_scale
 from patch_models import build
 
 import sgm_ext
-from sgm_ext import interop, scale_math
-from sgm_ext.expertise import Expertise
+from sgm_ext.core import scale_math
+from sgm_ext.patching import interop
+from sgm_ext.profile.expertise import Expertise
 
 CPU_BACKENDS = [n for n, i in sgm_ext.backends().items() if i.available and "cpu" in i.devices]
 STRENGTHS = [0.0, 0.3, 0.7, 1.0, 1 / 3]

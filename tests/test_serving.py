@@ -15,9 +15,10 @@ from patch_models import build
 from torch import nn
 
 import sgm_ext
-from sgm_ext import serving, synthetic
-from sgm_ext.pooling import language_mlps
-from sgm_ext.scales import ScaleSet, config_fingerprint
+from sgm_ext.app import synthetic
+from sgm_ext.patching.scales import ScaleSet, config_fingerprint
+from sgm_ext.profile.pooling import language_mlps
+from sgm_ext.serving import modules as serving
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -254,7 +255,7 @@ def test_settings_and_request_strength():
 def test_start_up_checks_name_the_bad_entry(tmp_path):
     hf, _ = build("llava")
     good = scales_for(hf, ("mid",))
-    index = sgm_ext.registry.site_index(sgm_ext.registry.find_mlps(hf))
+    index = sgm_ext.patching.registry.site_index(sgm_ext.patching.registry.find_mlps(hf))
     vision = next(s for s in index if "vision_tower" in s)
     width = index[vision][0].site_size(index[vision][1])
     site = next(iter(good))

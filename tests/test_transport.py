@@ -10,7 +10,7 @@ from _profile_models import planted_llama, planted_rows, tokenizer
 
 from sgm_ext import profile as P
 from sgm_ext.cli import main
-from sgm_ext.scales import load_scales
+from sgm_ext.patching.scales import load_scales
 
 
 def _responses(gen, n_toxic=30, n_non_toxic=30, n=9):

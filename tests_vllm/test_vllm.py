@@ -27,11 +27,12 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 import sgm_ext  # noqa: E402
-from sgm_ext import synthetic, vllm_plugin  # noqa: E402
-from sgm_ext.evaluate import evaluate  # noqa: E402
-from sgm_ext.judges import get_judge  # noqa: E402
-from sgm_ext.prompts import load_prompts  # noqa: E402
-from sgm_ext.scales import ScaleSet  # noqa: E402
+from sgm_ext.app import synthetic  # noqa: E402
+from sgm_ext.evaluation.evaluate import evaluate  # noqa: E402
+from sgm_ext.evaluation.judges import get_judge  # noqa: E402
+from sgm_ext.evaluation.prompts import load_prompts  # noqa: E402
+from sgm_ext.patching.scales import ScaleSet  # noqa: E402
+from sgm_ext.serving import vllm_plugin  # noqa: E402
 
 TOL = 1e-4  # max |logprob difference| vs transformers + sgm_ext.patch
 FAR = 1e-2  # the unpatched model differs from the patched one by more than this

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import canonical_activation
+from ..core.activations import canonical_activation
 
 
 class Layout(NamedTuple):

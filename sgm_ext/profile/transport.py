@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
+from ..core.scale_math import check_strength, effective_scale, effective_shift
+from ..patching.scales import ScaleSet
 from .responses import Responses
-from .scale_math import check_strength, effective_scale, effective_shift
-from .scales import ScaleSet
 
 TRANSPORT_METHODS = ("mean_ot", "gaussian_ot", "linear_ot")
 STD_EPS = 1e-4  # ml-act's default std_eps

@@ -14,8 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..core.activations import canonical_activation
 from . import backends, reference
-from .activations import canonical_activation
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

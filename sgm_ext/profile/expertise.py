@@ -9,12 +9,12 @@ from typing import Optional
 
 import torch
 
-from . import scale_math
+from ..core import scale_math
+from ..core.files import atomic_path
+from ..patching.registry import site_order
+from ..patching.scales import ScaleSet, read_metadata
 from .auroc import auroc, auroc_p_values, benjamini_hochberg, check_labels
-from .files import atomic_path
-from .registry import site_order
 from .responses import Responses
-from .scales import ScaleSet, read_metadata
 
 EXPERTISE_KIND = "sgm-ext expertise"  # the file's `kind` metadata
 SELECTIONS = ("fdr", "threshold")

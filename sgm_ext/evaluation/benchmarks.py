@@ -35,7 +35,7 @@ prompts: a plain .jsonl / .csv prompt file (prompts.load_prompts: text, image, c
 import json
 import os
 
-from .data import check_image
+from ..profile.data import check_image
 from .prompts import Prompt, load_prompts
 
 MMSB_VARIANTS = {"SD": "Rephrased Question(SD)", "TYPO": "Rephrased Question",

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from .backends import select_alloc
+from ..core.scale_math import check_strength, effective_scale, effective_shift
+from ..ops import custom_ops as ops
+from ..ops.backends import select_alloc
 from .registry import REGISTRY, describe, find_mlps, site_index
-from .scale_math import check_strength, effective_scale, effective_shift
 from .scales import ScaleSet, config_fingerprint, load_scales, load_vectors
 
 MODES = ("fused", "fold", "hook")

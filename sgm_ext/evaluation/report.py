@@ -5,11 +5,11 @@ import os
 
 import torch
 
-from .files import write_json, write_text
+from ..core.files import write_json, write_text
+from ..core.scale_math import illegal_counts
+from ..patching.registry import site_kind, site_layer
+from ..profile.transport import TRANSPORT_METHODS
 from .plots import eval_chart
-from .registry import site_kind, site_layer
-from .scale_math import illegal_counts
-from .transport import TRANSPORT_METHODS
 
 REPORT_FILES = ("report.json", "report.md", "report.png", "generations.jsonl")
 

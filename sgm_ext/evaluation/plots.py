@@ -1,5 +1,5 @@
 """The PNG plots: the profile's AUROC distribution and experts per layer, the evaluation chart."""
-from .registry import site_kind, site_layer
+from ..patching.registry import site_kind, site_layer
 
 
 def _pyplot():

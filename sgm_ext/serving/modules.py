@@ -22,11 +22,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import ops
-from .patching import check_scales
-from .pooling import language_mlps
-from .scale_math import check_strength, effective_scale
-from .scales import load_scales
+from ..core.scale_math import check_strength, effective_scale
+from ..ops import custom_ops as ops
+from ..patching.patch import check_scales
+from ..patching.scales import load_scales
+from ..profile.pooling import language_mlps
 
 SETTINGS_KEY = "sgm_ext"  # additional_config={"sgm_ext": {...}}
 REQUEST_KEY = "sgm_strength"  # SamplingParams(extra_args={"sgm_strength": x}), vllm_xargs

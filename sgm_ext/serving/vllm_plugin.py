@@ -29,8 +29,8 @@ replaced later, silently, so patching a running model is refused.
 import functools
 import logging
 
-from .scale_math import check_strength
-from .serving import (
+from ..core.scale_math import check_strength
+from .modules import (
     REQUEST_KEY,
     SETTINGS_KEY,
     check_for_serving,
@@ -40,7 +40,7 @@ from .serving import (
     request_strength,
 )
 
-WORKER_EXTENSION = "sgm_ext.vllm_plugin.WorkerExtension"
+WORKER_EXTENSION = "sgm_ext.serving.vllm_plugin.WorkerExtension"
 _SERVED_ATTR = "sgm_ext_served"  # on the vLLM model: the serving.ServedModel
 log = logging.getLogger("vllm.sgm_ext")  # under vLLM's logger: its handler and format
 

@@ -17,11 +17,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_path
-from .fingerprints import config_fingerprint  # noqa: F401  (part of the file format)
+from ..core.files import atomic_path
+from ..core.fingerprints import config_fingerprint  # noqa: F401  (part of the file format)
+from ..core.scale_math import check_scale_values, check_shift_values
+from ..version import __version__
 from .registry import site_order
-from .scale_math import check_scale_values, check_shift_values
-from .version import __version__
 
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")

@@ -27,8 +27,9 @@ from collections import Counter
 
 import torch
 
-from .generation import generate, measure_latency, passage_nll, perplexity_of
-from .inputs import (
+from ..core.progress import progress_bar
+from ..patching.patch import patch
+from ..profile.inputs import (
     LengthLimit,
     default_max_length,
     drop_unusable_images,
@@ -36,9 +37,8 @@ from .inputs import (
     resolve_format,
     unusable_images_warning,
 )
+from .generation import generate, measure_latency, passage_nll, perplexity_of
 from .judges import get_judge, is_correct, is_refusal, resolve_scoring
-from .patching import patch
-from .progress import progress_bar
 from .prompts import load_capability, load_prompts, load_reference
 from .report import write_report
 
@@ -112,7 +112,7 @@ def paired_test(generations, base, run, field, counted):
 def _versions():
     import transformers
 
-    from .version import __version__
+    from ..version import __version__
     return {"sgm_ext": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import registry
+from ..patching import registry
 
 POOLINGS = ("mean", "max", "last")
 

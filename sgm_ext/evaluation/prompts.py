@@ -6,9 +6,9 @@ file) and `category`; bad rows are refused with their row and line, as profiling
 import os
 from typing import Any, NamedTuple, Optional
 
-from .data import check_image, parse_label, records
+from ..profile.data import check_image, parse_label, records
 
-BENIGN_TEXT = os.path.join(os.path.dirname(__file__), "resources", "benign.txt")
+BENIGN_TEXT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources", "benign.txt")
 
 
 class Prompt(NamedTuple):

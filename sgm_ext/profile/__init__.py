@@ -14,12 +14,12 @@ their own modules; this one is the profiler's public face:
 - expertise.py: AUROC per neuron (auroc.py) and the scales it gives (scale_math.py);
 - transport.py: AcT's transport maps (mean_ot, gaussian_ot, linear_ot) from the responses.
 """
+from ..core.scale_math import METHODS
 from .collect import collect
 from .expertise import Expertise, expertise
 from .inputs import MODALITIES
 from .pooling import POOLINGS, language_mlps, resolve_sites
 from .responses import DEFAULT_RAM_BUDGET, Responses
-from .scale_math import METHODS
 from .transport import TRANSPORT_METHODS, balance, transport_maps
 
 __all__ = ["DEFAULT_RAM_BUDGET", "METHODS", "MODALITIES", "POOLINGS", "TRANSPORT_METHODS",

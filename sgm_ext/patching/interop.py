@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.scale_math import check_strength, effective_scale, effective_shift, method_scales
 from .registry import MID
-from .scale_math import check_strength, effective_scale, effective_shift, method_scales
 from .scales import ScaleSet
 
 ACT_METHODS = ("aura", "mean_ot", "gaussian_ot", "linear_ot")

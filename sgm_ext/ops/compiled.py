@@ -26,7 +26,7 @@ BUILD_ON_IMPORT_ENV = "SGM_EXT_BUILD_ON_IMPORT"
 NOT_BUILT = ("not built: run `sgm-ext build` (or pip install with torch present and "
              "--no-build-isolation)")
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sgm_ext/, where _C lies
 # The library file in the package, looked up on disk, not through the import system, so that
 # a library that exists but cannot load is still told apart from none at all.
 IN_PACKAGE = next((p for p in (os.path.join(_HERE, "_C" + sfx)
@@ -46,7 +46,7 @@ def _error(e):
 
 def _load_file(path):
     """Import the library at `path` as sgm_ext._C."""
-    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+    spec = importlib.util.spec_from_file_location("sgm_ext._C", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules[spec.name] = module
@@ -54,7 +54,7 @@ def _load_file(path):
 
 
 try:
-    from . import _C  # noqa: F401  (loading the library registers its ops)
+    from .. import _C  # noqa: F401  (loading the library registers its ops)
     SOURCE, PATH = "in-package", _C.__file__
 except Exception as e:  # ImportError when not built; OSError / undefined symbols when broken
     _C = None

@@ -42,8 +42,8 @@ import re
 
 import torch
 
-from .pooling import language_mlps
-from .prompts import BENIGN_TEXT
+from ..evaluation.prompts import BENIGN_TEXT
+from ..profile.pooling import language_mlps
 
 SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>"]
 # Words that ask for an insult: the profiling split uses the first half, held-out prompts the

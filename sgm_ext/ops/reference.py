@@ -7,8 +7,8 @@ live here too, so every backend shares one backward.
 """
 import torch
 
-from . import scale_math
-from .activations import activation, activation_grad
+from ..core import scale_math
+from ..core.activations import activation, activation_grad
 
 
 def compute_dtype(dtype):

@@ -18,32 +18,16 @@ import sys
 import time
 import warnings
 
-from . import realmodel, synthetic
-from .auroc import check_labels
-from .benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
-from .build import BuildError
-from .build import build as build_library
-from .collect import collect
-from .data import load_rows
-from .evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
-from .expertise import (
-    DEFAULT_FDR,
-    SELECTIONS,
-    Expertise,
-    check_selection,
-    is_expertise_file,
-    shuffled_label_experts,
-)
-from .expertise import expertise as compute_expertise
-from .files import check_output_file
-from .inputs import FORMATS, MODALITIES, resolve_format
-from .judges import SCORINGS, get_judge, read_template, resolve_scoring
-from .loading import check_device, check_model_dir, load_model
-from .plots import expertise_plot
-from .pooling import POOLINGS, site_table
-from .prompts import load_capability, load_prompts, read_text_file
-from .registry import SITE_KINDS
-from .report import (
+from ..app import realmodel, synthetic
+from ..app.loading import check_device, check_model_dir, load_model
+from ..core.files import check_output_file
+from ..core.scale_math import METHODS, check_fraction, check_method, check_strength
+from ..evaluation.benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
+from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
+from ..evaluation.judges import SCORINGS, get_judge, read_template, resolve_scoring
+from ..evaluation.plots import expertise_plot
+from ..evaluation.prompts import load_capability, load_prompts, read_text_file
+from ..evaluation.report import (
     condition_table,
     expertise_table,
     interval,
@@ -54,13 +38,29 @@ from .report import (
     summary_table,
     write_report,
 )
-from .responses import DEFAULT_RAM_BUDGET
-from .scale_math import METHODS, check_fraction, check_method, check_strength
-from .scales import is_scale_file, load_scales
-from .serving import SETTINGS_KEY, check_for_serving, read_settings
-from .transport import TRANSPORT_METHODS, balance, transport_maps
+from ..ops.build import BuildError
+from ..ops.build import build as build_library
+from ..patching.registry import SITE_KINDS
+from ..patching.scales import is_scale_file, load_scales
+from ..profile.auroc import check_labels
+from ..profile.collect import collect
+from ..profile.data import load_rows
+from ..profile.expertise import (
+    DEFAULT_FDR,
+    SELECTIONS,
+    Expertise,
+    check_selection,
+    is_expertise_file,
+    shuffled_label_experts,
+)
+from ..profile.expertise import expertise as compute_expertise
+from ..profile.inputs import FORMATS, MODALITIES, resolve_format
+from ..profile.pooling import POOLINGS, site_table
+from ..profile.responses import DEFAULT_RAM_BUDGET
+from ..profile.transport import TRANSPORT_METHODS, balance, transport_maps
+from ..serving.modules import SETTINGS_KEY, check_for_serving, read_settings
 
-RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
+RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 

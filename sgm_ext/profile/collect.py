@@ -12,9 +12,10 @@ from typing import Optional
 
 import torch
 
+from ..core.files import write_json
+from ..core.fingerprints import config_fingerprint, processor_fingerprint, weights_fingerprint
+from ..core.progress import progress_bar
 from .data import Dataset, load_rows
-from .files import write_json
-from .fingerprints import config_fingerprint, processor_fingerprint, weights_fingerprint
 from .inputs import (
     MODALITIES,
     LengthLimit,
@@ -28,7 +29,6 @@ from .inputs import (
     unusable_images_warning,
 )
 from .pooling import POOLINGS, Pooler, pooling_hooks, resolve_sites
-from .progress import progress_bar
 from .responses import DEFAULT_RAM_BUDGET, Responses
 
 CHECKPOINT_STATE = "state.json"

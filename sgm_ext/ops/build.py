@@ -49,7 +49,7 @@ class BuildError(RuntimeError):
 def csrc_dir():
     """The C++ / CUDA sources: sgm_ext/csrc in an installed package, csrc/ next to the package
     in a source checkout (an editable install); None when neither exists."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sgm_ext/
     for path in (os.path.join(package, "csrc"), os.path.join(os.path.dirname(package), "csrc")):
         if os.path.isfile(os.path.join(path, "ops.cpp")):
             return path
@@ -165,7 +165,7 @@ def cache_root(environ=None):
 
 
 def _version():
-    from .version import __version__
+    from ..version import __version__
 
     return __version__
 

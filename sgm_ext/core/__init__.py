@@ -1,0 +1,2 @@
+"""Layer 0, the foundation: the activations, the scale math, fingerprints, file writes,
+progress bars, and the table of the flat layout's module paths."""
