@@ -366,7 +366,8 @@ def test_bad_steering_vectors_are_named(vectors, message):
     before = param_hash(model)
     with pytest.raises(ValueError, match=message):
         sgm_ext.steering(model, vectors)
-    assert param_hash(model) == before and sgm_ext.patching.patch._HANDLE_ATTR not in model.__dict__
+    assert param_hash(model) == before
+    assert sgm_ext.patching.patcher._HANDLE_ATTR not in model.__dict__
 
 
 def test_a_vector_file_that_is_not_one_is_named(tmp_path):

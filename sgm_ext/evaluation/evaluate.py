@@ -28,7 +28,7 @@ from collections import Counter
 import torch
 
 from ..core.progress import progress_bar
-from ..patching.patch import patch
+from ..patching.patcher import patch
 from ..profile.inputs import (
     LengthLimit,
     default_max_length,

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..patching.patch import patch
+from ..patching.patcher import patch
 from ..profile.inputs import collate, encode, input_device, pad_token_id, tokenizer_of
 
 

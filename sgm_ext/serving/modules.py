@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core.scale_math import check_strength, effective_scale
 from ..ops import custom_ops as ops
-from ..patching.patch import check_scales
+from ..patching.patcher import check_scales
 from ..patching.scales import load_scales
 from ..profile.pooling import language_mlps
 
