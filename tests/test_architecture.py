@@ -182,9 +182,8 @@ def test_every_module_has_a_layer_and_imports_go_downward():
     assert not unplaced, f"docs/ARCHITECTURE.md's layer table places no folder of {unplaced}"
     missing = sorted(p for p in layers if not any(m == p or m.startswith(p + ".") for m in known))
     assert not missing, f"docs/ARCHITECTURE.md's layer table names what does not exist: {missing}"
-    upward = [(m, line, t, layer_of(m, layers), layer_of(t, layers)) for m, es in edges.items()
-              for t, _, line in es if t in known and layer_of(t, layers) > layer_of(m, layers)]
-    assert not upward, f"imports from a higher layer (module, line, target, layers): {upward}"
+    upward = upward_imports(edges, known, layers)
+    assert not upward, f"imports from a higher layer (module, line, target): {upward}"
 
 
 def test_a_layer_is_a_folder():
@@ -214,3 +213,58 @@ def test_no_long_module_and_no_long_function():
                     long_functions.append((module, node.name, lines))
     assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def upward_imports(edges, known, layers):
+    return [(m, line, t) for m, es in edges.items() for t, _, line in es
+            if t in known and layer_of(t, layers) > layer_of(m, layers)]
+
+
+def test_the_layer_check_finds_an_upward_import():
+    # The downward rule must be able to fail: a foundation module importing the command line.
+    layers = {f"{PACKAGE}.core": 0, f"{PACKAGE}.cli": 6}
+    known = {f"{PACKAGE}.core.files", f"{PACKAGE}.cli.main"}
+    edges = {f"{PACKAGE}.core.files": {(f"{PACKAGE}.cli.main", (), 3)},
+             f"{PACKAGE}.cli.main": {(f"{PACKAGE}.core.files", (), 1)}}
+    assert upward_imports(edges, known, layers) == [(f"{PACKAGE}.core.files", 3,
+                                                     f"{PACKAGE}.cli.main")]
+
+
+# The module paths of the flat layout, as README.md and user code of that time import them.
+OLD_IMPORTS = r"""
+import sgm_ext
+from sgm_ext import profile, vllm_plugin
+from sgm_ext.benchmarks import load_benchmark
+from sgm_ext.evaluate import evaluate
+from sgm_ext.report import summary_table, write_report
+from sgm_ext.backends import selected
+import sgm_ext.scales, sgm_ext.registry
+from sgm_ext.core import old_paths
+assert callable(sgm_ext.backends) and callable(selected)   # the function is not rebound
+assert sgm_ext.report is sgm_ext.evaluation.report
+assert vllm_plugin is sgm_ext.serving.vllm_plugin
+assert vllm_plugin.__name__ == "sgm_ext.serving.vllm_plugin"
+from sgm_ext.serving import check_for_serving, read_settings   # folders offer the old names
+from sgm_ext.patching import patch, unpatch
+assert sgm_ext.scales.ScaleSet is sgm_ext.ScaleSet
+assert callable(sgm_ext.interop.from_aura) and callable(sgm_ext.realmodel.checkpoint)
+assert callable(sgm_ext.build.build) and callable(profile.run) and callable(profile.collect)
+import importlib
+for old, new in old_paths.OLD_PATHS.items():
+    assert importlib.import_module("sgm_ext." + old) is importlib.import_module("sgm_ext." + new)
+try:
+    import sgm_ext.no_such_module
+except ModuleNotFoundError:
+    pass
+else:
+    raise AssertionError("an unknown name imported")
+print("ok")
+"""
+
+
+def test_the_flat_layout_module_paths_still_import():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", OLD_IMPORTS], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr[-3000:]

@@ -134,7 +134,8 @@ def test_ordinary_wheel_is_pure_python_and_ships_the_sources(wheel):
     shipped = {f"sgm_ext/csrc/{rel}" for rel in build.source_files(CSRC)}
     assert {"sgm_ext/csrc/ops.cpp", "sgm_ext/csrc/act_mul_scale.cu"} <= shipped
     assert shipped <= names, sorted(shipped - names)
-    assert {"sgm_ext/__init__.py", "sgm_ext/build.py", "sgm_ext/kernels/__init__.py",
+    assert {"sgm_ext/__init__.py", "sgm_ext/ops/build.py", "sgm_ext/kernels/__init__.py",
+            "sgm_ext/cli/__init__.py", "sgm_ext/serving/vllm_plugin.py",
             "sgm_ext/resources/benign.txt"} <= names
     binaries = [n for n in names if n.endswith((".so", ".pyd", ".o", ".dll", ".dylib"))]
     assert not binaries, binaries
@@ -151,7 +152,7 @@ def test_sdist_ships_the_sources(source_tree, tmp_path):
     with tarfile.open(tmp_path / res.stdout.strip().splitlines()[-1]) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert {f"csrc/{rel}" for rel in build.source_files(CSRC)} <= names
-    assert {"setup.py", "pyproject.toml", "MANIFEST.in", "sgm_ext/build.py",
+    assert {"setup.py", "pyproject.toml", "MANIFEST.in", "sgm_ext/ops/build.py",
             "kernels/__init__.py", "sgm_ext/resources/benign.txt"} <= names
     assert not [n for n in names if n.endswith((".so", ".o"))]
 
@@ -195,7 +196,7 @@ def test_installed_wheel_runs_the_demo(wheel, tmp_path):
 # ------------------------------------------------------------------ sources, flags, cache keys
 
 def test_build_definitions_load_without_torch():
-    # setup.py reads sgm_ext/build.py by path in pip's isolated environment, which has no
+    # setup.py reads sgm_ext/ops/build.py by path in pip's isolated environment, which has no
     # torch: the module must import, and give the sources and flags, without it.
     script = r"""
 import importlib.util, sys
@@ -204,7 +205,7 @@ class NoTorch:
         if name.split(".")[0] == "torch":
             raise ImportError("no torch in the build environment")
 sys.meta_path.insert(0, NoTorch())
-spec = importlib.util.spec_from_file_location("_b", sys.argv[1] + "/sgm_ext/build.py")
+spec = importlib.util.spec_from_file_location("_b", sys.argv[1] + "/sgm_ext/ops/build.py")
 b = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(b)
 print(len(b.sources("csrc", cuda=True)), b.nvcc_flags(b.DEFAULT_ARCHS)[-1])

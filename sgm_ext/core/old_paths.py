@@ -4,7 +4,9 @@ Until the layers became folders every module sat in `sgm_ext/`; user code and th
 that time import `sgm_ext.evaluate`, `sgm_ext.report`, `sgm_ext.benchmarks`, `sgm_ext.interop`,
 `sgm_ext.vllm_plugin` and more. OLD_PATHS is the one table of where each now lives; the finder
 below makes `import sgm_ext.<old>` and `from sgm_ext.<old> import x` give the module at its new
-path (the same module object, not a copy), imported only when asked for.
+path (the same module object, not a copy), imported only when asked for. The old modules
+whose names are now folders (ops, patching, profile, serving, cli) need no entry: each folder's
+__init__.py offers the old module's public names.
 """
 import importlib
 import importlib.abc
@@ -26,7 +28,7 @@ OLD_PATHS = {
     "prompts": "evaluation.prompts", "benchmarks": "evaluation.benchmarks",
     "judges": "evaluation.judges", "generation": "evaluation.generation",
     "plots": "evaluation.plots", "report": "evaluation.report", "evaluate": "evaluation.evaluate",
-    "serving": "serving.modules", "vllm_plugin": "serving.vllm_plugin",
+    "vllm_plugin": "serving.vllm_plugin",
     "loading": "app.loading", "synthetic": "app.synthetic", "realmodel": "app.realmodel",
 }
 
