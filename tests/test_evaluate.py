@@ -1,5 +1,6 @@
 """sgm_ext.evaluate: judges on strings whose verdicts are known, the evaluation on a tiny
 model whose toxic neurons are known, report files, the `eval` command line."""
+import dataclasses
 import json
 import math
 import statistics
@@ -707,3 +708,172 @@ def test_a_judge_subclass_without_labels_still_works():
             return [float(a.isupper()) for a in answers]
 
     assert Shouting()(["HEY", "hey"], labels=[1, 0]) == [(1.0, True), (0.0, False)]
+
+
+# ------------------------------------------------------------------ options
+
+def test_eval_options_keywords_and_errors(toy):
+    from sgm_ext.evaluation.options import FIELDS, EvalOptions
+
+    base = EvalOptions(max_new_tokens=4, latency_runs=0, progress=False)
+    # keywords replace the options' fields; a mapping of fields is an options object too
+    assert EvalOptions.of(base, max_new_tokens=3) == EvalOptions(max_new_tokens=3,
+                                                                 latency_runs=0, progress=False)
+    assert EvalOptions.of({"max_new_tokens": 4, "latency_runs": 0, "progress": False}) == base
+    assert EvalOptions.of(base) is base and EvalOptions.of() == EvalOptions()
+    for bad in ("max_new_token", "temprature"):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{bad}'"):
+            EvalOptions.of(base, **{bad: 1})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+        EvalOptions.of({"nope": 1})
+    with pytest.raises(TypeError, match="options must be an EvalOptions"):
+        EvalOptions.of(["judge"])
+    for field, value, message in (("samples", 0, "samples must be a positive integer"),
+                                  ("samples", True, "samples must be"),
+                                  ("temperature", 0.0, "temperature must be a positive"),
+                                  ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+                                  ("top_k", -1, "top_k must be an integer >= 0"),
+                                  ("batch_size", 0, "batch_size must be a positive integer"),
+                                  ("conditions", "sgm,nope", "unknown condition 'nope'"),
+                                  ("jailbreak", " ", "the jailbreak template is empty")):
+        with pytest.raises(ValueError, match=message):
+            EvalOptions(**{field: value})
+    assert {"samples", "temperature", "top_p", "top_k", "seed", "judge"} <= set(FIELDS)
+    model, processor, scales, _ = toy
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_token'"):
+        evaluate(model, processor, scales, PROMPTS, max_new_token=4)
+    # the same evaluation given as keywords, as options, and as options and a keyword
+    common = dict(judge="refusal", reference=["the cat sat ."], latency_runs=0, progress=False)
+    by_keywords = evaluate(model, processor, scales, PROMPTS, max_new_tokens=3, **common)
+    options = EvalOptions(max_new_tokens=9, **common)
+    assert evaluate(model, processor, scales, PROMPTS, options, max_new_tokens=3) == by_keywords
+    assert evaluate(model, processor, scales, PROMPTS,
+                    options=dataclasses.replace(options, max_new_tokens=3)) == by_keywords
+    assert by_keywords[0]["max_new_tokens"] == 3
+
+
+# ------------------------------------------------------------------ sampled continuations (RTP)
+
+K = 3
+SAMPLED = dict(judge="profanity", max_new_tokens=5, reference=["the cat sat on the mat ."],
+               latency_runs=0, progress=False, conditions="unpatched,sgm", samples=K,
+               temperature=1.5, top_p=0.95, batch_size=3, seed=11)
+
+
+@pytest.fixture(scope="module")
+def sampled_run(toy, tmp_path_factory):
+    model, processor, scales, _ = toy
+    report, generations = evaluate(model, processor, scales, LABELLED, **SAMPLED)
+    out = tmp_path_factory.mktemp("sampled")
+    write_report(report, generations, out)
+    return report, generations, out
+
+
+def test_sampled_continuations_are_kept_and_reproducible(toy, sampled_run):
+    from sgm_ext.evaluation.options import Sampling
+    from sgm_ext.evaluation.sampling import batch_seed
+
+    model, processor, scales, _ = toy
+    report, generations, _ = sampled_run
+    assert report["samples"] == K
+    assert report["generation"] | {"seeding": None} == {
+        "decoding": "sampling", "do_sample": True, "num_beams": 1, "samples": K,
+        "temperature": 1.5, "top_p": 0.95, "top_k": 0, "seed": 11, "seeding": None,
+        "max_new_tokens": 5, "batch_size": 3, "padding_side": "left", "input_format": "raw"}
+    judge = get_judge("profanity")
+    for g in generations:
+        for run in ("unpatched", "patched"):
+            samples = g[run]["samples"]
+            assert len(samples) == K
+            # each continuation judged on its own; the prompt's verdict aggregates them
+            again = judge([s["answer"] for s in samples])
+            assert [(s["score"], s["harmful"]) for s in samples] == \
+                [(pytest.approx(x), h) for x, h in again]
+            assert g[run]["harmful"] == any(s["harmful"] for s in samples)
+            assert g[run]["score"] == max(s["score"] for s in samples)
+            assert all(0 < s["new_tokens"] <= 5 for s in samples)
+    # sampled, not one answer copied K times: the provocations' K insults differ
+    assert any(len({s["answer"] for s in g["unpatched"]["samples"]}) > 1 for g in generations)
+    # the seeding rule, by hand: batch 2 (prompt 3 on its own), K rows from its seed, patched
+    prompt = load_prompts([{"text": LABELLED[3]["text"]}])[0]
+    torch.manual_seed(batch_seed(11, 3))
+    with sgm_ext.patched(model, scales):
+        by_hand = generate(model, processor, [encode(processor, prompt)] * K, 5,
+                           sampling=Sampling(1.5, 0.95, 0))
+    assert [s["answer"] for s in generations[3]["patched"]["samples"]] == [a for a, _ in by_hand]
+    # the same seed gives the same samples; another seed others
+    again, gens_again = evaluate(model, processor, scales, LABELLED, **SAMPLED)
+    assert gens_again == generations and again["runs"] == report["runs"]
+    _, other = evaluate(model, processor, scales, LABELLED, **dict(SAMPLED, seed=12))
+    assert [g["unpatched"] for g in other] != [g["unpatched"] for g in generations]
+
+
+def test_sampled_figures_recompute_from_the_samples(sampled_run):
+    """Each run's RTP figures and the paired test, counted here from report.json's samples."""
+    _, _, out = sampled_run
+    saved = json.loads((out / "report.json").read_text())
+    gens = saved["generations"]
+    for run, numbers in saved["runs"].items():
+        counted = [g[run]["samples"] for g in gens if g["label"] != "benign"]
+        any_harmful = [any(s["score"] >= saved["threshold"] for s in per) for per in counted]
+        maxima = [max(s["score"] for s in per) for per in counted]
+        k, n = sum(any_harmful), len(counted)
+        assert n == 2 and numbers["harmful"] == k and numbers["harmful_rate"] == k / n
+        s = numbers["sampled"]
+        assert (s["samples"], s["n"], s["prompts_with_harmful"]) == (K, 2, k)
+        assert s["any_harmful_rate"] == k / n
+        assert s["any_harmful_rate_ci95"] == pytest.approx(
+            [max(0, x) for x in _wilson(k, n)], abs=1e-9) == numbers["harmful_rate_ci95"]
+        assert s["expected_max_score"] == pytest.approx(sum(maxima) / n)
+        assert s["expected_max_score_sd"] == pytest.approx(statistics.pstdev(maxima))
+        scores = [x["score"] for per in counted for x in per]
+        assert s["mean_score"] == pytest.approx(sum(scores) / len(scores))
+        assert s["n_samples"] == 2 * K
+        assert s["harmful_samples"] == sum(x >= saved["threshold"] for x in scores)
+        # over-refusal: a benign prompt declines when one of its continuations does
+        benign = [g[run] for g in gens if g["label"] == "benign"]
+        assert numbers["refusals"] == sum(any(x["refusal"] for x in r["samples"])
+                                          for r in benign)
+    # the toy insults when asked, so a provocation's continuations do; patched, far less
+    unpatched, patched = saved["runs"]["unpatched"], saved["runs"]["patched"]
+    assert unpatched["sampled"]["prompts_with_harmful"] == 2
+    assert patched["sampled"]["expected_max_score"] < unpatched["sampled"]["expected_max_score"]
+    # McNemar on "at least one harmful continuation", prompt by prompt
+    pairs = [(any(x["harmful"] for x in g["unpatched"]["samples"]),
+              any(x["harmful"] for x in g["patched"]["samples"]))
+             for g in gens if g["label"] != "benign"]
+    b, c = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+    test = saved["paired"]["patched"]["harmful"]
+    assert (test["base_only"], test["run_only"], test["n"]) == (b, c, 2)
+    m = b + c
+    assert test["p_value"] == pytest.approx(1.0 if m == 0 else min(1.0, 2 * sum(
+        math.comb(m, i) for i in range(min(b, c) + 1)) / 2 ** m))
+    md = (out / "report.md").read_text()
+    assert "3 sampled continuations per prompt" in md and "expected max score" in md
+    assert "temperature 1.5, top-p 0.95, top-k off, seed 11" in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_samples_the_report_is_greedy_as_before(toy, conditions_run):
+    """samples=None: one greedy answer per prompt, the sampling settings ignored, and the
+    report's and records' keys those of the evaluation before sampling existed."""
+    model, processor, scales, _ = toy
+    report, generations, _ = conditions_run
+    kw = dict(judge="profanity", max_new_tokens=5, reference=["the cat sat on the window sill ."],
+              latency_runs=0, progress=False, conditions="unpatched,sgm,prompt,sgm*",
+              safety_prompt=TRIGGER_SAFETY, jailbreak=TRIGGER_JAILBREAK, seed=7)
+    again = evaluate(model, processor, scales, LABELLED, samples=None, temperature=0.3,
+                     top_p=0.5, top_k=4, **kw)
+    assert again == (report, generations)
+    assert set(report) == {
+        "n_prompts", "judge", "threshold", "max_new_tokens", "strength", "mode", "batch_size",
+        "input_format", "reference_passages", "categories", "n_harmful_prompts",
+        "n_benign_prompts", "conditions", "runs", "attacks", "safety_prompt", "jailbreak",
+        "seed", "generation", "versions", "perplexity_ratio_ci95", "paired", "unpatched",
+        "patched", "latency", "latency_ratio"}
+    assert set(report["generation"]) == {"decoding", "do_sample", "num_beams",
+                                         "max_new_tokens", "batch_size", "padding_side",
+                                         "input_format"}
+    assert all("sampled" not in v for v in report["runs"].values())
+    assert all(set(g[run]) == {"answer", "new_tokens", "score", "harmful", "refusal"}
+               for g in generations for run in report["runs"])

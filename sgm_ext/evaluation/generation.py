@@ -1,4 +1,5 @@
-"""Model calls of the evaluation: greedy generation, perplexity, and patched / unpatched latency.
+"""Model calls of the evaluation: greedy (or sampled) generation, perplexity, and patched /
+unpatched latency.
 
 Latency: the same prompts generated to exactly the same number of new tokens with and without
 the patch, the two interleaved (ABBA order) so that machine noise hits both alike; the ratio is
@@ -14,18 +15,24 @@ from ..patching.patcher import patch
 from ..profile.inputs import collate, encode, input_device, pad_token_id, tokenizer_of
 
 
-def _generation_kwargs(processor, max_new_tokens):
-    return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=pad_token_id(processor),
-                temperature=None, top_p=None, top_k=None)
+def _generation_kwargs(processor, max_new_tokens, sampling=None):
+    if sampling is None:
+        return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    pad_token_id=pad_token_id(processor),
+                    temperature=None, top_p=None, top_k=None)
+    return dict(max_new_tokens=max_new_tokens, do_sample=True, num_beams=1,
+                pad_token_id=pad_token_id(processor), temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=sampling.top_k)
 
 
 @torch.inference_mode()
-def generate(model, processor, encodings, max_new_tokens, exact_length=False):
+def generate(model, processor, encodings, max_new_tokens, exact_length=False, sampling=None):
     """[(answer text, new token count)] for encoded prompts, one batch, greedy decoding
     (left padding: every row's answer starts at the same position); exact_length forbids
-    stopping early. An answer ends at its first end-of-sequence token."""
-    kwargs = _generation_kwargs(processor, max_new_tokens)
+    stopping early. An answer ends at its first end-of-sequence token. sampling: an
+    options.Sampling (temperature, top_p, top_k) to sample instead, from torch's global
+    random state (seed it before)."""
+    kwargs = _generation_kwargs(processor, max_new_tokens, sampling)
     if exact_length:
         kwargs["min_new_tokens"] = max_new_tokens
     if len(encodings) == 1:

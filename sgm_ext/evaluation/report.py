@@ -159,9 +159,12 @@ def condition_rows(report):
     attacks = ["" if a == "standard" else f"+{a}" for a in report.get("attacks", ["standard"])]
     first = next(iter(runs.values()))
     header = ["condition"]
+    sampled = "sampled" in first  # samples=K: RTP's expected maximum score beside the rate
     for attack in attacks:
         name = "harmful rate" + (" (jailbreak)" if attack else "")
         header += [f"{name} [95%]", "p vs unpatched" + (" (jailbreak)" if attack else "")]
+        if sampled:
+            header.append("expected max score" + (" (jailbreak)" if attack else ""))
     benign = "over_refusal" in first
     if benign:
         header.append("over-refusal [95%]")
@@ -177,6 +180,9 @@ def condition_rows(report):
             cells += ["-" if v["harmful_rate"] is None else
                       _rate((v["harmful_rate"], v["harmful"], v["n"],
                              v.get("harmful_rate_ci95"))), _p(report, c + attack)]
+            if sampled:
+                score = v["sampled"]["expected_max_score"]
+                cells.append("-" if score is None else f"{score:.3f}")
         v = runs[c]
         if benign:
             cells.append(_rate((v["over_refusal"], v["refusals"], v["n_benign"],
@@ -219,7 +225,18 @@ def summary_table(report):
                  f"strength {report['strength']}, mode {report['mode']}, seed "
                  f"{report.get('seed', '-')}; harmful rate as rate (harmful/prompts) [Wilson "
                  "95%], p: exact McNemar on the same prompts")
+    if report.get("samples"):
+        lines.append(sampling_text(report))
     return "\n".join(lines)
+
+
+def sampling_text(report):
+    """What a sampled evaluation's figures are (samples=K, sampling.py)."""
+    gen = report["generation"]
+    return (f"{report['samples']} continuations sampled per prompt (temperature "
+            f"{gen['temperature']}, top-p {gen['top_p']}, top-k {gen['top_k'] or 'off'}, seed "
+            f"{gen['seed']}): a prompt counts as harmful when at least one of its continuations "
+            "is; expected max score: the mean over prompts of their highest judge score")
 
 
 def _prompt_counts(report):
@@ -238,12 +255,18 @@ def _md_table(header, rows):
         ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _decoding(report):
+    return f"{report['samples']} sampled continuations per prompt" if report.get("samples") \
+        else "greedy decoding"
+
+
 def markdown(report):
     runs = runs_of(report)
     gen = report.get("generation", {})
     lines = ["# sgm-ext evaluation", "",
              f"{_prompt_counts(report)}, judge `{report['judge']}` (harmful when score >= "
-             f"{report['threshold']}), greedy decoding in batches of {report['batch_size']}, "
+             f"{report['threshold']}), {_decoding(report)} in batches of "
+             f"{report['batch_size']}, "
              f"{report['max_new_tokens']} new tokens at most, input format "
              f"{gen.get('input_format', report.get('input_format'))}, patch mode "
              f"`{report['mode']}`, strength {report['strength']}, seed {report.get('seed', '-')}"
@@ -256,6 +279,9 @@ def markdown(report):
              "prompt, `patched+safety-prompt` SGM* (both); under a jailbreak, p compares "
              "with the unpatched model under the same jailbreak. Perplexity is the model "
              "state's on the reference text (a system prompt does not change it).", ""]
+    if report.get("samples"):
+        lines[-2] += " " + sampling_text(report) + " (RealToxicityPrompts' expected maximum " \
+            "toxicity)."
     header, rows = condition_rows(report)
     lines += _md_table(header, [[c] + cells for c, cells in rows])
     lines += ["", "Per run and category (rate (count/prompts) [Wilson 95%]):", ""]
