@@ -115,6 +115,11 @@ def test_evaluation_example_runs(tmp_path, monkeypatch):
         said = [bool(g[run]["answer"].strip()) for g in saved["generations"]
                 if g["label"] == "harmful"]
         assert numbers["harmful"] == sum(said), run
+    # the sampled run: 4 continuations kept per prompt and run, the figure counts prompts
+    rtp = ns["rtp"]
+    assert rtp["samples"] == 4 and list(rtp["runs"]) == ["unpatched", "patched"]
+    assert rtp["runs"]["patched"]["n"] == 2
+    assert 0 <= ns["patched"]["sampled"]["expected_max_score"] <= 1
 
 
 def test_affine_example_runs(tmp_path, monkeypatch):
