@@ -110,14 +110,6 @@ def _act_mul_scale_bwd(ctx, grad):
 _act_mul_scale.register_autograd(_act_mul_scale_bwd, setup_context=_save_elementwise)
 
 
-def allocating_op(device_type, shift=False):
-    """The allocating form of act_mul_scale (gate, up, scale, gate_scale, act; shift: the
-    form that takes the shift last) of the backend that runs it on `device_type`, or None when
-    that backend has none: what act_mul_scale_prechecked calls in plain inference, for a
-    caller (a patched MLP's fast forward) that binds it once and checks the rest itself."""
-    return backends.select_alloc(device_type, shift)
-
-
 def act_mul_scale_prechecked(gate, up, scale, gate_scale, act, shift=None):
     """act_mul_scale (up None: act_scale) for a caller that checked scale, gate_scale, shift
     and act beforehand and applies them on every call, as a patched MLP does: float32 vectors

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import allocating_op
 from ..ops import custom_ops as ops
 from .state import PatchState
 from .strength import ScalesAtStrength
@@ -101,14 +102,14 @@ class Fused(PatchState):
         output (gate, up, gate_up, down) makes that sub-module the Linear with its affine map
         (see _shifted_output)."""
         at = self.at
-        alloc = ops.allocating_op(like.device.type)
+        alloc = allocating_op(like.device.type)
         if (not at.strength.uniform or at.strength.is_zero or alloc is None
                 or self.info.layout == "non_gated" or (GATED_UP_PROJ and like.is_cuda)):
             return False
         eff = at.effective(like.device)
         prechecked = ops.act_mul_scale_prechecked
         if eff["mid_shift"] is not None:
-            shift_alloc = ops.allocating_op(like.device.type, shift=True)
+            shift_alloc = allocating_op(like.device.type, shift=True)
             if shift_alloc is None:  # a library built before shifts
                 return False
             alloc = functools.partial(shift_alloc, shift=eff["mid_shift"])
