@@ -367,7 +367,7 @@ def test_bad_steering_vectors_are_named(vectors, message):
     with pytest.raises(ValueError, match=message):
         sgm_ext.steering(model, vectors)
     assert param_hash(model) == before
-    assert sgm_ext.patching.patcher._HANDLE_ATTR not in model.__dict__
+    assert sgm_ext.patching.handle.HANDLE_ATTR not in model.__dict__
 
 
 def test_a_vector_file_that_is_not_one_is_named(tmp_path):

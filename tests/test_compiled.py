@@ -307,9 +307,9 @@ def test_prechecked_takes_the_compiled_fast_path_only_for_plain_inference(gen, m
     # Plain inference: one call of the compiled allocating op. With gradients flowing the
     # public op runs (the fast path has no autograd), and its gradients are right.
     require()
-    from sgm_ext import ops
+    from sgm_ext.ops import backends as backends_module
+    from sgm_ext.ops import custom_ops as ops
     calls = []
-    backends_module = sys.modules["sgm_ext.backends"]
     select_alloc = backends_module.select_alloc
 
     def spy(device_type):

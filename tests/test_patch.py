@@ -9,7 +9,8 @@ from patch_models import BUILDERS, B, build, logits, param_hash, python_calls, r
 from torch import nn
 
 import sgm_ext
-from sgm_ext.patching import patch as patch_mod
+from sgm_ext.patching import fused as fused_mod
+from sgm_ext.patching.handle import HANDLE_ATTR
 from sgm_ext.patching.registry import find_mlps
 from sgm_ext.patching.scales import ScaleSet, config_fingerprint
 
@@ -41,7 +42,7 @@ def _module_state(model):
     installs hooks of its own, so compare against a snapshot rather than against none)."""
     return {name: (m.__dict__.get("forward"), m.__dict__.get("_old_forward"),
                    tuple(m._forward_hooks.values()), tuple(m._forward_pre_hooks.values()),
-                   m.__dict__.get(patch_mod._HANDLE_ATTR))
+                   m.__dict__.get(HANDLE_ATTR))
             for name, m in model.named_modules()}
 
 
@@ -50,7 +51,7 @@ def _no_patch_left(model, snapshot):
     for name, state in snapshot.items():
         assert now[name] == state, f"{name}: forward / hooks / marker differ after unpatch"
     for name, m in model.named_modules():
-        assert patch_mod._HANDLE_ATTR not in m.__dict__, f"{name} still marked patched"
+        assert HANDLE_ATTR not in m.__dict__, f"{name} still marked patched"
 
 
 def _greedy(model, inputs, n=4):
@@ -346,9 +347,9 @@ def test_gated_up_proj_dispatch(monkeypatch):
     run here, so its numerics are checked by forcing the choice on CPU (torch backend)."""
     gate, up = nn.Linear(8, 6, bias=False), nn.Linear(8, 6, bias=False)
     x = torch.randn(2, 8)
-    assert not patch_mod._use_gated_up_proj(gate, up, x)  # CPU
+    assert not fused_mod._use_gated_up_proj(gate, up, x)  # CPU
     cuda_like = torch.empty(2, 8, dtype=torch.bfloat16, device="meta")
-    assert not patch_mod._use_gated_up_proj(gate, up, cuda_like)  # not CUDA
+    assert not fused_mod._use_gated_up_proj(gate, up, cuda_like)  # not CUDA
 
     model, inputs = build("mistral")
     scales = _scales(model, seed=7)
@@ -361,8 +362,8 @@ def test_gated_up_proj_dispatch(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patch_mod, "_use_gated_up_proj", lambda g, u, x: True)
-    monkeypatch.setattr(patch_mod.ops, "gated_up_proj", spy)
+    monkeypatch.setattr(fused_mod, "_use_gated_up_proj", lambda g, u, x: True)
+    monkeypatch.setattr(fused_mod.ops, "gated_up_proj", spy)
     with sgm_ext.patched(model, scales, mode="fused"):
         assert rel(logits(model, inputs), ref) < 1e-5
     assert len(calls) == 2  # one per layer
@@ -476,13 +477,13 @@ def _leftovers(model):
                     if a in m.__dict__},
                    [type(h) for h in m._forward_hooks.values()],
                    [type(h) for h in m._forward_pre_hooks.values()],
-                   patch_mod._HANDLE_ATTR in m.__dict__)
+                   HANDLE_ATTR in m.__dict__)
             for name, m in model.named_modules()}
 
 
 def _marked(model):
-    return {name: m.__dict__[patch_mod._HANDLE_ATTR] for name, m in model.named_modules()
-            if patch_mod._HANDLE_ATTR in m.__dict__}
+    return {name: m.__dict__[HANDLE_ATTR] for name, m in model.named_modules()
+            if HANDLE_ATTR in m.__dict__}
 
 
 @pytest.mark.parametrize("mode", ["fused", "fold", "hook"])
@@ -498,7 +499,7 @@ def test_deepcopy_of_a_patched_model_is_an_independent_patched_model(mode):
     assert not torch.equal(patched, base)
 
     dup = copy.deepcopy(model)
-    dup_handle = dup.__dict__[patch_mod._HANDLE_ATTR]  # what sgm_ext.unpatch(dup) removes
+    dup_handle = dup.__dict__[HANDLE_ATTR]  # what sgm_ext.unpatch(dup) removes
     assert dup_handle is not handle and dup_handle.model is dup and dup_handle.active
     assert set(_marked(dup)) == set(marks)
     assert all(h is dup_handle for h in _marked(dup).values())
@@ -531,7 +532,7 @@ def test_deepcopy_of_a_patched_model_is_an_independent_patched_model(mode):
     assert torch.equal(logits(model, inputs), base)
     _no_patch_left(model, snapshot)
     assert torch.equal(logits(again, inputs), patched)
-    again.__dict__[patch_mod._HANDLE_ATTR].remove()
+    again.__dict__[HANDLE_ATTR].remove()
     assert param_hash(again) == before and _leftovers(again) == _leftovers(clean)
 
     for m in (model, dup, again):  # every one can be patched again
@@ -555,7 +556,7 @@ def test_deepcopy_keeps_an_accelerate_hook_on_the_mlp():
     dup = copy.deepcopy(model)
     dup_mlp = dup.model.layers[0].mlp
     fused = dup_mlp.__dict__["_old_forward"]
-    assert isinstance(fused, patch_mod._Fused) and fused.module is dup_mlp
+    assert isinstance(fused, fused_mod.Fused) and fused.module is dup_mlp
     Count.calls = 0
     assert torch.equal(logits(dup, inputs), patched)
     assert Count.calls == 1  # the copy's accelerate wrapper runs around the copy's fused forward
@@ -563,7 +564,7 @@ def test_deepcopy_keeps_an_accelerate_hook_on_the_mlp():
     assert dup_mlp.__dict__["_old_forward"].__self__ is dup_mlp  # the class forward, bound
     assert dup_mlp.__dict__["forward"].args == (dup_mlp,)  # the copy's accelerate wrapper
     assert torch.equal(logits(dup, inputs), base)
-    assert isinstance(mlp.__dict__["_old_forward"], patch_mod._Fused)
+    assert isinstance(mlp.__dict__["_old_forward"], fused_mod.Fused)
     assert torch.equal(logits(model, inputs), patched)
     handle.remove()
     assert mlp.__dict__["_old_forward"].__self__ is mlp

@@ -26,6 +26,7 @@ from ..core.scale_math import check_strength, effective_scale
 from ..ops import custom_ops as ops
 from ..patching.patcher import check_scales
 from ..patching.scales import load_scales
+from ..patching.strength import op_scales, per_row_scale, row_factor
 from ..profile.pooling import language_mlps
 
 SETTINGS_KEY = "sgm_ext"  # additional_config={"sgm_ext": {...}}
@@ -166,12 +167,12 @@ class ScaledActAndMul(nn.Module):
     @torch.no_grad()
     def set_strength(self, value: float):
         """In place: graphs captured before see it."""
-        if self.gate_eff is not None:
-            self.gate_eff.copy_(effective_scale(self.raw_gate, value))
-        if self.prod_eff is not None:
-            eff = [effective_scale(s, value) for s in (self.raw_up, self.raw_mid)
-                   if s is not None]
-            self.prod_eff.copy_(eff[0] * eff[1] if len(eff) == 2 else eff[0])
+        gate, prod = op_scales(*(None if s is None else effective_scale(s, value)
+                                 for s in (self.raw_gate, self.raw_up, self.raw_mid)))
+        if gate is not None:
+            self.gate_eff.copy_(gate)
+        if prod is not None:
+            self.prod_eff.copy_(prod)
 
     def forward(self, x):
         d = x.shape[-1] // 2
@@ -183,10 +184,10 @@ class ScaledActAndMul(nn.Module):
         strength = self.token_strength[: x.shape[0]]
         rows = strength[:, None]
         if self.raw_gate is not None:
-            gate = gate * effective_scale(self.raw_gate, rows).to(gate.dtype)
-        scale = self.raw_mid if self.raw_mid is not None else self.raw_up
-        if self.raw_mid is not None and self.raw_up is not None:
-            up = up * effective_scale(self.raw_up, rows).to(up.dtype)
+            gate = gate * row_factor(self.raw_gate, rows, gate.dtype)
+        scale, up_first = per_row_scale(self.raw_up, self.raw_mid)
+        if up_first:
+            up = up * row_factor(self.raw_up, rows, up.dtype)
         return ops.act_mul_scale(gate, up, scale, act=self.act,
                                  strength=None if scale is None else strength)
 
@@ -214,7 +215,7 @@ class ScaledDownProj(nn.Module):
             out = out * self.factor
         else:
             rows = self.token_strength[: out.shape[0], None]
-            out = out * effective_scale(self.raw, rows).to(out.dtype)
+            out = out * row_factor(self.raw, rows, out.dtype)
         return (out, *result[1:]) if isinstance(result, tuple) else out
 
 
