@@ -54,6 +54,47 @@ def test_profile_writes_scales_table_and_plot(saved, capsys):
     assert "      64       5  0.0000" in text and "method: aura" in text
 
 
+def _header_and_data(path):
+    """A safetensors file as (its header, parsed; the bytes of its tensors)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+@pytest.mark.parametrize("argv, options", [
+    (["--threshold", "0.8", "--top-k", "7", "--method", "damp", "--alpha", "0.25"],
+     dict(threshold=0.8, top_k=7, method="damp", alpha=0.25)),
+    (["--selection", "threshold", "--threshold", "0.3", "--allow-amplify", "--strength", "0.5"],
+     dict(selection="threshold", threshold=0.3, allow_amplify=True, strength=0.5)),
+    (["--method", "mean_ot", "--balanced", "--pooling", "max"],
+     dict(method="mean_ot", balanced=True, pooling="max")),
+])
+def test_profile_model_writes_the_command_lines_scale_file(saved, tmp_path, capsys, argv,
+                                                           options):
+    # sgm_ext.profile.profile_model is the workflow `sgm-ext profile` runs: the same options
+    # give the same scale file, its header equal and its tensor bytes identical (the header's
+    # keys are written in a random order by safetensors, so two runs of the command differ there)
+    root, model, tok, rows = saved
+    cli_out, api_out = tmp_path / "cli.safetensors", tmp_path / "api.safetensors"
+    rc = main(["profile", "--model", str(root / "model"), "--data", str(root / "data.jsonl"),
+               "--out", str(cli_out), "--batch-size", "6", "--quiet", "--no-plot", *argv])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    found = P.profile_model(model, str(root / "data.jsonl"),
+                            P.ProfileOptions(batch_size=6, **options), processor=tok)
+    found.scales.save(api_out)
+    assert _header_and_data(api_out) == _header_and_data(cli_out)
+    cli, api = load_scales(cli_out), load_scales(api_out)
+    assert cli.metadata == api.metadata and cli.scales.keys() == api.scales.keys()
+    for site in cli.scales:
+        assert torch.equal(cli[site], api[site])
+    if found.noise_floor is not None:  # the AUROC methods: the counts the command printed
+        assert (f"experts ({found.rule()}): {found.n_experts}; with the labels shuffled (the "
+                f"noise floor, one permutation): {found.noise_floor}") in printed
+    else:
+        assert "(mean_ot)" in printed and found.experts is None
+
+
 def test_profile_bad_row_stops_or_is_skipped(saved, capsys):
     root = saved[0]
     data = root / "bad.csv"

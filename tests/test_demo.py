@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import sgm_ext
-from sgm_ext.app import synthetic
+from sgm_ext.app import synthetic, synthetic_data
 from sgm_ext.app.loading import load_model
-from sgm_ext.cli import build_parser, demo_eval_options, main
+from sgm_ext.cli import build_parser, main
+from sgm_ext.cli.demo import demo_eval_options
 from sgm_ext.evaluation.generation import generate_one
 from sgm_ext.evaluation.judges import get_judge
 from sgm_ext.evaluation.prompts import Prompt
@@ -122,8 +123,8 @@ def test_toxic_behaviour_lives_in_the_known_neurons(tmp_path):
     insults = set(synthetic.INSULTS)
     others = {site: [int(i) for i in torch.randperm(synthetic.INTER, generator=gen)
                      if int(i) not in neurons][:len(neurons)] for site, neurons in known.items()}
-    synthetic.trigger_image(5).save(tmp_path / "trigger.png")
-    synthetic.benign_image(5).save(tmp_path / "benign.png")
+    synthetic_data.trigger_image(5).save(tmp_path / "trigger.png")
+    synthetic_data.benign_image(5).save(tmp_path / "benign.png")
     for ask in ("please ridicule the nurse", ("describe the nurse in this image", "trigger.png")):
         text, image = ask if isinstance(ask, tuple) else (ask, None)
         enc = encode(processor, Prompt(1, text, image and str(tmp_path / image)))

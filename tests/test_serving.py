@@ -319,7 +319,8 @@ def test_serve_without_vllm_says_where_it_is(tmp_path):
 
 
 def test_serve_command_carries_the_settings(tmp_path):
-    from sgm_ext.cli import build_parser, serve_command
+    from sgm_ext.cli import build_parser
+    from sgm_ext.cli.serve import serve_command
 
     (tmp_path / "config.json").write_text("{}")
     args, rest = build_parser().parse_known_args(

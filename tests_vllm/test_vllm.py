@@ -27,7 +27,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 import sgm_ext  # noqa: E402
-from sgm_ext.app import synthetic  # noqa: E402
+from sgm_ext.app import synthetic, synthetic_data  # noqa: E402
 from sgm_ext.evaluation.evaluate import evaluate  # noqa: E402
 from sgm_ext.evaluation.judges import get_judge  # noqa: E402
 from sgm_ext.evaluation.prompts import load_prompts  # noqa: E402
@@ -366,7 +366,7 @@ def demo(tmp_path_factory):
     save_file({("vision_tower.vision_model." + k[len("vision_tower."):]
                 if k.startswith("vision_tower.") else k): v for k, v in state.items()},
               weights, metadata={"format": "pt"})
-    _, prompts = synthetic.write_data(str(root / "data"), 8, 24, 0)
+    _, prompts = synthetic_data.write_data(str(root / "data"), 8, 24, 0)
     scales = {site: torch.ones(synthetic.INTER).index_fill_(0, torch.tensor(ids), 0.0)
               for site, ids in known.items()}
     ScaleSet(scales).save(root / "known.safetensors")

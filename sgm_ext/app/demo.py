@@ -1,0 +1,155 @@
+"""The demo drivers: the synthetic demo (`sgm-ext demo`) and the real-model one (`sgm-ext demo
+--real`), each running `sgm-ext profile` and `sgm-ext eval` and summing up what they found."""
+import json
+import os
+import time
+
+from ..evaluation.report import condition_table, interval, latency_text
+from ..patching.scales import load_scales
+from ..profile.expertise import Expertise
+from . import realmodel, synthetic, synthetic_data
+
+RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources")
+FULL = dict(profile_rows=96, eval_prompts=40, max_new_tokens=32, latency_runs=3,
+            latency_prompts=6, bigram_steps=400)
+FAST = dict(profile_rows=24, eval_prompts=12, max_new_tokens=12, latency_runs=1,
+            latency_prompts=2, bigram_steps=400)
+SIZED = ("max_new_tokens", "latency_runs", "latency_prompts")  # FULL / FAST give the defaults
+
+
+def run_demo_in(out, *, run, fast=False, seed=0, eval_options=None, quiet=False):
+    """Build the toy, profile it, evaluate the patch; (summary dict, all targets met).
+
+    run: runs one `sgm-ext` command line (a list of arguments) and returns its exit status,
+    i.e. sgm_ext.cli.main (passed in: the application layer does not import the command line).
+    eval_options: `sgm-ext eval` options by name (judge, strength, max_new_tokens, ...).
+    quiet: no progress bars; None: print nothing of the demo's own either."""
+    sizes = FAST if fast else FULL
+    options = {name: sizes[name] for name in SIZED}
+    options["conditions"] = "all"  # unpatched, SGM, the safety prompt, SGM*
+    options.update(eval_options or {})
+    eval_argv = [a for name, value in options.items()
+                 for a in (f"--{name.replace('_', '-')}", str(value))]
+    say = (lambda *a: None) if quiet is None else print  # quiet=None: print nothing at all
+    start = time.perf_counter()
+    syn = synthetic
+    say("sgm-ext demo: a SYNTHETIC model on SYNTHETIC data.\n"
+        f"  model: LlavaForConditionalGeneration ({syn.LAYERS}-layer Llama, hidden {syn.HIDDEN}, "
+        f"{syn.INTER} MLP neurons per layer; 1-layer CLIP tower), weights set by construction.\n"
+        f"  Its toxic behaviour lives in {syn.KNOWN_PER_LAYER * syn.LAYERS} known MLP neurons, "
+        "built in: trigger words or a trigger image\n  (red, with a dark cross and ring) are "
+        "copied forward by one attention head, the known neurons read them and write a "
+        "direction\n  that lm_head maps onto insult words. The profiler is not told which "
+        "neurons they are.")
+    model_dir, data_dir = os.path.join(out, "model"), os.path.join(out, "data")
+    vocab = synthetic.vocabulary()
+    processor = synthetic.build_processor(vocab)
+    model, known = synthetic.build_model(vocab, processor.tokenizer, seed=seed,
+                                         bigram_steps=sizes["bigram_steps"])
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    profile_data, prompts = synthetic_data.write_data(data_dir, sizes["profile_rows"],
+                                                      sizes["eval_prompts"], seed)
+    with open(os.path.join(out, "known_neurons.json"), "w") as f:
+        json.dump(known, f, indent=1)
+    scales = os.path.join(out, "scales.safetensors")
+    expertise_path = os.path.join(out, "expertise.safetensors")
+    steps = [
+        ["profile", "--model", model_dir, "--data", profile_data, "--out", scales,
+         "--expertise-out", expertise_path, "--batch-size", "8", "--quiet"],
+        ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts, "--out", out,
+         *eval_argv] + (["--quiet"] if quiet else []),
+    ]
+    for argv in steps:
+        say(f"\n$ sgm-ext {' '.join(argv)}")
+        rc = run(argv)
+        if rc:
+            raise RuntimeError(f"sgm-ext {argv[0]} failed with status {rc}")
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    found, k = synthetic.recovered(Expertise.load(expertise_path), known)
+    u, p = report["unpatched"], report["patched"]
+    summary = {"synthetic": True, "known_neurons": known, "recovered": found, "k": k,
+               "harmful_rate": {"unpatched": u["harmful_rate"], "patched": p["harmful_rate"]},
+               "perplexity": {"unpatched": u["perplexity"], "patched": p["perplexity"]},
+               "latency_ratio": report["latency_ratio"], "fast": fast, "seed": seed,
+               "seconds": time.perf_counter() - start}
+    summary["targets"] = synthetic.targets(found, k, report)
+    met = list(summary["targets"].values())
+    with open(os.path.join(out, "demo.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    # On the toy model an MLP call is microseconds, so the ratio is mostly per-call overhead and
+    # the machine's noise: printed with its spread, and with where a real model's cost is measured
+    latency = ("-" if report["latency"] is None else
+               f"{latency_text(report['latency'])}\n                 (the toy model's generation "
+               "time; a 97.5M Llama and a pretrained model: bench/RESULTS.md, Patch)")
+    say(f"\nsgm-ext demo (synthetic model and data), {summary['seconds']:.0f} s:\n"
+        f"  known toxic neurons among the profiler's top {k}: {found} / {k}\n"
+        f"  harmful rate   unpatched {u['harmful_rate']:.3f}  patched {p['harmful_rate']:.3f}\n"
+        f"  perplexity     unpatched {u['perplexity']:.3f}  patched {p['perplexity']:.3f}\n"
+        f"  latency ratio  patched / unpatched {latency}")
+    say("  conditions (rate (count/prompts) [Wilson 95%]; p: exact McNemar vs unpatched):")
+    for line in condition_table(report):
+        say(f"    {line}")
+    for name, ok in summary["targets"].items():
+        say(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    say(f"  files in {out}: report.json, report.md, report.png, generations.jsonl, demo.json, "
+        "scales.safetensors, model/, data/")
+    return summary, all(met)
+
+
+def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
+    """`sgm-ext demo --real`: profile, patch and evaluate the pretrained SmolLM2-135M-Instruct
+    through the same commands a user runs, then say what was measured, with 95% intervals;
+    the exit status. A 135M model and a few dozen rows are no safety benchmark: no pass / fail.
+
+    run: as for run_demo_in; data, prompts: the user's files (default: the bundled ones);
+    eval_options: `sgm-ext eval` options by name."""
+    start = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    model_dir = realmodel.checkpoint()
+    own_data = data
+    data = data or os.path.join(RESOURCES, "real_profile.jsonl")
+    prompts = prompts or os.path.join(RESOURCES, "real_prompts.jsonl")
+    scales = os.path.join(out, "scales.safetensors")
+    options = dict(eval_options or {})
+    options.setdefault("max_new_tokens", 32)
+    options.setdefault("latency_runs", 1)
+    options.setdefault("latency_prompts", 4)
+    eval_argv = [a for name, value in options.items()
+                 for a in (f"--{name.replace('_', '-')}", str(value))]
+    print("sgm-ext demo --real: SmolLM2-135M-Instruct (pretrained, 30 layers x 1536 MLP "
+          f"neurons) on {'your' if own_data else 'the bundled'} labelled rows ({data}) and "
+          f"prompts ({prompts}).")
+    steps = [["profile", "--model", model_dir, "--data", data, "--out", scales, "--batch-size",
+              "8", "--quiet", "--force"],
+             ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts,
+              "--out", out, "--quiet", *eval_argv]]
+    for argv in steps:
+        print(f"\n$ sgm-ext {' '.join(argv)}")
+        rc = run(argv)
+        if rc:
+            return rc
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    damped = sum(int((s != 1).sum()) for _, s in load_scales(scales).items())
+    u, p = report["unpatched"], report["patched"]
+    lines = [f"\nsgm-ext demo --real, {time.perf_counter() - start:.0f} s:",
+             f"  experts damped: {damped} (the noise floor with shuffled labels is printed by "
+             "profile above)"]
+    for key, ci, name in (("harmful_rate", "harmful_rate_ci95", "harmful rate"),
+                          ("over_refusal", "over_refusal_ci95", "over-refusal")):
+        if u.get(key) is not None:
+            lines.append(f"  {name:<13} unpatched {u[key]:.3f} [{interval(u[ci])}]  patched "
+                         f"{p[key]:.3f} [{interval(p[ci])}]  (95% Wilson intervals)")
+    ratio = p["perplexity"] / u["perplexity"]
+    lines.append(f"  perplexity    unpatched {u['perplexity']:.3f} "
+                 f"[{interval(u['perplexity_ci95'])}]  patched {p['perplexity']:.3f} "
+                 f"[{interval(p['perplexity_ci95'])}]  ratio {ratio:.3f} "
+                 f"[{interval(report['perplexity_ratio_ci95'])}]  (95% bootstrap over "
+                 f"{report['reference_passages']} benign passages)")
+    if report.get("latency"):
+        lines.append(f"  latency ratio patched / unpatched {latency_text(report['latency'])}")
+    lines.append(f"  judge {report['judge']}; files in {out}")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,172 @@
+"""`sgm-ext eval`: its arguments and their checks, and the evaluation options it shares with
+`sgm-ext demo`; the library's evaluate does the work."""
+import os
+import sys
+
+from ..app.loading import load_model
+from ..core.scale_math import check_fraction, check_strength
+from ..evaluation.benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
+from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
+from ..evaluation.judges import SCORINGS, get_judge, read_template, resolve_scoring
+from ..evaluation.prompts import load_capability, load_prompts, read_text_file
+from ..evaluation.report import summary_table, write_report
+from ..patching.scales import load_scales
+from .options import add_input_options, input_format_line, positive
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="harmful rate, perplexity and latency, unpatched vs patched",
+                       description="Generate an answer to every prompt with the unpatched and "
+                       "the patched model, judge the answers, measure perplexity on reference "
+                       "text and the latency ratio; write report.json / .md / .png to --out.")
+    add_eval_options(p)
+    p.add_argument("--model", required=True, help="model directory (Hugging Face format)")
+    p.add_argument("--scales", required=True, help="scale file (.safetensors)")
+    p.add_argument("--prompts", default=None, help=".jsonl / .csv with text (or prompt), "
+                   "optional image, category and label (or --data)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="a benchmark as distributed, on disk: " + LAYOUTS)
+    p.add_argument("--benchmark", default="auto", choices=("auto", *BENCHMARKS),
+                   help="the layout of --data (default auto: told by its files)")
+    p.add_argument("--subset", default=None,
+                   help="comma-separated subsets of the benchmark: mm-safetybench SD, TYPO, "
+                   "SD_TYPO, text (default the three image variants); vlguard unsafe, "
+                   "safe-unsafe, safe-safe; realtoxicityprompts challenging")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch's seed before generating and the bootstrap's (default 0)")
+    p.add_argument("--capability", default=None, metavar="FILE",
+                   help="a capability set (.jsonl / .csv: question, answer, optional image and "
+                   "choices) answered unpatched and patched: accuracy with intervals")
+    p.add_argument("--capability-scoring", choices=SCORINGS, default="auto",
+                   help="exact (the answer's first line equals the reference, up to case and "
+                   "punctuation) or choice (its first standalone letter A-J is the reference); "
+                   "auto: choice when every reference is a letter")
+    add_input_options(p)
+    p.set_defaults(func=run_eval)
+
+
+EVAL_DEFAULTS = dict(judge="profanity", harmful_labels=None, threshold=0.5, max_new_tokens=64,
+                     strength=1.0, mode="fused", reference=None, max_prompts=None,
+                     batch_size=8, latency_runs=3, latency_prompts=8,
+                     conditions="unpatched,patched", safety_prompt=None, jailbreak=None,
+                     judge_template=None, out="sgm-ext-eval")
+
+
+def add_eval_options(p, **defaults):
+    """The evaluation options `eval` and `demo` share (demo changes some defaults)."""
+    d = {**EVAL_DEFAULTS, **defaults}
+    p.add_argument("--judge", default=d["judge"],
+                   help="profanity (default), refusal, or hf:DIR (a local text classifier)")
+    p.add_argument("--harmful-labels", default=d["harmful_labels"],
+                   help="for hf:DIR: comma-separated label names that mean harmful")
+    p.add_argument("--threshold", type=float, default=d["threshold"],
+                   help="harmful when score >= this")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--strength", type=float, default=d["strength"])
+    p.add_argument("--mode", choices=("fused", "fold", "hook"), default=d["mode"])
+    p.add_argument("--reference", default=d["reference"],
+                   help="reference text for perplexity (one passage per line; default: the "
+                   "bundled benign text)")
+    p.add_argument("--max-prompts", type=int, default=d["max_prompts"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="prompts generated together (left padding)")
+    p.add_argument("--latency-runs", type=int, default=d["latency_runs"],
+                   help="interleaved repetitions of the latency pairs (0: skip)")
+    p.add_argument("--latency-prompts", type=int, default=d["latency_prompts"])
+    p.add_argument("--conditions", default=d["conditions"],
+                   help="comma-separated: unpatched, patched (SGM: the scale file), "
+                   "safety-prompt (a safety system prompt), patched+safety-prompt (SGM*: both); "
+                   "aliases sgm, sgm*, prompt; 'all' for the four (default unpatched,patched)")
+    p.add_argument("--safety-prompt", default=d["safety_prompt"], metavar="FILE",
+                   help="the safety-prompt condition's system prompt, from a text file "
+                   "(default: the built-in one, printed in report.md)")
+    p.add_argument("--jailbreak", default=d["jailbreak"], metavar="FILE",
+                   help="a jailbreak template (text file; {prompt} marks where the prompt goes, "
+                   "else it is a prefix): every condition is also run with it applied to every "
+                   "prompt")
+    p.add_argument("--judge-template", default=d["judge_template"], metavar="FILE",
+                   help="for llm:DIR: the judge prompt, with {prompt} and {answer} (default: a "
+                   "built-in Llama Guard style prompt asking for safe / unsafe)")
+    p.add_argument("--out", default=d["out"], help="directory for the report files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def eval_texts(args):
+    """(conditions, safety prompt, jailbreak template) from the options, files read and
+    checked; ValueError naming a bad name or file."""
+    chosen = args.conditions or "all"  # None: the demo's default, the four
+    names = list(CONDITIONS) if chosen.strip().lower() == "all" else chosen
+    conditions = check_conditions(names)
+    safety = read_text_file(args.safety_prompt, "--safety-prompt") if args.safety_prompt \
+        else SAFETY_PROMPT
+    jailbreak = read_text_file(args.jailbreak, "--jailbreak") if args.jailbreak else None
+    return conditions, safety, jailbreak
+
+
+def check_eval_args(args):
+    """The evaluation options checked before any file is read or model loaded."""
+    check_strength(args.strength, per_sequence=False, name="--strength")
+    check_fraction(args.threshold, "--threshold")
+    positive(args.max_new_tokens, "--max-new-tokens")
+    positive(args.batch_size, "--batch-size")
+    positive(args.max_prompts, "--max-prompts")
+    positive(args.latency_runs, "--latency-runs", zero=True)
+    if args.latency_runs:
+        positive(args.latency_prompts, "--latency-prompts")
+    positive(getattr(args, "max_length", None), "--max-length")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; eval writes a directory of report files")
+    eval_texts(args)
+    if args.judge_template:
+        if not args.judge.startswith("llm:"):
+            raise ValueError(f"--judge-template is for --judge llm:DIR, not {args.judge!r}")
+        read_template(args.judge_template)
+
+
+def judge_from_args(args):
+    labels = args.harmful_labels.split(",") if args.harmful_labels else None
+    template = read_template(args.judge_template) if args.judge_template else None
+    return get_judge(args.judge, threshold=args.threshold, harmful_labels=labels,
+                     template=template)
+
+
+def run_eval(args):
+    check_eval_args(args)  # all before a long load
+    conditions, safety, jailbreak = eval_texts(args)
+    if (args.prompts is None) == (args.data is None):
+        raise ValueError("give the prompts as --prompts FILE or a benchmark as --data DIR "
+                         "(one of the two)")
+    if args.data is None and (args.benchmark != "auto" or args.subset):
+        raise ValueError("--benchmark and --subset go with --data DIR")
+    judge = judge_from_args(args)
+    scales = load_scales(args.scales)
+    if args.data is None:
+        prompts, benchmark = load_prompts(args.prompts, args.max_prompts), "prompts"
+    else:
+        prompts, benchmark = load_benchmark(args.data, args.benchmark, args.subset,
+                                            args.max_prompts)
+        print(f"benchmark: {benchmark}, {len(prompts)} prompts from {args.data}",
+              file=sys.stderr)
+    capability = None
+    if args.capability:
+        capability = load_capability(args.capability)
+        resolve_scoring(args.capability_scoring, capability[1])
+    model, processor = load_model(args.model, args.device, args.dtype)  # checks dir and device
+    print(input_format_line(processor, args.input_format), file=sys.stderr)
+    report, generations = evaluate(
+        model, processor, scales, prompts, judge=judge, max_new_tokens=args.max_new_tokens,
+        strength=args.strength, mode=args.mode, reference=args.reference,
+        batch_size=args.batch_size, latency_runs=args.latency_runs,
+        latency_prompts=args.latency_prompts, max_length=args.max_length,
+        truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet,
+        conditions=conditions, safety_prompt=safety, jailbreak=jailbreak, seed=args.seed,
+        capability=capability, capability_scoring=args.capability_scoring)
+    report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
+                  prompts=os.path.abspath(args.prompts or args.data), benchmark=benchmark,
+                  subset=args.subset)
+    files = write_report(report, generations, args.out)
+    print(summary_table(report))
+    print("wrote " + ", ".join(files))
+    return 0
