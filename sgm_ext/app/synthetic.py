@@ -51,6 +51,11 @@ from .synthetic_data import (
     benign_passages,
     words,
 )
+from .synthetic_data import (  # noqa: F401 (sgm_ext.synthetic offered these before the split)
+    benign_image,
+    trigger_image,
+    write_data,
+)
 
 SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>"]
 
