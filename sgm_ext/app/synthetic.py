@@ -41,19 +41,17 @@ import math
 import torch
 
 from ..profile.pooling import language_mlps
-from .synthetic_data import (
+from .synthetic_data import (  # noqa: F401 (sgm_ext.synthetic offered these before the split)
     INSULTS,
     NEUTRAL_VERBS,
     REQUEST_WORDS,
     SUBJECTS,
     TEMPLATES,
     TRIGGERS,
-    benign_passages,
-    words,
-)
-from .synthetic_data import (  # noqa: F401 (sgm_ext.synthetic offered these before the split)
     benign_image,
+    benign_passages,
     trigger_image,
+    words,
     write_data,
 )
 
