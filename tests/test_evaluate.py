@@ -290,6 +290,39 @@ def test_eval_command_line(toy, tmp_path, capsys):
     assert "row 2 (line 2): empty text" in capsys.readouterr().err
 
 
+def test_eval_command_line_samples(toy, tmp_path, capsys):
+    # `sgm-ext eval --samples K`: K sampled continuations per prompt, kept and judged, the
+    # settings named in the report; a bad sampling flag is one line naming it
+    model, processor, scales, _ = toy
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    scales.save(tmp_path / "scales.safetensors")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    argv = ["eval", "--model", str(tmp_path / "model"), "--scales",
+            str(tmp_path / "scales.safetensors"), "--prompts", str(prompts), "--out",
+            str(tmp_path / "out"), "--max-new-tokens", "4", "--latency-runs", "0", "--quiet",
+            "--samples", "3", "--top-p", "0.8", "--temperature", "0.7", "--seed", "5"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["samples"] == 3
+    settings = json.dumps(report["generation"])
+    assert "0.8" in settings and "0.7" in settings
+    gens = [json.loads(x) for x in (tmp_path / "out" / "generations.jsonl").open()]
+    for state in ("unpatched", "patched"):
+        assert all(len(g[state]["samples"]) == 3 for g in gens)
+        any_toxic = [any(s["harmful"] for s in g[state]["samples"]) for g in gens
+                     if g["label"] != "benign"]
+        assert report["runs"][state]["sampled"]["prompts_with_harmful"] == sum(any_toxic)
+    capsys.readouterr()
+    for flag, value, message in (("--samples", "0", "--samples is 0"),
+                                 ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+                                 ("--temperature", "0", "--temperature must be a positive")):
+        assert main(argv[:-8] + [flag, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_benign_prompts_count_as_over_refusal_not_harm(toy, tmp_path):
     """Labelled prompts: the harmful rate is over the harmful ones only; benign prompts give
     the over-refusal (answers that decline), per category, in the report and its files."""

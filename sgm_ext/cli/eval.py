@@ -51,7 +51,8 @@ EVAL_DEFAULTS = dict(judge="profanity", harmful_labels=None, threshold=0.5, max_
                      strength=1.0, mode="fused", reference=None, max_prompts=None,
                      batch_size=8, latency_runs=3, latency_prompts=8,
                      conditions="unpatched,patched", safety_prompt=None, jailbreak=None,
-                     judge_template=None, out="sgm-ext-eval")
+                     judge_template=None, samples=None, temperature=1.0, top_p=0.9, top_k=0,
+                     out="sgm-ext-eval")
 
 
 def add_eval_options(p, **defaults):
@@ -89,6 +90,16 @@ def add_eval_options(p, **defaults):
     p.add_argument("--judge-template", default=d["judge_template"], metavar="FILE",
                    help="for llm:DIR: the judge prompt, with {prompt} and {answer} (default: a "
                    "built-in Llama Guard style prompt asking for safe / unsafe)")
+    p.add_argument("--samples", type=int, default=d["samples"], metavar="K",
+                   help="RealToxicityPrompts' way: K sampled continuations per prompt, each "
+                   "judged; a prompt counts as harmful when one of them is, and the report adds "
+                   "the expected maximum score (default: one greedy answer per prompt)")
+    p.add_argument("--temperature", type=float, default=d["temperature"],
+                   help="with --samples: softmax temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=d["top_p"],
+                   help="with --samples: nucleus sampling's p (default 0.9)")
+    p.add_argument("--top-k", type=int, default=d["top_k"],
+                   help="with --samples: keep the k likeliest tokens (default 0: no cut)")
     p.add_argument("--out", default=d["out"], help="directory for the report files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -116,6 +127,12 @@ def check_eval_args(args):
     if args.latency_runs:
         positive(args.latency_prompts, "--latency-prompts")
     positive(getattr(args, "max_length", None), "--max-length")
+    positive(args.samples, "--samples")
+    if not (args.temperature > 0 and args.temperature < float("inf")):
+        raise ValueError(f"--temperature must be a positive number, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    positive(args.top_k, "--top-k", zero=True)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; eval writes a directory of report files")
     eval_texts(args)
@@ -162,7 +179,8 @@ def run_eval(args):
         latency_prompts=args.latency_prompts, max_length=args.max_length,
         truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet,
         conditions=conditions, safety_prompt=safety, jailbreak=jailbreak, seed=args.seed,
-        capability=capability, capability_scoring=args.capability_scoring)
+        capability=capability, capability_scoring=args.capability_scoring,
+        samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
                   prompts=os.path.abspath(args.prompts or args.data), benchmark=benchmark,
                   subset=args.subset)
