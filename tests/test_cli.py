@@ -142,3 +142,49 @@ def test_torchrun_two_processes_write_the_plain_run_scale_file(saved, tmp_path):
         assert torch.equal(a[site], b[site])
     # AurA's threshold rule at 0.6 takes noise too (the default fdr selection: the 9 planted)
     assert sum(int((t < 1).sum()) for t in b.scales.values()) > 9
+
+
+# Each recipe against the flags that spell it out, written here by hand from the peers' own
+# settings (not read from RECIPES): the same scale file either way.
+RECIPE_FLAGS = {
+    "aura": ["--sites", "up", "down", "--pooling", "max", "--modality", "all",
+             "--selection", "threshold", "--threshold", "0.5"],
+    "aura-vl": ["--sites", "up", "--pooling", "mean", "--modality", "all", "--selection",
+                "threshold", "--threshold", "0.3", "--allow-amplify"],
+    "act-linear": ["--sites", "gate", "up", "down", "--pooling", "mean", "--modality", "all",
+                   "--method", "linear_ot", "--balanced", "--allow-amplify"],
+    "act-gaussian": ["--sites", "gate", "up", "down", "--pooling", "mean", "--modality", "all",
+                     "--method", "gaussian_ot", "--balanced", "--allow-amplify"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_FLAGS))
+def test_recipe_sets_the_options_it_names(saved, tmp_path, capsys, name):
+    root = saved[0]
+    common = ["profile", "--model", str(root / "model"), "--data", str(root / "data.jsonl"),
+              "--batch-size", "6", "--quiet", "--no-plot"]
+    by_name, by_flags = tmp_path / "recipe.safetensors", tmp_path / "flags.safetensors"
+    assert main([*common, "--out", str(by_name), "--recipe", name]) == 0
+    printed = capsys.readouterr().out
+    assert f"recipe {name}:" in printed and "sets sites=" in printed
+    assert main([*common, "--out", str(by_flags), *RECIPE_FLAGS[name]]) == 0
+    a, b = load_scales(by_name), load_scales(by_flags)
+    assert a.metadata == b.metadata and a.scales.keys() == b.scales.keys()
+    assert a.scales  # something was written to compare
+    for site in a.scales:
+        assert torch.equal(a[site], b[site])
+        assert torch.equal(a.shifts.get(site, torch.zeros(0)), b.shifts.get(site, torch.zeros(0)))
+    kinds = {site.rsplit(".", 1)[1] for site in a.scales}
+    assert kinds == {"aura": {"up_proj", "down_proj"}, "aura-vl": {"up_proj"}}.get(
+        name, {"gate_proj", "up_proj", "down_proj"})
+
+
+def test_recipe_keeps_an_option_the_user_set(saved, tmp_path, capsys):
+    root = saved[0]
+    out = tmp_path / "s.safetensors"
+    assert main(["profile", "--model", str(root / "model"), "--data", str(root / "data.jsonl"),
+                 "--batch-size", "6", "--quiet", "--no-plot", "--out", str(out), "--recipe",
+                 "aura", "--threshold", "0.8"]) == 0
+    assert "yours kept: --threshold 0.8" in capsys.readouterr().out
+    scales = load_scales(out)
+    assert scales.metadata["threshold"] == "0.8" and scales.metadata["pooling"] == "max"

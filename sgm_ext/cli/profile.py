@@ -16,6 +16,7 @@ from ..profile.data import load_rows
 from ..profile.expertise import DEFAULT_FDR, SELECTIONS, check_selection, is_expertise_file
 from ..profile.inputs import MODALITIES
 from ..profile.pooling import POOLINGS
+from ..profile.recipes import RECIPES, describe, recipe
 from ..profile.responses import DEFAULT_RAM_BUDGET
 from ..profile.transport import TRANSPORT_METHODS
 from ..profile.workflow import ProfileOptions, profile_model
@@ -41,6 +42,12 @@ def add_profile(sub):
     p.add_argument("--modality", choices=MODALITIES, default="sample",
                    help="the tokens pooled: sample (default: the row's own text and image "
                    "tokens, not the chat template's), all, text, image, response")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="a peer's recipe by name: every option it sets (sites, pooling, "
+                   "modality, method, selection, threshold, balancing, amplification), printed; "
+                   "an option you give another value than its default wins. "
+                   + "; ".join(f"{name}: {text.split(':')[0]}" for name, (text, _)
+                               in RECIPES.items()))
     add_method_options(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto",
@@ -108,6 +115,22 @@ def profile_options(args) -> ProfileOptions:
         threshold=args.threshold, top_k=args.top_k, strength=args.strength, alpha=args.alpha)
 
 
+def apply_recipe(args, say=print):
+    """--recipe NAME: set the recipe's options on `args`, except those given another value
+    than the command's default (the user's choice wins), and print what was set."""
+    if not args.recipe:
+        return
+    defaults = ProfileOptions()
+    kept = []
+    for key, value in recipe(args.recipe)[1].items():
+        given = getattr(args, key)
+        if (tuple(given) if isinstance(given, list) else given) == getattr(defaults, key):
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+        else:
+            kept.append(f"--{key.replace('_', '-')} {given}")
+    say(describe(args.recipe) + (f"\n  yours kept: {', '.join(kept)}" if kept else ""))
+
+
 def check_profile_args(args):
     """Every option checked before the data is read or the model loaded."""
     if args.method in TRANSPORT_METHODS:
@@ -157,6 +180,7 @@ def run_profile(args):
 
 def _profile(args, rank, world, local_rank):
     say = print if rank == 0 else (lambda *a, **k: None)
+    apply_recipe(args, say)
     check_profile_args(args)
     dataset = load_rows(args.data, skip_bad_rows=args.skip_bad_rows, max_samples=args.max_samples)
     if dataset.skipped:

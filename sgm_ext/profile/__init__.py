@@ -15,19 +15,21 @@ profiler's public face:
 - inputs.py: chat template, image tokens, batching;
 - expertise.py: AUROC per neuron (auroc.py) and the scales it gives (scale_math.py);
 - transport.py: AcT's transport maps (mean_ot, gaussian_ot, linear_ot) from the responses;
-- workflow.py: the command line's profile workflow as one call (profile_model).
+- workflow.py: the command line's profile workflow as one call (profile_model);
+- recipes.py: the peers' recipes by name (RECIPES; ProfileOptions.for_recipe).
 """
 from ..core.scale_math import METHODS
 from .collect import collect
 from .expertise import Expertise, expertise
 from .inputs import MODALITIES
 from .pooling import POOLINGS, language_mlps, resolve_sites
+from .recipes import RECIPES
 from .responses import DEFAULT_RAM_BUDGET, Responses
 from .transport import TRANSPORT_METHODS, balance, transport_maps
 from .workflow import Profile, ProfileOptions, profile_model
 
 __all__ = ["DEFAULT_RAM_BUDGET", "METHODS", "MODALITIES", "POOLINGS", "TRANSPORT_METHODS",
-           "Expertise", "Profile", "ProfileOptions", "Responses", "balance", "collect",
+           "RECIPES", "Expertise", "Profile", "ProfileOptions", "Responses", "balance", "collect",
            "expertise", "language_mlps", "profile_model", "resolve_sites", "run",
            "transport_maps"]
 

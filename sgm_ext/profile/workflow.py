@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 from ..patching.scales import ScaleSet
 from .collect import collect
 from .expertise import DEFAULT_FDR, Expertise, expertise, shuffled_label_experts
+from .recipes import recipe
 from .responses import DEFAULT_RAM_BUDGET, Responses
 from .transport import TRANSPORT_METHODS, balance, transport_maps
 
@@ -45,6 +46,11 @@ class ProfileOptions:
     top_k: Optional[int] = None
     strength: float = 1.0
     alpha: Optional[float] = None
+
+    @classmethod
+    def for_recipe(cls, name, **overrides) -> "ProfileOptions":
+        """The options of a peer's recipe (recipes.RECIPES), with `overrides` on top."""
+        return cls(**{**recipe(name)[1], **overrides})
 
     @property
     def transport(self) -> bool:

@@ -1,0 +1,49 @@
+"""The peers' recipes by name: every profile option a published method sets, so that
+`sgm-ext profile --recipe aura` (or ProfileOptions.for_recipe("aura")) reproduces it without
+a list of flags to remember.
+
+Each entry names its source. Sites are given as this package's site kinds: ml-aura observes
+the outputs of an MLP's first and last projections (GPT-2's `mlp.c_fc` and `mlp.c_proj` in its
+configs/responses.yaml), which on a gated MLP are `up` and `down`.
+"""
+RECIPES = {
+    "aura": (
+        "AurA, apple/ml-aura (Suau et al., ICML 2024): max pooling over every token, experts by "
+        "the threshold rule AUROC > 0.5, alpha = 1 - Gini, on the up and down projections",
+        dict(sites=("up", "down"), pooling="max", modality="all", method="aura",
+             selection="threshold", threshold=0.5, top_k=None, balanced=False,
+             allow_amplify=False)),
+    "aura-vl": (
+        "ml-aura-vl (the SGM authors' earlier code): mean pooling, AurA's alpha for every "
+        "neuron with AUROC > 0.3 (alphas above 1 between 0.3 and 0.5), on the up projection",
+        dict(sites=("up",), pooling="mean", modality="all", method="aura",
+             selection="threshold", threshold=0.3, top_k=None, balanced=False,
+             allow_amplify=True)),
+    "act-linear": (
+        "AcT, apple/ml-act (Rodriguez et al., ICLR 2025): linear transport maps (scale and "
+        "shift per neuron) from mean-pooled responses of balanced classes, on gate, up and down",
+        dict(sites=("gate", "up", "down"), pooling="mean", modality="all", method="linear_ot",
+             balanced=True, allow_amplify=True)),
+    "act-gaussian": (
+        "AcT, apple/ml-act: Gaussian transport maps from mean-pooled responses of balanced "
+        "classes, on gate, up and down",
+        dict(sites=("gate", "up", "down"), pooling="mean", modality="all", method="gaussian_ot",
+             balanced=True, allow_amplify=True)),
+}
+
+
+def recipe(name):
+    """(description, {ProfileOptions field: value}) of a recipe; ValueError naming the known
+    ones for another name."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; the recipes are {', '.join(RECIPES)}")
+    description, options = RECIPES[name]
+    return description, dict(options)
+
+
+def describe(name):
+    """One line per option the recipe sets, for printing."""
+    description, options = recipe(name)
+    settings = ", ".join(f"{key}={' '.join(value) if isinstance(value, tuple) else value}"
+                         for key, value in options.items())
+    return f"recipe {name}: {description}\n  sets {settings}"
