@@ -264,17 +264,23 @@ def test_evaluate_rejects_bad_scales_before_generating(toy):
     assert "_sgm_ext_patch" not in model.__dict__
 
 
-def test_eval_command_line(toy, tmp_path, capsys):
+def _eval_argv(toy, tmp_path):
+    """The toy's model, scales and PROMPTS saved under tmp_path: (the prompt file, the
+    `sgm-ext eval` arguments that read them and write tmp_path/out)."""
     model, processor, scales, _ = toy
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     scales.save(tmp_path / "scales.safetensors")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    argv = ["eval", "--model", str(tmp_path / "model"), "--scales",
-            str(tmp_path / "scales.safetensors"), "--prompts", str(prompts), "--out",
-            str(tmp_path / "out"), "--max-new-tokens", "5", "--latency-runs", "0", "--quiet",
-            "--judge", "refusal"]
+    return prompts, ["eval", "--model", str(tmp_path / "model"), "--scales",
+                     str(tmp_path / "scales.safetensors"), "--prompts", str(prompts), "--out",
+                     str(tmp_path / "out"), "--latency-runs", "0", "--quiet"]
+
+
+def test_eval_command_line(toy, tmp_path, capsys):
+    prompts, argv = _eval_argv(toy, tmp_path)
+    argv += ["--max-new-tokens", "5", "--judge", "refusal"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "harmful rate" in text and "perplexity" in text and "judge refusal" in text
@@ -293,16 +299,9 @@ def test_eval_command_line(toy, tmp_path, capsys):
 def test_eval_command_line_samples(toy, tmp_path, capsys):
     # `sgm-ext eval --samples K`: K sampled continuations per prompt, kept and judged, the
     # settings named in the report; a bad sampling flag is one line naming it
-    model, processor, scales, _ = toy
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    scales.save(tmp_path / "scales.safetensors")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    argv = ["eval", "--model", str(tmp_path / "model"), "--scales",
-            str(tmp_path / "scales.safetensors"), "--prompts", str(prompts), "--out",
-            str(tmp_path / "out"), "--max-new-tokens", "4", "--latency-runs", "0", "--quiet",
-            "--samples", "3", "--top-p", "0.8", "--temperature", "0.7", "--seed", "5"]
+    _, argv = _eval_argv(toy, tmp_path)
+    argv += ["--max-new-tokens", "4", "--samples", "3", "--top-p", "0.8", "--temperature",
+             "0.7", "--seed", "5"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["samples"] == 3
