@@ -5,6 +5,7 @@ sgm_ext.patch on those models. tests_vllm/ runs the same in vLLM itself (.venv-v
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -229,9 +230,9 @@ def test_a_model_that_does_not_fit_is_left_whole(tmp_path):
     ("x", "must be an object"),
     ({}, "has no 'scales'"),
     ({"scales": "a", "strenght": 1}, "unknown option 'strenght'"),
-    ({"scales": "a", "strength": "1"}, r"\['strength'\] is '1'; it must be a float"),
-    ({"scales": "a", "per_request": 1}, "must be a bool"),
-    ({"scales": "a", "strength": 2.0}, "strength is 2.0"),
+    ({"scales": "a", "strength": "1"}, r"""\['strength'\] is "1"; it must be a number"""),
+    ({"scales": "a", "per_request": 1}, "is 1; it must be true or false"),
+    ({"scales": "a", "strength": 2.0}, r"\['strength'\] is 2.0; it must be a number in \[0, 1\]"),
 ])
 def test_bad_settings_are_named(entry, message):
     with pytest.raises(ValueError, match=message):
@@ -334,3 +335,148 @@ def test_serve_command_carries_the_settings(tmp_path):
                                   "per_request": True, "allow_amplify": False}}
     assert command[-4:] == ["--port", "8001", "--dtype", "float32"]
     assert command[command.index("--tensor-parallel-size") + 1] == "2"
+
+
+# ---------------------------------------------------------------- issue 27, items 14-18
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "x", "vllm_xargs": {"sgm_strength": 0.5}}, None),
+    ({"prompt": "x", "vllm_xargs": {"sgm_strength": 0}}, None),
+    ({"prompt": "x", "vllm_xargs": {"other": True}}, None),
+    ({"prompt": "x", "response_format": {"json_schema": {"sgm_x": 1}}}, None),  # free-form
+    ({"prompt": "x", "sgm_strength": 0.5},
+     "the request body has 'sgm_strength', which this server never reads: the strength of a "
+     "request goes in vllm_xargs.sgm_strength (a number in [0, 1]"),
+    ({"prompt": "x", "vllm_xargs": {"sgm_strenght": 0.5}},
+     "vllm_xargs has 'sgm_strenght', which this server never reads"),
+    ({"prompt": "x", "SGM_Strength": 1}, "has 'SGM_Strength'"),
+    ({"prompt": "x", "extra_body": {"vllm_xargs": {"sgm_strength": 1}}},
+     "extra_body.vllm_xargs has 'sgm_strength'"),
+    ({"vllm_xargs": {"sgm_strength": True}},
+     "vllm_xargs.sgm_strength is true (a JSON boolean); it must be a number in [0, 1]"),
+    ({"vllm_xargs": {"sgm_strength": False}}, "is false (a JSON boolean)"),
+    ({"vllm_xargs": {"sgm_strength": None}}, "vllm_xargs.sgm_strength is null; it must be"),
+    ({"vllm_xargs": {"sgm_strength": {"a": 1}}}, 'is {"a": 1} (an object); it must be'),
+    ({"vllm_xargs": {"sgm_strength": "abc"}}, 'is "abc" (a string); it must be a number'),
+    ({"vllm_xargs": {"sgm_strength": [0.5]}}, "(a list)"),
+    ({"vllm_xargs": {"sgm_strength": 2}}, "vllm_xargs.sgm_strength is 2; it must be"),
+    ({"vllm_xargs": {"sgm_strength": float("nan")}}, "is NaN; it must be"),
+])
+def test_request_body_problems_are_one_line_naming_the_place(body, message):
+    problem = serving.request_body_problem(body)
+    if message is None:
+        assert problem is None
+    else:
+        assert message in problem and "\n" not in problem
+        assert not re.search(r"\b(float|str|int|bool|dict|NoneType|tensor)\b", problem)
+
+
+def test_request_strength_refuses_misspelt_keys_and_booleans():
+    st = serving.Settings("s.safetensors", per_request=True)
+    for extra, message in [({"sgm_strenght": 0.5}, "has 'sgm_strenght'"),
+                           ({"sgm_strength": True}, "is true (a JSON boolean)"),
+                           ({"sgm_strength": None}, "is null"),
+                           ({"sgm_strength": "abc"}, 'sgm_strength is "abc" (a string); it '
+                            "must be a number in [0, 1]")]:
+        with pytest.raises(ValueError) as e:
+            serving.request_strength(extra, st)
+        assert message in str(e.value)
+    assert serving.request_strength({"other": 1}, st) is None
+
+
+def test_amplification_refusal_names_the_way_to_allow_it(tmp_path):
+    hf, _ = build("llama")
+    scales = scales_for(hf, ("mid",))
+    site = next(iter(scales))
+    scales[site] = scales[site].clone().index_fill_(0, torch.tensor([3]), 1.5)
+    ScaleSet(scales).save(tmp_path / "s.safetensors")
+    st = settings(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match=r"is 1\.5, above 1 \(amplification\): serve it with "
+                       "--allow-amplify if that is intended"):
+        serving.check_for_serving(hf.config, st, amplify_option=serving.AMPLIFY_FLAG)
+    with pytest.raises(ValueError, match='serve it with "allow_amplify": true in '
+                       r"additional_config\['sgm_ext'\]"):
+        serving.check_for_serving(hf.config, st)
+    assert serving.check_for_serving(hf.config, st._replace(allow_amplify=True))
+
+
+def test_scale_file_watch_reports_each_change_once(tmp_path):
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(b"one")
+    digest = serving.file_sha256(path)
+    watch = serving.ScaleFileWatch(str(path), digest)
+    assert watch.news() is None and serving.file_state(path, digest) == "as loaded"
+    path.write_bytes(b"garbage!")
+    news = watch.news()
+    assert "changed on disk since the server started" in news
+    assert "keeps the scales it loaded" in news and watch.news() is None
+    assert serving.file_state(path, digest) == "changed"
+    path.unlink()
+    assert "was deleted" in watch.news() and watch.news() is None
+    assert serving.file_state(path, digest) == "missing"
+    path.write_bytes(b"one")
+    assert "is again the file this server loaded" in watch.news()
+    # a front end that did not see start-up: it hashes at its first look
+    path.write_bytes(b"two")
+    assert "changed on disk" in serving.ScaleFileWatch(str(path), digest, signature=None).news()
+
+
+def test_port_in_use_is_refused_before_vllm_starts():
+    import socket
+
+    from sgm_ext.serving import launch
+
+    assert launch.listen_address([]) == ("", 8000)
+    assert launch.listen_address(["--port", "9", "--host", "127.0.0.1"]) == ("127.0.0.1", 9)
+    assert launch.listen_address(["--port=7", "--dtype", "float32"]) == ("", 7)
+    assert launch.listen_address(["--uds", "/tmp/s"]) is None
+    with pytest.raises(ValueError, match=r"--port is 'x'; it must be a port number"):
+        launch.listen_address(["--port", "x"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args in (["--port", str(port), "--host", "127.0.0.1"], ["--port", str(port)]):
+            with pytest.raises(ValueError, match=f"{port}.* is already in use .*--port"):
+                launch.check_listen_address(args)
+    launch.check_listen_address(["--port", str(port), "--host", "127.0.0.1"])  # free again
+    launch.check_listen_address(["--port", "0"])
+
+
+def launched(tmp_path, child_code, scales, digest):
+    return subprocess.Popen(
+        [sys.executable, "-m", "sgm_ext.serving.launch", str(scales), digest, "--",
+         sys.executable, "-c", child_code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def test_run_server_puts_a_file_changed_during_start_up_last(tmp_path):
+    scales = tmp_path / "s.safetensors"
+    scales.write_bytes(b"checked")
+    digest = serving.file_sha256(scales)
+    noisy = ("import sys\nfor i in range(50): print('Traceback', i, file=sys.stderr)\n"
+             f"open({str(scales)!r}, 'wb').write(b'other')\nsys.exit(1)")
+    r = launched(tmp_path, noisy, scales, digest)
+    _, err = r.communicate(timeout=60)
+    last = err.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("sgm-ext serve: error: ")
+    assert "changed on disk while the server was starting" in last
+    # the server failing for another reason: its own status, nothing added
+    r = launched(tmp_path, "raise SystemExit(3)", scales, serving.file_sha256(scales))
+    _, err = r.communicate(timeout=60)
+    assert r.returncode == 3 and "error" not in err
+
+
+def test_run_server_hands_sigterm_to_the_server(tmp_path):
+    import signal
+
+    scales = tmp_path / "s.safetensors"
+    scales.write_bytes(b"checked")
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (print('stopping', flush=True), "
+             "sys.exit(0)))\nprint('ready', flush=True)\nwhile True: time.sleep(1)")
+    r = launched(tmp_path, child, scales, serving.file_sha256(scales))
+    assert r.stdout.readline().strip() == "ready"  # the child's own report, not a clock
+    r.send_signal(signal.SIGTERM)
+    out, _ = r.communicate(timeout=60)
+    assert r.returncode == 0 and out.strip() == "stopping"

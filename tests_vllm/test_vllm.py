@@ -152,6 +152,8 @@ def test_every_site_kind_eager_at_strengths_1_half_and_0(tiny):
     with served(tiny["dir"], {"scales": tiny["files"]["all"]}) as llm:
         info = vllm_plugin.describe(llm)
         assert len(info) == 1 and info[0]["modules"] == ["ScaledActAndMul", "ScaledDownProj"]
+        assert info[0]["scales_on_disk"] == "as loaded" and len(info[0]["scales_sha256"]) == 64
+        assert "keeps the scales it loaded" in info[0]["note"]
         assert {site for site, _, _ in info[0]["sites"]} == set(scales)
         full = run(llm, prompts)
         assert max_error(model, scales, 1.0, full) <= TOL
@@ -317,7 +319,8 @@ def test_openai_server_through_sgm_ext_serve(tiny, tmp_path):
             assert max_error(model, scales, want, [(prompt, generated, lps)]) <= TOL
         body["vllm_xargs"] = {"sgm_strength": 3}
         status, reply = post(port, body)
-        assert status == 400 and "sgm_strength is 3.0" in json.dumps(reply)
+        assert status == 400
+        assert "vllm_xargs.sgm_strength is 3; it must be a number in [0, 1]" in json.dumps(reply)
         log.seek(0)
         text = log.read()
         assert "sgm-ext serve: 8 sites on 2 MLPs" in text
@@ -343,6 +346,143 @@ def test_bad_scale_file_stops_the_server_at_start_up(tiny, tmp_path):
                         tiny["dir"], "--port", str(free_port()), "--additional-config",
                         config], capture_output=True, text=True, timeout=180)
     assert r.returncode != 0 and "has 7 values" in r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------- issue 27, items 14-18
+
+def start_server(command, log_path, port):
+    """A server process (command) that answers /health on port; its output in log_path."""
+    log = open(log_path, "w+")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while True:
+        assert server.poll() is None, open(log_path).read()[-3000:]
+        assert time.time() < deadline, "the server did not come up in 240 s"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server, log
+        except OSError:
+            time.sleep(1)
+
+
+def stop(server):
+    server.terminate()
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def test_server_refuses_what_it_would_not_read_and_logs_a_changed_file(tiny, tmp_path):
+    """Items 14, 15, 17 (one 400 line naming vllm_xargs.sgm_strength and the range), 16 (a
+    scale file changed after start-up: logged at the next request, answers unchanged) and
+    18 (the port of a running server is refused before vLLM would start), on one server."""
+    from sgm_ext.serving import launch
+
+    scales = tmp_path / "scales.safetensors"
+    scales.write_bytes(open(tiny["files"]["all"], "rb").read())
+    port = free_port()
+    server, log = start_server(
+        serve_cli("--model", tiny["dir"], "--scales", str(scales), "--per-request",
+                  "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                  "--max-model-len", "256", "--enforce-eager", "--served-model-name", "tiny"),
+        tmp_path / "server.log", port)
+    try:
+        base = {"model": "tiny", "prompt": tiny["prompts"][0], "max_tokens": NEW_TOKENS,
+                "temperature": 0, "logprobs": 0, "ignore_eos": True,
+                "return_tokens_as_token_ids": True}
+        status, first = post(port, {**base, "vllm_xargs": {"sgm_strength": 0.5}})
+        assert status == 200, first
+        place = "vllm_xargs.sgm_strength"
+        cases = [  # (extra body, what the one line says)
+            ({"sgm_strength": 0.5}, "the request body has 'sgm_strength', which this server "
+             f"never reads: the strength of a request goes in {place}"),
+            ({"vllm_xargs": {"sgm_strenght": 0.5}}, "vllm_xargs has 'sgm_strenght'"),
+            ({"vllm_xargs": {"sgm_strength": 0.5, "sgm_mode": "x"}}, "has 'sgm_mode'"),
+            ({"vllm_xargs": {"sgm_strength": True}}, f"{place} is true (a JSON boolean); it "
+             "must be a number in [0, 1]"),
+            ({"vllm_xargs": {"sgm_strength": False}}, f"{place} is false (a JSON boolean)"),
+            ({"vllm_xargs": {"sgm_strength": None}}, f"{place} is null; it must be a number"),
+            ({"vllm_xargs": {"sgm_strength": {"x": 1}}}, f'{place} is {{"x": 1}} (an object)'),
+            ({"vllm_xargs": {"sgm_strength": "abc"}}, f'{place} is "abc" (a string); it must '
+             "be a number in [0, 1]"),
+            ({"vllm_xargs": {"sgm_strength": -1}}, f"{place} is -1; it must be a number in"),
+        ]
+        for extra, message in cases:
+            status, reply = post(port, {**base, **extra})
+            text = reply["error"]["message"]
+            assert status == 400 and message in text, (extra, reply)
+            assert "\n" not in text and "float" not in text and "got str" not in text
+            assert reply["error"]["param"] == place
+        # the chat endpoint too
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Content-Type":
+                                                                      "application/json"},
+            data=json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                             "sgm_strength": 0}).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=60)
+        assert e.value.code == 400 and place in e.value.read().decode()
+        # 18: the port is taken: refused before anything starts
+        with pytest.raises(ValueError, match=f"127.0.0.1:{port} is already in use"):
+            launch.check_listen_address(["--host", "127.0.0.1", "--port", str(port)])
+        with pytest.raises(ValueError, match=f"port {port} .* is already in use"):
+            launch.check_listen_address(["--port", str(port)])
+        # 16: replaced, then deleted, after start-up: logged at the next request; the
+        # server keeps serving what it loaded
+        scales.write_bytes(b"garbage")
+        for expected in ("changed on disk since the server started", "was deleted"):
+            status, again = post(port, {**base, "vllm_xargs": {"sgm_strength": 0.5}})
+            assert status == 200
+            assert again["choices"][0]["logprobs"]["tokens"] == \
+                first["choices"][0]["logprobs"]["tokens"]
+            log.seek(0)
+            text = log.read()
+            assert expected in text and "keeps the scales it loaded" in text
+            assert text.count(expected) == 1
+            scales.unlink(missing_ok=True)
+        status, _ = post(port, base)
+        log.seek(0)
+        assert log.read().count("was deleted") == 1  # once per change, not per request
+    finally:
+        stop(server)
+
+
+def test_a_file_changed_during_start_up_is_the_last_line(tiny, tmp_path):
+    """Item 16: the scale file replaced after the front end checked it and before the model
+    loads (deterministically: right after the engine's configuration). Through
+    sgm_ext.serving.launch.run_server, as `sgm-ext serve` runs vLLM: vLLM's tracebacks, then
+    the one line, exit status 2."""
+    from sgm_ext.serving.modules import file_sha256
+
+    scales = tmp_path / "scales.safetensors"
+    scales.write_bytes(open(tiny["files"]["all"], "rb").read())
+    digest = file_sha256(scales)
+    settings = json.dumps({"sgm_ext": {"scales": str(scales), "scales_sha256": digest}})
+    server = (
+        "import runpy, sys\n"
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "from sgm_ext.serving import vllm_plugin\n"
+        "vllm_plugin.register()\n"
+        "checked = EngineArgs.create_engine_config\n"
+        "def replaced(self, *a, **k):\n"
+        "    config = checked(self, *a, **k)\n"
+        f"    open({str(scales)!r}, 'wb').write(open({tiny['files']['mid']!r}, 'rb').read())\n"
+        "    return config\n"
+        "replaced._sgm_ext_wrapped = True\n"
+        "EngineArgs.create_engine_config = replaced\n"
+        "sys.argv[1:] = ['--model', sys.argv[1], '--port', sys.argv[2], '--dtype', "
+        "'float32', '--max-model-len', '256', '--enforce-eager', '--additional-config', "
+        "sys.argv[3]]\n"
+        "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-m", "sgm_ext.serving.launch", str(scales), digest,
+                        "--", sys.executable, "-c", server, tiny["dir"], str(free_port()),
+                        settings], capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert lines[-1].startswith("sgm-ext serve: error: ") and str(scales) in lines[-1]
+    assert "changed on disk while the server was starting" in lines[-1]
+    assert "changed on disk while vLLM was starting" in r.stderr + r.stdout  # the worker's
 
 
 # ---------------------------------------------------------------- the demo's LLaVA

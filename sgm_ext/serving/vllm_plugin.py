@@ -19,7 +19,12 @@ register() wraps four vLLM functions (each once, however often it runs):
   vLLM's warm-up, torch.compile and CUDA-graph capture.
 - InputProcessor.process_inputs (front end): a request's `sgm_strength` is checked, and with
   per_request its cache_salt gets the strength, so requests of different strengths never share
-  prefix-cache blocks (KV computed at one strength is wrong at another).
+  prefix-cache blocks (KV computed at one strength is wrong at another). A scale file changed
+  on disk since start-up is logged here, at the next request (the server keeps what it loaded).
+- the OpenAI server's middleware (vllm.entrypoints.launchers.app, in the server process only):
+  a request body with an sgm_* key anywhere but vllm_xargs.sgm_strength (top level, misspelt),
+  or a strength that is not a number (true / false, which vLLM would turn into 1 / 0, null, a
+  string, an object), gets a one-line 400 before vLLM parses it.
 - GPUModelRunner._prepare_inputs (workers, V1 runner; the CPU runner subclasses it): with
   per_request, each token row's strength is written into the model's strength buffer before
   the forward, in place.
@@ -27,20 +32,29 @@ A change after start-up is in place only (set_strength): vLLM's compiled graph i
 replaced later, silently, so patching a running model is refused.
 """
 import functools
+import json
 import logging
+import sys
 
 from ..core.scale_math import check_strength
 from .modules import (
+    KEEPS_LOADED,
     REQUEST_KEY,
+    REQUEST_PLACE,
     SETTINGS_KEY,
+    ScaleFileWatch,
     check_for_serving,
     file_sha256,
+    file_state,
     patch_vllm_model,
     read_settings,
+    request_body_problem,
     request_strength,
 )
 
 WORKER_EXTENSION = "sgm_ext.serving.vllm_plugin.WorkerExtension"
+_APP_MODULE = "vllm.entrypoints.launchers.app"  # build_app: the OpenAI server's FastAPI app
+_WATCHES = {}  # (scale file, sha256) -> ScaleFileWatch, in the front end
 _SERVED_ATTR = "sgm_ext_served"  # on the vLLM model: the serving.ServedModel
 log = logging.getLogger("vllm.sgm_ext")  # under vLLM's logger: its handler and format
 
@@ -66,6 +80,15 @@ def register():
     _wrap(BaseModelLoader, "load_model", _patched_load)
     _wrap(InputProcessor, "process_inputs", _strength_salted)
     _wrap(GPUModelRunner, "_prepare_inputs", _strengths_filled)
+    _hook_server()
+
+
+def _hook_server():
+    """In the OpenAI server's process (its app module already imported): the request check
+    goes into the app's middleware. Elsewhere (LLM(), engine, workers) nothing is imported."""
+    app_module = sys.modules.get(_APP_MODULE)
+    if app_module is not None and hasattr(app_module, "init_entrypoints_middleware"):
+        _wrap(app_module, "init_entrypoints_middleware", _request_check_added)
 
 
 # ------------------------------------------------------------------ front end: start-up
@@ -84,6 +107,8 @@ def _checked_config(original):
                 raise ValueError("sgm_ext per_request needs vLLM's V1 model runner: set "
                                  "VLLM_USE_V2_MODEL_RUNNER=0")
         digest = file_sha256(settings.scales)
+        _WATCHES[settings.scales, digest] = ScaleFileWatch(settings.scales, digest)
+        _hook_server()
         entry = config.additional_config[SETTINGS_KEY]
         if entry.get("scales_sha256") not in (None, digest):
             raise ValueError(f"{settings.scales}: its content hash is {digest}, not the "
@@ -109,9 +134,10 @@ def _patched_load(original):
         settings = read_settings(vllm_config.additional_config)
         if settings is None or prefix:  # prefix: a draft or sub-model
             return model
-        if settings.scales_sha256 != file_sha256(settings.scales):
-            raise ValueError(f"{settings.scales} changed since vLLM started (its content hash "
-                             "differs from the one in the settings): restart the server")
+        if file_state(settings.scales, settings.scales_sha256) != "as loaded":
+            raise ValueError(f"{settings.scales} changed on disk while vLLM was starting (its "
+                             "content is not the one checked at start-up): nothing was "
+                             "served; start the server again")
         targets = check_for_serving(model_config.hf_config, settings)
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         served = patch_vllm_model(
@@ -153,6 +179,7 @@ def _strength_salted(original):
         settings = read_settings(self.vllm_config.additional_config)
         strength = None
         if settings is not None:
+            _log_file_news(settings)
             try:
                 strength = request_strength(getattr(params, "extra_args", None), settings)
             except (ValueError, TypeError) as e:  # vLLM answers its own error type with a 400
@@ -166,6 +193,81 @@ def _strength_salted(original):
         return request
 
     return process_inputs
+
+
+def _log_file_news(settings):
+    """At each request: a warning, once per change, when the scale file on disk is no longer
+    the one served."""
+    if not settings.scales_sha256:
+        return
+    key = (settings.scales, settings.scales_sha256)
+    watch = _WATCHES.get(key)
+    if watch is None:  # a front end that did not configure the engine: hash at the first look
+        watch = _WATCHES[key] = ScaleFileWatch(*key, signature=None)
+    news = watch.news()
+    if news:
+        log.warning(news)
+
+
+# ------------------------------------------------------------------ the OpenAI server
+
+def _request_check_added(original):
+    def init_entrypoints_middleware(args, app, *rest, **kwargs):
+        config = getattr(args, "additional_config", None)
+        try:
+            settings = read_settings(json.loads(config) if isinstance(config, str) else config)
+        except ValueError:
+            settings = None  # the engine's configuration says what is wrong
+        if settings is not None:  # first: innermost, after vLLM's own (CORS, API key)
+            app.add_middleware(RequestCheck)
+        return original(args, app, *rest, **kwargs)
+
+    return init_entrypoints_middleware
+
+
+class RequestCheck:
+    """ASGI middleware: a JSON POST body with a misplaced sgm_* key or a strength that is not
+    a number in [0, 1] (as the client wrote it: vLLM's request models turn true into 1 and
+    answer null with four validation errors) gets one 400 line naming vllm_xargs.sgm_strength;
+    any other body goes on to vLLM unchanged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body) if body.lstrip()[:1] == b"{" else None
+        except ValueError:  # not JSON: vLLM answers it
+            data = None
+        problem = request_body_problem(data)
+        if problem:
+            payload = json.dumps({"error": {"message": problem, "type": "BadRequestError",
+                                            "param": REQUEST_PLACE, "code": 400}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
 
 
 def _strengths_filled(original):
@@ -204,7 +306,11 @@ class WorkerExtension:
     def sgm_describe(self):
         served = self._sgm_served()
         rank, size = _tp_rank()
-        return {"rank": rank, "tp_size": size, "scales": served.settings.scales,
+        settings = served.settings
+        return {"rank": rank, "tp_size": size, "scales": settings.scales,
+                "scales_sha256": settings.scales_sha256,
+                "scales_on_disk": file_state(settings.scales, settings.scales_sha256),
+                "note": KEEPS_LOADED,
                 "strength": served.default, "per_request": served.token_strength is not None,
                 "sites": [list(line) for line in served.lines],
                 "modules": sorted({type(m).__name__ for m in served.modules})}
@@ -227,6 +333,8 @@ def set_strength(llm, value: float) -> float:
 
 
 def describe(llm) -> list:
-    """One dict per worker: rank, scales, strength, per_request, sites (site, vLLM module,
-    neurons on that rank), the module classes patched in."""
+    """One dict per worker: rank, scales, scales_sha256 (the content served), scales_on_disk
+    ("as loaded", "changed", "missing": a running server keeps the scales it loaded; note says
+    so), strength, per_request, sites (site, vLLM module, neurons on that rank), the module
+    classes patched in."""
     return llm.collective_rpc("sgm_describe")
