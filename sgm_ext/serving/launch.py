@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from .modules import file_state
+from .settings import file_state
 
 DEFAULT_PORT = 8000  # vLLM's OpenAI server's
 

@@ -37,7 +37,8 @@ import logging
 import sys
 
 from ..core.scale_math import check_strength
-from .modules import (
+from .modules import patch_vllm_model
+from .settings import (
     KEEPS_LOADED,
     REQUEST_KEY,
     REQUEST_PLACE,
@@ -46,7 +47,6 @@ from .modules import (
     check_for_serving,
     file_sha256,
     file_state,
-    patch_vllm_model,
     read_settings,
     request_body_problem,
     request_strength,
