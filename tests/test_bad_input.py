@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,12 +20,46 @@ from sgm_ext.patching.scales import ScaleSet
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args, timeout=240, **kwargs):
-    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")  # as a user has it
+def cli(*args, timeout=240, env=None, **kwargs):
+    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr). env: more
+    environment variables."""
+    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",  # as a user has it
+               **(env or {}))
     res = subprocess.run([sys.executable, "-m", "sgm_ext", *map(str, args)], capture_output=True,
                          text=True, timeout=timeout, cwd=kwargs.get("cwd", ROOT), env=env)
     return res.returncode, res.stdout, res.stderr
+
+
+# A command given this environment stops at its model load and waits there (core/pause.py):
+# a refusal that comes "before the model loads" ends the process before that, any other times
+# out.
+BEFORE_LOAD = {"SGM_EXT_TEST_PAUSE": "load"}
+
+
+def interrupted_at(pause, args, command=("-m", "sgm_ext"), timeout=240):
+    """Run the CLI with SGM_EXT_TEST_PAUSE=pause; when it reports that it paused there, send
+    Ctrl-C (SIGINT): (exit status, stdout, stderr). Waits on the program's line, never on
+    time."""
+    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
+               SGM_EXT_TEST_PAUSE=pause)
+    proc = subprocess.Popen([sys.executable, *command, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    watchdog = threading.Timer(timeout, proc.kill)  # a hang fails the test, it does not block
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if f"sgm-ext: paused at {pause} " in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    assert any("paused at" in line for line in seen), "".join(seen)[-3000:] + err[-3000:]
+    return proc.returncode, out, "".join(seen) + err
 
 
 def snapshot(*paths):
@@ -43,11 +78,11 @@ def snapshot(*paths):
     return out
 
 
-def refused(args, message, *unchanged, status=2):
+def refused(args, message, *unchanged, status=2, env=None):
     """Run the CLI; assert it failed with `message` on one stderr line, left no traceback and
     changed none of `unchanged`. Returns stderr."""
     before = snapshot(*unchanged)
-    rc, out, err = cli(*args)
+    rc, out, err = cli(*args, env=env)
     assert rc == status, (rc, out[-2000:], err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if "error:" in line]
@@ -353,23 +388,56 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
 
 
 def test_ctrl_c_during_profile_says_how_to_resume(home, tmp_path):
-    data = tmp_path / "many.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in planted_rows(n_per_class=1500)))
+    """Interrupted once the second checkpoint is written (the program says so: no timing)."""
     ckpt = tmp_path / "ckpt"
-    args = [sys.executable, "-m", "sgm_ext", "profile", "--model", home / "model", "--data",
-            data, "--out", tmp_path / "s.safetensors", "--quiet", "--no-plot",
-            "--batch-size", "1", "--checkpoint-dir", ckpt, "--checkpoint-every", "10"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            text=True)
-    deadline = time.time() + 180
-    while not (ckpt / "state.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    args = profile_args(home, tmp_path / "s.safetensors", batch_size="1",
+                        checkpoint_dir=ckpt, checkpoint_every="2")
+    rc, _, err = interrupted_at("checkpoint", args)
+    assert rc == 130, err[-3000:]
     assert "Traceback" not in err
-    assert "profile: interrupted at batch" in err and "of 3000; rerun the same command to " \
-        f"resume from the checkpoint in {ckpt}" in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "profile: error: interrupted at batch 2 of 48; rerun the same " \
+        f"command to resume from the checkpoint in {ckpt} (after batch 2)" in lines[0], err
+    assert (ckpt / "state.json").exists() and not (tmp_path / "s.safetensors").exists()
+    rc, out, err = cli(*args)  # and it does resume
+    assert rc == 0 and "from 48 samples" in out, err[-3000:]
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_advise_resuming(home, tmp_path):
+    ckpt = tmp_path / "ck5"
+    args = profile_args(home, tmp_path / "s.safetensors", batch_size="1",
+                        checkpoint_dir=ckpt, checkpoint_every="10")
+    rc, _, err = interrupted_at("batch", args)  # after batch 1, before the first checkpoint
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "interrupted at batch 1 of 48; nothing was saved yet (the " \
+        "first checkpoint comes after batch 10)" in lines[0], err
+    assert "resume" not in err and not ckpt.exists()
+
+
+@pytest.mark.parametrize("command", ["profile", "eval"])
+def test_ctrl_c_while_the_model_loads_says_so(home, tmp_path, command):
+    args = profile_args(home, tmp_path / "s.safetensors") if command == "profile" else [
+        "eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+        "--prompts", home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet"]
+    before = snapshot(home, tmp_path)
+    rc, _, err = interrupted_at("load", args)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"sgm-ext {command}: error: interrupted "
+                                                   "(Ctrl-C) while loading the model from"), err
+    assert snapshot(home, tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [("-m", "sgm_ext"), (
+    "-c", "import sys; sys.argv[0] = 'sgm-ext'; from sgm_ext.cli import main; sys.exit(main())")],
+    ids=["python -m sgm_ext", "the sgm-ext script"])
+def test_ctrl_c_during_the_start_up_imports_says_so(home, command):
+    rc, out, err = interrupted_at("imports", ["inspect", home / "scales.safetensors"], command)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert lines == ["sgm-ext: error: interrupted (Ctrl-C) while starting, before the command "
+                     "ran"], err
 
 
 # ------------------------------------------------------------------ what a user expects
