@@ -15,7 +15,7 @@ import torch
 from _profile_models import planted_llama, planted_rows, tokenizer
 
 from sgm_ext.app import synthetic
-from sgm_ext.patching.scales import ScaleSet
+from sgm_ext.patching.scales import ScaleSet, load_scales
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -504,3 +504,161 @@ def test_inspect_lists_sites_in_model_order(tmp_path):
     listed = [line.split()[-1] for line in out.splitlines() if line.strip().endswith(
         ("up_proj", "mid")) and line.split()[-1].startswith("model.layers.")]
     assert listed == names  # layers.2 before layers.10, up_proj before mid
+
+
+# ------------------------------------------------------------------ issue 27
+
+def _raw_scale_file(path, tensors):
+    """A scale file's bytes as a hand-made or foreign writer would leave them (ScaleSet itself
+    refuses or converts what these tests need)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format_version": "2", "kind": "sgm-ext scales"})
+    return path
+
+
+@pytest.mark.parametrize(("tensors", "message"), [
+    ({"model.layers.0.mlp.mid": torch.ones(0)},
+     "scales['model.layers.0.mlp.mid'] has 0 values"),
+    ({"model.layers.0.mlp.mid": torch.ones(64),
+      "model.layers.0.mlp.down_proj:shift": torch.ones(0)},
+     "shifts['model.layers.0.mlp.down_proj'] has 0 values"),
+    ({"model.layers.0.mlp.mid": torch.ones(64, dtype=torch.int64)},
+     "tensor 'model.layers.0.mlp.mid' is int64; a scale file holds floating-point tensors"),
+    ({"model.layers.0.mlp.mid": torch.ones(64, dtype=torch.bool)},
+     "tensor 'model.layers.0.mlp.mid' is bool"),
+], ids=["zero-length scale", "zero-length shift", "int64", "bool"])
+def test_empty_or_non_float_scale_tensors_are_refused(home, tmp_path, tensors, message):
+    """Issue 27 items 1 and 11: inspect and eval (patch reads the file the same way)."""
+    bad = _raw_scale_file(tmp_path / "bad.safetensors", tensors)
+    refused(["inspect", bad], message, bad)
+    refused(["eval", "--model", home / "model", "--scales", bad, "--prompts",
+             home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet"], message, home, bad,
+            env=BEFORE_LOAD)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_weight_file_is_named(home, tmp_path, damage):
+    """Issue 27 item 3: profile, eval, sites and serve name the file before loading."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(home / "model", model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"x" * 4000)
+    message = f"{weights}: the model's weight file is truncated or not safetensors"
+    for args in (["profile", "--model", model, "--data", home / "data.jsonl", "--out",
+                  tmp_path / "s.safetensors", "--quiet", "--no-plot"],
+                 ["eval", "--model", model, "--scales", home / "scales.safetensors",
+                  "--prompts", home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet"],
+                 ["sites", "--model", model],
+                 ["serve", "--model", model, "--scales", home / "scales.safetensors"]):
+        refused(args, message, model, home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_eval_allow_amplify(home, tmp_path):
+    """Issue 27 item 4: scales above 1 need --allow-amplify, refused before loading without."""
+    amplified = tmp_path / "amp.safetensors"
+    scales = load_scales(home / "scales.safetensors")
+    site = scales.sites()[0]
+    up = scales[site].clone()
+    up[0] = 1.5
+    ScaleSet({**dict(scales.items()), site: up}, scales.metadata).save(amplified)
+    args = ["eval", "--model", home / "model", "--scales", amplified, "--prompts",
+            home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet", "--max-new-tokens", "2",
+            "--latency-runs", "0", "--judge", "refusal"]
+    refused(args, f"scales[{site!r}] has scales above 1 (they amplify neurons); pass "
+            "--allow-amplify", home, amplified, env=BEFORE_LOAD)
+    assert not (tmp_path / "r").exists()
+    rc, out, err = cli(*args, "--allow-amplify")
+    assert rc == 0, err[-3000:]
+    assert (tmp_path / "r" / "report.json").exists()
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_loading(home, tmp_path):
+    """Issue 27 item 5."""
+    refused(profile_args(home, tmp_path / "s.safetensors", checkpoint_dir=home / "notes.txt"),
+            f"--checkpoint-dir {home / 'notes.txt'} exists and is not a directory", home,
+            tmp_path, env=BEFORE_LOAD)
+    refused(profile_args(home, tmp_path / "s.safetensors",
+                         checkpoint_dir=home / "notes.txt" / "ck"),
+            "is not a directory", home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_unequal_classes_for_linear_ot_are_refused_before_loading(home, tmp_path):
+    """Issue 27 item 6."""
+    data = tmp_path / "uneven.jsonl"
+    rows = planted_rows()[:11]  # 6 toxic, 5 not
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = profile_args(home, tmp_path / "s.safetensors", method="linear_ot")
+    args[args.index("--data") + 1] = data
+    refused(args, "--method linear_ot needs as many toxic as non-toxic rows, got 6 and 5; pass "
+            "--balanced", home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_modality_response_without_responses_is_refused_before_loading(home, tmp_path):
+    """Issue 27 item 8."""
+    refused(profile_args(home, tmp_path / "s.safetensors", modality="response"),
+            "data.jsonl row 1 has no `response`; --modality response", home, tmp_path,
+            env=BEFORE_LOAD)
+
+
+def test_a_bad_judge_is_named_with_what_it_returned(home, tmp_path):
+    """Issue 27 item 9: the library's evaluate with a callable judge, in a fresh process."""
+    script = f"""
+import sgm_ext.evaluate as ev
+from sgm_ext.app.loading import load_model
+model, processor = load_model({str(home / 'model')!r}, 'cpu')
+def strings(answers):
+    return ['harmful'] * len(answers)
+def short(answers):
+    return [0.5] * (len(answers) + 1)
+for judge in (strings, short):
+    try:
+        ev.evaluate(model, processor, {str(home / 'scales.safetensors')!r},
+                    {str(home / 'prompts.jsonl')!r}, judge=judge, max_new_tokens=2,
+                    latency_runs=0, progress=False)
+    except ValueError as e:
+        print('ValueError:', e)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("ValueError: judge 'strings' (CallableJudge) returned str "
+                               "'harmful' for answer 0; a judge returns a score in [0, 1] or "
+                               "a bool"), lines
+    assert lines[1].startswith("ValueError: judge 'short' (CallableJudge) returned 2 verdicts "
+                               "for 1 answers: [0.5, 0.5]"), lines
+
+
+def test_max_length_above_the_context_is_refused_before_loading(home, tmp_path):
+    """Issue 27 item 10 (the planted Llama's context: 2048)."""
+    message = "--max-length 100000000 is above the model's context length 2048"
+    refused(profile_args(home, tmp_path / "s.safetensors", max_length="100000000"), message,
+            home, tmp_path, env=BEFORE_LOAD)
+    refused(["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+             "--prompts", home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet",
+             "--max-length", "100000000"], message, home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_the_real_demo_has_its_own_default_directory(home, tmp_path):
+    """Issue 27 item 12: `demo --real` (here on the planted model standing in for SmolLM2's
+    converted checkpoint) leaves the toy demo's sgm-ext-demo/ as it was."""
+    import shutil
+    cache = tmp_path / "cache"
+    shutil.copytree(home / "model", cache / "smollm2-135m-instruct")
+    toy = tmp_path / "sgm-ext-demo"
+    toy.mkdir()
+    shutil.copy(home / "scales.safetensors", toy / "scales.safetensors")
+    (toy / "report.md").write_text("the toy's report\n")
+    before = snapshot(toy)
+    rc, out, err = cli("demo", "--real", "--data", home / "data.jsonl", "--prompts",
+                       home / "prompts.jsonl", "--max-new-tokens", "2", "--latency-runs", "0",
+                       "--judge", "refusal", cwd=tmp_path, env={"SGM_EXT_CACHE": str(cache)})
+    assert rc == 0, err[-3000:]
+    assert snapshot(toy) == before
+    assert (tmp_path / "sgm-ext-demo-real" / "scales.safetensors").exists()
+    assert "files in sgm-ext-demo-real" in out
+    rc, out, _ = cli("demo", "--help")
+    assert "with --real sgm-ext-demo-real" in " ".join(out.split())
