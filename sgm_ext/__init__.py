@@ -8,25 +8,31 @@ handle, `steering` (vectors added to MLP outputs), ScaleSet and load_scales, the
 """
 import importlib
 
-from . import ops, profile  # ops: importing it registers the sgm_ext:: custom ops
-from .core import old_paths
-from .core.activations import ACTIVATIONS, canonical_activation
-from .ops import act_mul_scale, act_mul_scale_packed, act_scale, gated_up_proj
-from .ops.backends import backends
-from .patching import (
-    PatchHandle,
-    interop,
-    patch,
-    patched,
-    steering,
-    supported_architectures,
-    unpatch,
-)
-from .patching.scales import ScaleSet, load_scales, load_vectors
-from .profile.expertise import Expertise
-from .profile.pooling import site_table as sites
-from .profile.responses import Responses
-from .version import __version__
+from .core.pause import interrupted_at_start, pause_point
+
+try:  # Ctrl-C in these imports (torch's, transformers'): one line as the command
+    pause_point("imports")
+    from . import ops, profile  # ops: importing it registers the sgm_ext:: custom ops
+    from .core import old_paths
+    from .core.activations import ACTIVATIONS, canonical_activation
+    from .ops import act_mul_scale, act_mul_scale_packed, act_scale, gated_up_proj
+    from .ops.backends import backends
+    from .patching import (
+        PatchHandle,
+        interop,
+        patch,
+        patched,
+        steering,
+        supported_architectures,
+        unpatch,
+    )
+    from .patching.scales import ScaleSet, load_scales, load_vectors
+    from .profile.expertise import Expertise
+    from .profile.pooling import site_table as sites
+    from .profile.responses import Responses
+    from .version import __version__
+except KeyboardInterrupt:
+    interrupted_at_start()
 
 old_paths.install()  # sgm_ext.evaluate, sgm_ext.report, ... : the flat layout's module paths
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,17 +15,51 @@ import torch
 from _profile_models import planted_llama, planted_rows, tokenizer
 
 from sgm_ext.app import synthetic
-from sgm_ext.patching.scales import ScaleSet
+from sgm_ext.patching.scales import ScaleSet, load_scales
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args, timeout=240, **kwargs):
-    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")  # as a user has it
+def cli(*args, timeout=240, env=None, **kwargs):
+    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr). env: more
+    environment variables."""
+    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",  # as a user has it
+               **(env or {}))
     res = subprocess.run([sys.executable, "-m", "sgm_ext", *map(str, args)], capture_output=True,
                          text=True, timeout=timeout, cwd=kwargs.get("cwd", ROOT), env=env)
     return res.returncode, res.stdout, res.stderr
+
+
+# A command given this environment stops at its model load and waits there (core/pause.py):
+# a refusal that comes "before the model loads" ends the process before that, any other times
+# out.
+BEFORE_LOAD = {"SGM_EXT_TEST_PAUSE": "load"}
+
+
+def interrupted_at(pause, args, command=("-m", "sgm_ext"), timeout=240):
+    """Run the CLI with SGM_EXT_TEST_PAUSE=pause; when it reports that it paused there, send
+    Ctrl-C (SIGINT): (exit status, stdout, stderr). Waits on the program's line, never on
+    time."""
+    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
+               SGM_EXT_TEST_PAUSE=pause)
+    proc = subprocess.Popen([sys.executable, *command, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    watchdog = threading.Timer(timeout, proc.kill)  # a hang fails the test, it does not block
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if f"sgm-ext: paused at {pause} " in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    assert any("paused at" in line for line in seen), "".join(seen)[-3000:] + err[-3000:]
+    return proc.returncode, out, "".join(seen) + err
 
 
 def snapshot(*paths):
@@ -43,11 +78,11 @@ def snapshot(*paths):
     return out
 
 
-def refused(args, message, *unchanged, status=2):
+def refused(args, message, *unchanged, status=2, env=None):
     """Run the CLI; assert it failed with `message` on one stderr line, left no traceback and
     changed none of `unchanged`. Returns stderr."""
     before = snapshot(*unchanged)
-    rc, out, err = cli(*args)
+    rc, out, err = cli(*args, env=env)
     assert rc == status, (rc, out[-2000:], err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if "error:" in line]
@@ -353,23 +388,56 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
 
 
 def test_ctrl_c_during_profile_says_how_to_resume(home, tmp_path):
-    data = tmp_path / "many.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in planted_rows(n_per_class=1500)))
+    """Interrupted once the second checkpoint is written (the program says so: no timing)."""
     ckpt = tmp_path / "ckpt"
-    args = [sys.executable, "-m", "sgm_ext", "profile", "--model", home / "model", "--data",
-            data, "--out", tmp_path / "s.safetensors", "--quiet", "--no-plot",
-            "--batch-size", "1", "--checkpoint-dir", ckpt, "--checkpoint-every", "10"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            text=True)
-    deadline = time.time() + 180
-    while not (ckpt / "state.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    args = profile_args(home, tmp_path / "s.safetensors", batch_size="1",
+                        checkpoint_dir=ckpt, checkpoint_every="2")
+    rc, _, err = interrupted_at("checkpoint", args)
+    assert rc == 130, err[-3000:]
     assert "Traceback" not in err
-    assert "profile: interrupted at batch" in err and "of 3000; rerun the same command to " \
-        f"resume from the checkpoint in {ckpt}" in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "profile: error: interrupted at batch 2 of 48; rerun the same " \
+        f"command to resume from the checkpoint in {ckpt} (after batch 2)" in lines[0], err
+    assert (ckpt / "state.json").exists() and not (tmp_path / "s.safetensors").exists()
+    rc, out, err = cli(*args)  # and it does resume
+    assert rc == 0 and "from 48 samples" in out, err[-3000:]
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_advise_resuming(home, tmp_path):
+    ckpt = tmp_path / "ck5"
+    args = profile_args(home, tmp_path / "s.safetensors", batch_size="1",
+                        checkpoint_dir=ckpt, checkpoint_every="10")
+    rc, _, err = interrupted_at("batch", args)  # after batch 1, before the first checkpoint
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "interrupted at batch 1 of 48; nothing was saved yet (the " \
+        "first checkpoint comes after batch 10)" in lines[0], err
+    assert "resume" not in err and not ckpt.exists()
+
+
+@pytest.mark.parametrize("command", ["profile", "eval"])
+def test_ctrl_c_while_the_model_loads_says_so(home, tmp_path, command):
+    args = profile_args(home, tmp_path / "s.safetensors") if command == "profile" else [
+        "eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+        "--prompts", home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet"]
+    before = snapshot(home, tmp_path)
+    rc, _, err = interrupted_at("load", args)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"sgm-ext {command}: error: interrupted "
+                                                   "(Ctrl-C) while loading the model from"), err
+    assert snapshot(home, tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [("-m", "sgm_ext"), (
+    "-c", "import sys; sys.argv[0] = 'sgm-ext'; from sgm_ext.cli import main; sys.exit(main())")],
+    ids=["python -m sgm_ext", "the sgm-ext script"])
+def test_ctrl_c_during_the_start_up_imports_says_so(home, command):
+    rc, out, err = interrupted_at("imports", ["inspect", home / "scales.safetensors"], command)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert lines == ["sgm-ext: error: interrupted (Ctrl-C) while starting, before the command "
+                     "ran"], err
 
 
 # ------------------------------------------------------------------ what a user expects
@@ -436,3 +504,161 @@ def test_inspect_lists_sites_in_model_order(tmp_path):
     listed = [line.split()[-1] for line in out.splitlines() if line.strip().endswith(
         ("up_proj", "mid")) and line.split()[-1].startswith("model.layers.")]
     assert listed == names  # layers.2 before layers.10, up_proj before mid
+
+
+# ------------------------------------------------------------------ issue 27
+
+def _raw_scale_file(path, tensors):
+    """A scale file's bytes as a hand-made or foreign writer would leave them (ScaleSet itself
+    refuses or converts what these tests need)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format_version": "2", "kind": "sgm-ext scales"})
+    return path
+
+
+@pytest.mark.parametrize(("tensors", "message"), [
+    ({"model.layers.0.mlp.mid": torch.ones(0)},
+     "scales['model.layers.0.mlp.mid'] has 0 values"),
+    ({"model.layers.0.mlp.mid": torch.ones(64),
+      "model.layers.0.mlp.down_proj:shift": torch.ones(0)},
+     "shifts['model.layers.0.mlp.down_proj'] has 0 values"),
+    ({"model.layers.0.mlp.mid": torch.ones(64, dtype=torch.int64)},
+     "tensor 'model.layers.0.mlp.mid' is int64; a scale file holds floating-point tensors"),
+    ({"model.layers.0.mlp.mid": torch.ones(64, dtype=torch.bool)},
+     "tensor 'model.layers.0.mlp.mid' is bool"),
+], ids=["zero-length scale", "zero-length shift", "int64", "bool"])
+def test_empty_or_non_float_scale_tensors_are_refused(home, tmp_path, tensors, message):
+    """Issue 27 items 1 and 11: inspect and eval (patch reads the file the same way)."""
+    bad = _raw_scale_file(tmp_path / "bad.safetensors", tensors)
+    refused(["inspect", bad], message, bad)
+    refused(["eval", "--model", home / "model", "--scales", bad, "--prompts",
+             home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet"], message, home, bad,
+            env=BEFORE_LOAD)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_weight_file_is_named(home, tmp_path, damage):
+    """Issue 27 item 3: profile, eval, sites and serve name the file before loading."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(home / "model", model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"x" * 4000)
+    message = f"{weights}: the model's weight file is truncated or not safetensors"
+    for args in (["profile", "--model", model, "--data", home / "data.jsonl", "--out",
+                  tmp_path / "s.safetensors", "--quiet", "--no-plot"],
+                 ["eval", "--model", model, "--scales", home / "scales.safetensors",
+                  "--prompts", home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet"],
+                 ["sites", "--model", model],
+                 ["serve", "--model", model, "--scales", home / "scales.safetensors"]):
+        refused(args, message, model, home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_eval_allow_amplify(home, tmp_path):
+    """Issue 27 item 4: scales above 1 need --allow-amplify, refused before loading without."""
+    amplified = tmp_path / "amp.safetensors"
+    scales = load_scales(home / "scales.safetensors")
+    site = scales.sites()[0]
+    up = scales[site].clone()
+    up[0] = 1.5
+    ScaleSet({**dict(scales.items()), site: up}, scales.metadata).save(amplified)
+    args = ["eval", "--model", home / "model", "--scales", amplified, "--prompts",
+            home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet", "--max-new-tokens", "2",
+            "--latency-runs", "0", "--judge", "refusal"]
+    refused(args, f"scales[{site!r}] has scales above 1 (they amplify neurons); pass "
+            "--allow-amplify", home, amplified, env=BEFORE_LOAD)
+    assert not (tmp_path / "r").exists()
+    rc, out, err = cli(*args, "--allow-amplify")
+    assert rc == 0, err[-3000:]
+    assert (tmp_path / "r" / "report.json").exists()
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_loading(home, tmp_path):
+    """Issue 27 item 5."""
+    refused(profile_args(home, tmp_path / "s.safetensors", checkpoint_dir=home / "notes.txt"),
+            f"--checkpoint-dir {home / 'notes.txt'} exists and is not a directory", home,
+            tmp_path, env=BEFORE_LOAD)
+    refused(profile_args(home, tmp_path / "s.safetensors",
+                         checkpoint_dir=home / "notes.txt" / "ck"),
+            "is not a directory", home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_unequal_classes_for_linear_ot_are_refused_before_loading(home, tmp_path):
+    """Issue 27 item 6."""
+    data = tmp_path / "uneven.jsonl"
+    rows = planted_rows()[:11]  # 6 toxic, 5 not
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = profile_args(home, tmp_path / "s.safetensors", method="linear_ot")
+    args[args.index("--data") + 1] = data
+    refused(args, "--method linear_ot needs as many toxic as non-toxic rows, got 6 and 5; pass "
+            "--balanced", home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_modality_response_without_responses_is_refused_before_loading(home, tmp_path):
+    """Issue 27 item 8."""
+    refused(profile_args(home, tmp_path / "s.safetensors", modality="response"),
+            "data.jsonl row 1 has no `response`; --modality response", home, tmp_path,
+            env=BEFORE_LOAD)
+
+
+def test_a_bad_judge_is_named_with_what_it_returned(home, tmp_path):
+    """Issue 27 item 9: the library's evaluate with a callable judge, in a fresh process."""
+    script = f"""
+import sgm_ext.evaluate as ev
+from sgm_ext.app.loading import load_model
+model, processor = load_model({str(home / 'model')!r}, 'cpu')
+def strings(answers):
+    return ['harmful'] * len(answers)
+def short(answers):
+    return [0.5] * (len(answers) + 1)
+for judge in (strings, short):
+    try:
+        ev.evaluate(model, processor, {str(home / 'scales.safetensors')!r},
+                    {str(home / 'prompts.jsonl')!r}, judge=judge, max_new_tokens=2,
+                    latency_runs=0, progress=False)
+    except ValueError as e:
+        print('ValueError:', e)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("ValueError: judge 'strings' (CallableJudge) returned str "
+                               "'harmful' for answer 0; a judge returns a score in [0, 1] or "
+                               "a bool"), lines
+    assert lines[1].startswith("ValueError: judge 'short' (CallableJudge) returned 2 verdicts "
+                               "for 1 answers: [0.5, 0.5]"), lines
+
+
+def test_max_length_above_the_context_is_refused_before_loading(home, tmp_path):
+    """Issue 27 item 10 (the planted Llama's context: 2048)."""
+    message = "--max-length 100000000 is above the model's context length 2048"
+    refused(profile_args(home, tmp_path / "s.safetensors", max_length="100000000"), message,
+            home, tmp_path, env=BEFORE_LOAD)
+    refused(["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+             "--prompts", home / "prompts.jsonl", "--out", tmp_path / "r", "--quiet",
+             "--max-length", "100000000"], message, home, tmp_path, env=BEFORE_LOAD)
+
+
+def test_the_real_demo_has_its_own_default_directory(home, tmp_path):
+    """Issue 27 item 12: `demo --real` (here on the planted model standing in for SmolLM2's
+    converted checkpoint) leaves the toy demo's sgm-ext-demo/ as it was."""
+    import shutil
+    cache = tmp_path / "cache"
+    shutil.copytree(home / "model", cache / "smollm2-135m-instruct")
+    toy = tmp_path / "sgm-ext-demo"
+    toy.mkdir()
+    shutil.copy(home / "scales.safetensors", toy / "scales.safetensors")
+    (toy / "report.md").write_text("the toy's report\n")
+    before = snapshot(toy)
+    rc, out, err = cli("demo", "--real", "--data", home / "data.jsonl", "--prompts",
+                       home / "prompts.jsonl", "--max-new-tokens", "2", "--latency-runs", "0",
+                       "--judge", "refusal", cwd=tmp_path, env={"SGM_EXT_CACHE": str(cache)})
+    assert rc == 0, err[-3000:]
+    assert snapshot(toy) == before
+    assert (tmp_path / "sgm-ext-demo-real" / "scales.safetensors").exists()
+    assert "files in sgm-ext-demo-real" in out
+    rc, out, _ = cli("demo", "--help")
+    assert "with --real sgm-ext-demo-real" in " ".join(out.split())

@@ -58,9 +58,9 @@ def test_callable_judge_gets_prompts_when_it_asks():
     assert [h for _, h in verdicts] == [True, False] and seen["prompts"] == ["p1", "p2"]
     scores = get_judge(lambda answers: [0.2, 0.7], threshold=0.6)(["a", "b"])
     assert scores == [(0.2, False), (0.7, True)]
-    with pytest.raises(ValueError, match="gave 1 verdicts for 2 answers"):
+    with pytest.raises(ValueError, match="returned 1 verdicts for 2 answers"):
         get_judge(lambda answers: [1])(["a", "b"])
-    with pytest.raises(ValueError, match="non-finite score for answer 1"):
+    with pytest.raises(ValueError, match="non-finite score nan for answer 1"):
         get_judge(lambda answers: [0.0, float("nan")])(["a", "b"])
     with pytest.raises(ValueError, match="unknown judge 'perspective'"):
         get_judge("perspective")

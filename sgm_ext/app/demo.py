@@ -106,7 +106,6 @@ def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
     run: as for run_demo_in; data, prompts: the user's files (default: the bundled ones);
     eval_options: `sgm-ext eval` options by name."""
     start = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
     model_dir = realmodel.checkpoint()
     own_data = data
     data = data or os.path.join(RESOURCES, "real_profile.jsonl")
@@ -125,6 +124,7 @@ def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
               "8", "--quiet", "--force"],
              ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts,
               "--out", out, "--quiet", *eval_argv]]
+    os.makedirs(out, exist_ok=True)  # once the model is there: a failed start leaves none
     for argv in steps:
         print(f"\n$ sgm-ext {' '.join(argv)}")
         rc = run(argv)

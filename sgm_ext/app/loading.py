@@ -1,5 +1,9 @@
 """Loading a model and its processor from a local Hugging Face directory (never downloads)."""
+import glob
+import json
 import os
+
+from ..core.pause import pause_point
 
 
 def check_model_dir(path):
@@ -9,6 +13,50 @@ def check_model_dir(path):
                                 "directories only; it never downloads)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+    check_weight_files(path)
+
+
+def check_weight_files(path):
+    """ValueError naming the first *.safetensors file of the directory whose header cannot be
+    read or whose size is not what its header says (truncated, corrupt, not safetensors):
+    found before a load, which would stop with the parser's traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors"))):
+        try:
+            size = os.path.getsize(name)
+            with open(name, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            end = max((v["data_offsets"][1] for k, v in (header or {}).items()
+                       if k != "__metadata__"), default=0)
+            if header is None or 8 + n + end > size:
+                raise ValueError("shorter than its header says")
+            with safe_open(name, framework="pt"):
+                pass
+        except (SafetensorError, OSError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"{name}: the model's weight file is truncated or not safetensors "
+                             f"({e}); copy or download it again") from None
+
+
+def context_length(path):
+    """max_position_embeddings of the model's (text) config in `path`, or None."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    for cfg in (config.get("text_config") or {}, config):
+        n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def check_max_length(path, max_length):
+    """ValueError when --max-length is above the model's context length (from config.json,
+    before the model is loaded)."""
+    n = context_length(path) if max_length is not None else None
+    if n is not None and max_length > n:
+        raise ValueError(f"--max-length {max_length} is above the model's context length {n} "
+                         f"(max_position_embeddings in {os.path.join(path, 'config.json')})")
 
 
 def check_device(device):
@@ -60,8 +108,13 @@ def load_model(path, device="auto", dtype="auto", local_rank=0, world=1):
     kwargs["dtype"] = (dtype if dtype != "auto" else ("auto" if on_gpu else "float32"))
     if kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    model = auto_class.from_pretrained(path, **kwargs).eval()
-    return model, load_processor(path)
+    try:
+        pause_point("load")
+        model = auto_class.from_pretrained(path, **kwargs).eval()
+        return model, load_processor(path)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted (Ctrl-C) while loading the model from {path}; "
+                                "nothing was written") from None
 
 
 def load_processor(path):

@@ -17,13 +17,18 @@ import os
 import sys
 import warnings
 
-from .build import add_build
-from .demo import add_demo
-from .eval import add_eval
-from .inspect import add_inspect
-from .profile import add_profile
-from .serve import add_serve
-from .sites import add_sites
+from ..core.pause import interrupted_at_start
+
+try:  # Ctrl-C in the imports: before main()'s handling, one line all the same
+    from .build import add_build
+    from .demo import add_demo
+    from .eval import add_eval
+    from .inspect import add_inspect
+    from .profile import add_profile
+    from .serve import add_serve
+    from .sites import add_sites
+except KeyboardInterrupt:
+    interrupted_at_start()
 
 SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo, add_build, add_serve]
 
@@ -58,8 +63,8 @@ def main(argv=None):
                 return _closed_pipe()
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt as e:
-            print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        except KeyboardInterrupt as e:  # its message (profile's: where it stopped) or none
+            print(f"{prog}: error: {str(e) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
             return 130
 
 

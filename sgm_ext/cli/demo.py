@@ -3,6 +3,7 @@ from ..app import realmodel
 from ..app.demo import SIZED, run_demo_in, run_real_demo
 from .eval import EVAL_DEFAULTS, add_eval_options, check_eval_args
 
+DEMO_OUT, REAL_DEMO_OUT = "sgm-ext-demo", "sgm-ext-demo-real"  # the default --out of each
 DEMO_SET = SIZED + ("conditions",)  # defaults the demo sets itself (None on its parser)
 
 
@@ -22,7 +23,9 @@ def add_demo(sub):
                    "the bundled ones)")
     # None: the size --fast or the full run picks
     add_eval_options(p, max_new_tokens=None, latency_runs=None, latency_prompts=None,
-                     conditions=None, out="sgm-ext-demo")  # conditions None: all four
+                     conditions=None, out=None,  # conditions None: all four
+                     out_help=f"directory for the demo's files (default {DEMO_OUT}; with "
+                     f"--real {REAL_DEMO_OUT}, so that neither replaces the other's files)")
     p.set_defaults(func=run_demo)
 
 
@@ -38,6 +41,8 @@ def demo_eval_options(args):
 
 def run_demo(args):
     # args.run_command is sgm_ext.cli.main (set there): the demo's steps are `sgm-ext` commands
+    if args.out is None:  # the toy's model and the real one's scale file never share one
+        args.out = REAL_DEMO_OUT if args.real else DEMO_OUT
     check_eval_args(args)
     if args.real:
         return run_real_demo(args.out, run=args.run_command, data=args.data,

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from ..app.loading import load_model
+from ..app.loading import check_max_length, check_model_dir, load_model
 from ..core.scale_math import check_fraction, check_strength
 from ..evaluation.benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
 from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
@@ -43,6 +43,9 @@ def add_eval(sub):
                    help="exact (the answer's first line equals the reference, up to case and "
                    "punctuation) or choice (its first standalone letter A-J is the reference); "
                    "auto: choice when every reference is a letter")
+    p.add_argument("--allow-amplify", action="store_true",
+                   help="accept scales above 1 (profile --allow-amplify; AcT's transport maps, "
+                   "ml-aura-vl's threshold-0.3 rule), as patch(..., allow_amplify=True)")
     add_input_options(p)
     p.set_defaults(func=run_eval)
 
@@ -100,7 +103,8 @@ def add_eval_options(p, **defaults):
                    help="with --samples: nucleus sampling's p (default 0.9)")
     p.add_argument("--top-k", type=int, default=d["top_k"],
                    help="with --samples: keep the k likeliest tokens (default 0: no cut)")
-    p.add_argument("--out", default=d["out"], help="directory for the report files")
+    p.add_argument("--out", default=d["out"],
+                   help=d.get("out_help", "directory for the report files"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -149,6 +153,20 @@ def judge_from_args(args):
                      template=template)
 
 
+def checked_scales(path, allow_amplify):
+    """The scale file, its values checked before the model loads (scales above 1 need
+    --allow-amplify)."""
+    scales = load_scales(path)
+    amplified = next((site for site, s in scales.items() if bool((s > 1).any())), None)
+    if amplified is not None and not allow_amplify:
+        raise ValueError(f"{path}: scales[{amplified!r}] has scales above 1 (they amplify "
+                         "neurons); pass --allow-amplify to evaluate them")
+    try:
+        return scales.validate(allow_amplify)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def run_eval(args):
     check_eval_args(args)  # all before a long load
     conditions, safety, jailbreak = eval_texts(args)
@@ -157,8 +175,10 @@ def run_eval(args):
                          "(one of the two)")
     if args.data is None and (args.benchmark != "auto" or args.subset):
         raise ValueError("--benchmark and --subset go with --data DIR")
+    check_model_dir(args.model)
+    check_max_length(args.model, args.max_length)
     judge = judge_from_args(args)
-    scales = load_scales(args.scales)
+    scales = checked_scales(args.scales, args.allow_amplify)
     if args.data is None:
         prompts, benchmark = load_prompts(args.prompts, args.max_prompts), "prompts"
     else:
@@ -180,7 +200,8 @@ def run_eval(args):
         truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet,
         conditions=conditions, safety_prompt=safety, jailbreak=jailbreak, seed=args.seed,
         capability=capability, capability_scoring=args.capability_scoring,
-        samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        allow_amplify=args.allow_amplify)
     report.update(model=os.path.abspath(args.model), scales=os.path.abspath(args.scales),
                   prompts=os.path.abspath(args.prompts or args.data), benchmark=benchmark,
                   subset=args.subset)

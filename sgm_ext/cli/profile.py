@@ -4,7 +4,7 @@ import os
 import sys
 import warnings
 
-from ..app.loading import check_device, check_model_dir, load_model
+from ..app.loading import check_device, check_max_length, check_model_dir, load_model
 from ..core.files import check_output_file
 from ..core.scale_math import METHODS, check_method
 from ..evaluation.plots import expertise_plot
@@ -148,8 +148,45 @@ def check_profile_args(args):
                           force=args.force)
     if os.path.abspath(args.out) == os.path.abspath(args.expertise_out or ""):
         raise ValueError("--out and --expertise-out name the same file")
+    if args.checkpoint_dir:
+        check_checkpoint_dir(args.checkpoint_dir)
     check_model_dir(args.model)
+    check_max_length(args.model, args.max_length)
     check_device(args.device)
+
+
+def check_checkpoint_dir(path):
+    """ValueError unless --checkpoint-dir is a directory, or one that can be made (its nearest
+    existing parent a writable directory)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--checkpoint-dir {path} exists and is not a directory")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--checkpoint-dir {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--checkpoint-dir {path}: {parent} is not writable")
+
+
+def check_rows(args, rows):
+    """What the options need of the rows, before the model loads: both classes; as many of
+    each for linear_ot (unless --balanced); a response in every row for --modality response."""
+    labels = [r.label for r in rows]
+    try:
+        check_labels(labels)
+    except ValueError as e:
+        raise ValueError(f"{args.data}: {e}") from None
+    toxic = sum(1 for v in labels if v == 1)
+    if args.method == "linear_ot" and not args.balanced and 2 * toxic != len(labels):
+        raise ValueError(f"{args.data}: --method linear_ot needs as many toxic as non-toxic "
+                         f"rows, got {toxic} and {len(labels) - toxic}; pass --balanced to "
+                         "subsample the larger class")
+    if args.modality == "response":
+        missing = next((r for r in rows if not r.response), None)
+        if missing is not None:
+            raise ValueError(f"{args.data} row {missing.number} has no `response`; --modality "
+                             "response pools the tokens of each row's response")
 
 
 def _init_distributed():
@@ -186,10 +223,7 @@ def _profile(args, rank, world, local_rank):
     if dataset.skipped:
         say(f"skipped {len(dataset.skipped)} bad rows (first: row {dataset.skipped[0][0]}: "
             f"{dataset.skipped[0][1]})", file=sys.stderr)
-    try:
-        check_labels([r.label for r in dataset.rows])
-    except ValueError as e:
-        raise ValueError(f"{args.data}: {e}") from None
+    check_rows(args, dataset.rows)
     model, processor = load_model(args.model, args.device, args.dtype, local_rank, world)
     say(input_format_line(processor, args.input_format), file=sys.stderr)
     say(f"pooling: {args.pooling} over {POOLED[args.modality]} (--modality)", file=sys.stderr)

@@ -116,7 +116,8 @@ def evaluate(model, processor, scales, prompts, options=None, **keywords) -> tup
         report["latency"] = measure_latency(
             model, processor, plan.rows, scales, new_tokens=opts.max_new_tokens,
             runs=opts.latency_runs, n_prompts=opts.latency_prompts, mode=opts.mode,
-            strength=opts.strength, limit=plan.limit, fmt=plan.fmt)
+            strength=opts.strength, limit=plan.limit, fmt=plan.fmt,
+            allow_amplify=opts.allow_amplify)
         report["latency_ratio"] = report["latency"]["ratio"]
     else:
         report["latency"], report["latency_ratio"] = None, None
@@ -135,7 +136,8 @@ def _plan(model, processor, scales, prompts, opts):
             if isinstance(opts.capability, (str, os.PathLike)) else opts.capability
         plan.capability_scoring = resolve_scoring(opts.capability_scoring, plan.cap_refs)
     plan.texts = load_reference(opts.reference)
-    patch(model, scales, mode=opts.mode, strength=opts.strength).remove()  # bad scales fail here
+    patch(model, scales, mode=opts.mode, strength=opts.strength,
+          allow_amplify=opts.allow_amplify).remove()  # bad scales fail here
     first_image = next((p.number for p in plan.rows if p.image is not None), None)
     plan.rows, n_images = drop_unusable_images(plan.rows, processor)
     if n_images:
@@ -186,8 +188,8 @@ def _generate_all(model, processor, scales, plan, opts):
                               opts.samples, opts.batch_size, opts.seed, bar.update)
 
     for patched in sorted(states):
-        handle = patch(model, scales, mode=opts.mode, strength=opts.strength) \
-            if patched else None
+        handle = patch(model, scales, mode=opts.mode, strength=opts.strength,
+                       allow_amplify=opts.allow_amplify) if patched else None
         try:
             for run, condition, _ in plan.runs:
                 if CONDITIONS[condition][0] == patched:

@@ -83,20 +83,22 @@ def perplexity_of(parts):
 
 
 def measure_latency(model, processor, prompts, scales, *, new_tokens, runs=3, n_prompts=8,
-                    mode="fused", strength=1.0, limit=None, fmt="auto"):
+                    mode="fused", strength=1.0, limit=None, fmt="auto", allow_amplify=False):
     """Generation time patched / unpatched, side by side.
 
     Each of the first n_prompts prompts is generated to exactly new_tokens tokens with and
     without the patch, `runs` times, alternating which goes first; one untimed warm-up each,
     and before every timed generation one untimed token in the same state (steady state, not
     the patch's first call).
-    limit, fmt: the inputs.LengthLimit and format the prompts are encoded with.
+    limit, fmt: the inputs.LengthLimit and format the prompts are encoded with;
+    allow_amplify: as for patch.
     """
     encoded = [encode(processor, p, limit, fmt) for p in prompts[:n_prompts]]
     times = {"unpatched": [], "patched": []}
 
     def timed(enc, patched):
-        handle = patch(model, scales, mode=mode, strength=strength) if patched else None
+        handle = patch(model, scales, mode=mode, strength=strength,
+                       allow_amplify=allow_amplify) if patched else None
         try:
             # one untimed token first, in both states: a fresh patch fills its caches (s_eff
             # on the device, in the dtype) on its first call, which is not what a token costs

@@ -32,20 +32,41 @@ class Judge:
             with_labels = len(inspect.signature(self.scores).parameters) >= 3
         except (TypeError, ValueError):
             with_labels = True
-        scores = [float(s) for s in (self.scores(answers, prompts, labels) if with_labels
-                                     else self.scores(answers, prompts))]
-        if len(scores) != len(answers):
-            raise ValueError(f"judge {self.name!r} gave {len(scores)} verdicts for "
-                             f"{len(answers)} answers")
-        for i, s in enumerate(scores):
-            if not math.isfinite(s):
-                raise ValueError(f"judge {self.name!r} gave a non-finite score for answer {i}")
+        raw = self.scores(answers, prompts, labels) if with_labels \
+            else self.scores(answers, prompts)
+        scores = _check_verdicts(self, raw, len(answers))
         return [(s, s >= self.threshold) for s in scores]
 
     def details(self, answers, prompts=None, labels=None):
         """[{score, harmful, ...}] for each answer: what the generation records keep (a
         generative judge adds its raw verdict and whether it could be parsed)."""
         return [{"score": s, "harmful": bool(h)} for s, h in self(answers, prompts, labels)]
+
+
+def _check_verdicts(judge, raw, n):
+    """The judge's verdicts as floats; ValueError naming the judge and saying what it returned
+    unless they are n finite numbers or bools."""
+    who = f"judge {judge.name!r} ({type(judge).__name__})"
+    try:
+        verdicts = list(raw)
+    except TypeError:
+        raise ValueError(f"{who} returned {type(raw).__name__} {raw!r:.80}; a judge returns one "
+                         f"score in [0, 1] or bool per answer ({n} here)") from None
+    if len(verdicts) != n:
+        raise ValueError(f"{who} returned {len(verdicts)} verdicts for {n} answers: "
+                         f"{verdicts!r:.80}")
+    scores = []
+    for i, v in enumerate(verdicts):
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            scores.append(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{who} returned {type(v).__name__} {v!r:.40} for answer {i}; a "
+                             "judge returns a score in [0, 1] or a bool per answer") from None
+        if not math.isfinite(scores[-1]):
+            raise ValueError(f"{who} returned the non-finite score {v!r} for answer {i}")
+    return scores
 
 
 class ProfanityJudge(Judge):

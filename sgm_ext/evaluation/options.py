@@ -29,7 +29,8 @@ class EvalOptions:
     """The settings of evaluate(), by group.
 
     Judging: judge (a name: profanity, refusal, hf:DIR, llm:DIR; a judges.Judge or a
-    callable). Patch: strength, mode (fused, fold, hook). Conditions: conditions (names of
+    callable). Patch: strength, mode (fused, fold, hook),
+    allow_amplify (accept scales above 1, as patch does). Conditions: conditions (names of
     conditions.CONDITIONS, aliases sgm, sgm*, prompt; a list or "a,b"), safety_prompt (the
     prompt defense's system prompt), jailbreak (a template applied to every prompt,
     conditions.apply_jailbreak, in a second run of every condition; None: no attack).
@@ -56,6 +57,7 @@ class EvalOptions:
     # the patch
     strength: float = 1.0
     mode: str = "fused"
+    allow_amplify: bool = False
     # conditions and attack
     conditions: Any = DEFAULT_CONDITIONS
     safety_prompt: str = SAFETY_PROMPT

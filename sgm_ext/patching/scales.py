@@ -42,6 +42,8 @@ def _vectors(entries, what):
         if t.dim() != 1:
             raise ValueError(f"{what}[{site!r}] must be 1-D (one value per neuron), "
                              f"got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"{what}[{site!r}] has 0 values (a site has one per neuron)")
         out[site] = t.detach().to("cpu", torch.float32).contiguous()
     return out
 
@@ -129,7 +131,7 @@ class ScaleSet:
         with safe_open(os.fspath(path), framework="pt") as f:  # keys come sorted as strings
             for key in f.keys():
                 site, is_shift = _split_key(key, version, path)
-                (shifts if is_shift else scales)[site] = f.get_tensor(key)
+                (shifts if is_shift else scales)[site] = _float_tensor(f, key, path)
         order = {site: site_order(site) for site in {*scales, *shifts}}
         try:
             return cls({k: scales[k] for k in sorted(scales, key=order.get)}, meta,
@@ -146,6 +148,16 @@ def _split_key(key, version, path):
         raise ValueError(f"{path}: tensor {key!r}: {SHIFT_SUFFIX!r} names a shift, which "
                          f"format version {version} files do not hold")
     return key, False
+
+
+def _float_tensor(f, key, path):
+    """A scale file's tensor `key`; ValueError naming it unless it holds floating-point values
+    (an int or bool tensor is not a scale file's, whatever its values)."""
+    t = f.get_tensor(key)
+    if not t.is_floating_point():
+        raise ValueError(f"{path}: tensor {key!r} is {str(t.dtype).replace('torch.', '')}; a "
+                         "scale file holds floating-point tensors (float32)")
+    return t
 
 
 def read_metadata(path, what="file"):

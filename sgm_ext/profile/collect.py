@@ -14,6 +14,7 @@ import torch
 
 from ..core.files import write_json
 from ..core.fingerprints import config_fingerprint, processor_fingerprint, weights_fingerprint
+from ..core.pause import pause_point
 from ..core.progress import progress_bar
 from .data import Dataset, load_rows
 from .inputs import (
@@ -219,6 +220,8 @@ class _Checkpoint:
                                          "batches_done": batches_done, "rows_done": len(store),
                                          "labels": store.label_list()})
             self.saved = batches_done
+            return True
+        return False
 
 
 def _forward_kwargs(model):
@@ -253,13 +256,19 @@ def _run_batches(model, processor, rows, batches, done, store, site_map, pooling
                 store.append(pooler.out, [r.label for r in batch_rows])
                 pooler.out = {}
                 bar.update(1)
-                if checkpoint is not None:
-                    checkpoint.maybe_save(store, k + 1, k + 1 == len(batches))
+                if checkpoint is not None and checkpoint.maybe_save(store, k + 1,
+                                                                    k + 1 == len(batches)):
+                    pause_point("checkpoint")  # tests interrupt here (core/pause.py)
+                pause_point("batch")
     except KeyboardInterrupt:
         where = f"interrupted at batch {k + 1} of {len(batches)}"
         if checkpoint is None:
             raise ProfileInterrupted(f"{where}; nothing was saved (a --checkpoint-dir saves "
                                      "progress to resume from)") from None
+        if not checkpoint.saved:  # no state written yet, by this run or an earlier one
+            raise ProfileInterrupted(f"{where}; nothing was saved yet (the first checkpoint "
+                                     f"comes after batch {min(checkpoint.every, len(batches))}"
+                                     ")") from None
         raise ProfileInterrupted(f"{where}; rerun the same command to resume from the "
                                  f"checkpoint in {checkpoint.user_dir} (after batch "
                                  f"{checkpoint.saved})") from None

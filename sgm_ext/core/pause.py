@@ -1,0 +1,43 @@
+"""Ctrl-C at start-up and a test-only pause.
+
+`interrupted_at_start()` is called where the command's imports catch KeyboardInterrupt (the
+package's and the command line's `__init__`, `python -m sgm_ext`): started as the `sgm-ext`
+command, the imports run before main()'s error handling, so it says so on one line and exits
+with 130; imported as a library, the interrupt goes on as it came.
+
+`pause_point(name)`: with SGM_EXT_TEST_PAUSE=name in the environment the program says on
+stderr that it paused there, then waits for a signal; a test interrupts it at that known point
+instead of after a guessed time. Unset (always, outside the tests), it does nothing.
+"""
+import os
+import sys
+import time
+
+PAUSE_ENV = "SGM_EXT_TEST_PAUSE"
+
+
+def pause_point(name):
+    """Wait here for a signal when SGM_EXT_TEST_PAUSE is `name` (tests only)."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    print(f"sgm-ext: paused at {name} ({PAUSE_ENV})", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(60)
+
+
+def started_as_command():
+    """Whether this process is the `sgm-ext` command (its script, or `python -m sgm_ext`)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(argv0)
+    return argv0 == "-m" or name in ("sgm-ext", "sgm-ext.exe") or \
+        argv0.endswith(os.path.join("sgm_ext", "__main__.py"))
+
+
+def interrupted_at_start():
+    """In an `except KeyboardInterrupt:` around imports: as the command, one line and exit
+    status 130; as a library, re-raise."""
+    if not started_as_command():
+        raise  # noqa: PLE0704  (the KeyboardInterrupt being handled)
+    print("sgm-ext: error: interrupted (Ctrl-C) while starting, before the command ran",
+          file=sys.stderr, flush=True)
+    os._exit(130)
