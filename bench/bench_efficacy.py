@@ -42,16 +42,20 @@ from sgm_ext.judges import get_judge  # noqa: E402
 from sgm_ext.patching import patch  # noqa: E402
 from sgm_ext.profile import collect  # noqa: E402
 from sgm_ext.prompts import load_reference  # noqa: E402
+from sgm_ext.scale_math import effective_scale, effective_shift  # noqa: E402
+from sgm_ext.scales import ScaleSet  # noqa: E402
 from sgm_ext.transport import balance, transport_maps  # noqa: E402
 
 PPL_BUDGET = 1.10
 SIZES = {
     "full": {"per_template": 16, "profile": {"provoking": 150, "benign": 30}, "validation": 50,
              "test": 120, "k_profile": 3, "k_eval": 3, "new_tokens": 16, "passages": 30,
-             "top_k": (100, 300, 1000), "attr_k": (100, 300), "sweep": (0.5,), "extra": True},
+             "top_k": (100, 300, 1000), "attr_k": (30, 100, 300), "sweep": (0.5,), "extra": True,
+             "weaker": {"act-linear": (0.5, 0.25), "attr-top100": (0.5, 0.25)}},
     "quick": {"per_template": 3, "profile": {"provoking": 16, "benign": 4}, "validation": 6,
               "test": 8, "k_profile": 2, "k_eval": 2, "new_tokens": 6, "passages": 4,
-              "top_k": (100,), "attr_k": (50,), "sweep": (0.5,), "extra": False},
+              "top_k": (100,), "attr_k": (50,), "sweep": (0.5,), "extra": False,
+              "weaker": {"attr-top50": (0.5,)}},
 }
 
 
@@ -68,8 +72,14 @@ class Runner:
         self.base = {}  # split -> unpatched figures
         self.base_nll = None
         self.partial = None  # a JSONL file that gets every condition's figures as it ends
+        self.prior = {}  # split -> {condition: figures} of an earlier run (--extend)
+        self.reuse = {}  # split -> whether the unpatched model reproduced the earlier figures
 
     def run(self, split, prompts, name, scales=None, strength=1.0, neurons=0):
+        old = self.prior.get(split, {}).get(name)
+        if old is not None and name != "unpatched" and self.reuse.get(split):
+            log(f"{split:10s} {name:24s} reused from the earlier run")
+            return dict(old, reused=True)
         handle = None
         if scales is not None:
             handle = patch(self.model, scales, mode="fold", strength=strength,
@@ -93,6 +103,12 @@ class Runner:
                "continuations": tox["continuations"], "neurons": neurons,
                "strength": strength, "ppl": perplexity_of(nll)}
         if name == "unpatched":
+            old = self.prior.get(split, {}).get("unpatched")
+            self.reuse[split] = old is not None and all(
+                old[k] == out[k] for k in ("toxic", "n", "toxic_continuations", "ppl"))
+            if old is not None and not self.reuse[split]:
+                log(f"{split}: the unpatched figures differ from the earlier run's: nothing "
+                    "reused")
             self.base[split] = (tox["outcomes"], out)
             self.base_nll = nll
             out.update(p_value=1.0, ppl_ratio=1.0, ppl_ci95=bootstrap_perplexity(nll, nll)[0])
@@ -181,7 +197,20 @@ def candidates(model, tok, data_path, rows, sizes, seed):
         out[f"attr-top{k}"] = (ed.top_k_scales(attr, k, 0.0), f"gradient attribution of "
                                f"damping on own toxic vs benign continuations (where damping does "
                                f"not lower the benign ones), top {k}, alpha 0")
+    for name, strengths in sizes.get("weaker", {}).items():
+        if name in out:
+            for lam in strengths:
+                out[f"{name}@{lam}"] = (bake(out[name][0], lam),
+                                        f"{out[name][1]}; at strength {lam}")
     return out
+
+
+def bake(scales, strength):
+    """The ScaleSet that patching `scales` at `strength` applies, as a file at strength 1."""
+    meta = dict(scales.metadata, strength=strength)
+    return ScaleSet({k: effective_scale(v, strength) for k, v in scales.scales.items()}, meta,
+                    shifts={k: effective_shift(v, strength) for k, v in scales.shifts.items()}
+                    or None).validate(allow_amplify=True)
 
 
 def check_result(result):
@@ -220,9 +249,20 @@ def main(argv=None):
                     "model directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--extend", action="store_true",
+                    help="reuse an earlier run's figures (its efficacy.json) for the conditions "
+                    "it has, when the unpatched model reproduces them exactly; run the rest")
+    ap.add_argument("--print", action="store_true", dest="print_only",
+                    help="print the tables of the existing efficacy.json (or -quick) and exit")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a loaded 2-core machine 2 threads stall)")
     args = ap.parse_args(argv)
+    if args.print_only:
+        path = os.path.join(args.out, f"efficacy{'-quick' if args.quick else ''}.json")
+        with open(path) as f:
+            result = json.load(f)
+        print_table(result)
+        return result
     torch.set_num_threads(args.threads)
     sizes = SIZES["quick" if args.quick else "full"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -257,8 +297,15 @@ def main(argv=None):
     log(f"profile rows: {len(rows)}, toxic {sum(r['label'] for r in rows)}")
     cands = candidates(model, tok, data_path, rows, sizes, args.seed)
     runner = Runner(model, tok, judge, sizes, args.seed, passages)
+    out_path = os.path.join(args.out, f"efficacy{suffix}.json")
+    earlier = None
+    if args.extend and os.path.exists(out_path):
+        with open(out_path) as f:
+            earlier = json.load(f)["models"].get(name)
+        if earlier:
+            runner.prior = {"validation": earlier["validation"], "test": earlier["test"]}
     runner.partial = os.path.join(data_dir, "conditions.jsonl")
-    if os.path.exists(runner.partial):
+    if os.path.exists(runner.partial) and not args.extend:
         os.remove(runner.partial)
 
     val = {"unpatched": runner.run("validation", splits["validation"], "unpatched")}
@@ -293,6 +340,9 @@ def main(argv=None):
         cands[best][0].metadata.update(efficacy_recipe=best)
         cands[best][0].save(os.path.join(args.out, f"efficacy-{name}{suffix}.safetensors"))
 
+    if runner.reuse.get("test"):  # the earlier run's other test conditions stay reported
+        for cname, figures in runner.prior["test"].items():
+            test.setdefault(cname, dict(figures, reused=True))
     t_best = test.get(best) if best else None
     target = None
     if t_best is not None:
@@ -311,7 +361,9 @@ def main(argv=None):
              "sampling": ed.SAMPLING, "judge": judge.name, "format": "raw",
              "profile_rows": len(rows), "profile_toxic": sum(r["label"] for r in rows),
              "minutes": round((time.monotonic() - t0) / 60, 1)}
-    out_path = os.path.join(args.out, f"efficacy{suffix}.json")
+    if earlier:
+        entry["earlier"] = {k: earlier.get(k) for k in ("best", "random_control", "target")}
+        entry["earlier"]["candidates"] = list(earlier["validation"])
     result = {"models": {name: entry}, "command": "python bench/bench_efficacy.py" +
               (" --quick" if args.quick else "")}
     check_result(result)
@@ -323,18 +375,21 @@ def main(argv=None):
 
 
 def print_table(result):
+    """The figures as Markdown tables, one per model and split."""
     for name, entry in result["models"].items():
         for split in ("validation", "test"):
-            print(f"\n{name} {split}")
-            print(f"{'condition':26s} {'toxic':>9s} {'rate':>6s} {'ci95':>13s} {'mean':>6s} "
-                  f"{'p':>8s} {'neurons':>7s} {'ppl':>7s} {'ratio':>6s}")
+            print(f"\n{name}, {split} split ({entry[split]['unpatched']['n']} prompts x "
+                  f"{entry['sizes']['k_eval']} samples)\n")
+            print("| condition | toxic prompts | rate [95% CI] | mean score | p vs unpatched | "
+                  "neurons | ppl | ppl ratio |")
+            print("|---|---|---|---|---|---|---|---|")
             for c, v in entry[split].items():
-                print(f"{c:26s} {v['toxic']:>4d}/{v['n']:<4d} {v['toxic_rate']:6.3f} "
-                      f"[{v['ci95'][0]:.3f},{v['ci95'][1]:.3f}] {v['mean_score']:6.3f} "
-                      f"{v['p_value']:8.2g} {v['neurons']:7d} {v['ppl']:7.2f} "
-                      f"{v['ppl_ratio']:6.3f}")
-        print(f"best (validation): {entry['best']}; random control: {entry['random_control']}; "
-              f"target: {entry['target']}")
+                print(f"| {c} | {v['toxic']}/{v['n']} | {v['toxic_rate']:.3f} "
+                      f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | {v['mean_score']:.3f} | "
+                      f"{v['p_value']:.2g} | {v['neurons']} | {v['ppl']:.2f} | "
+                      f"{v['ppl_ratio']:.3f} |")
+        print(f"\nbest (chosen on validation): {entry['best']}; random control: "
+              f"{entry['random_control']}; target: {entry['target']}")
 
 
 if __name__ == "__main__":
