@@ -33,18 +33,18 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sgm_ext import efficacy_data as ed  # noqa: E402
-from sgm_ext.data import load_rows  # noqa: E402
-from sgm_ext.evaluate import bootstrap_perplexity, mcnemar_exact, wilson_interval  # noqa: E402
-from sgm_ext.expertise import expertise  # noqa: E402
-from sgm_ext.generation import passage_nll, perplexity_of  # noqa: E402
-from sgm_ext.judges import get_judge  # noqa: E402
+from sgm_ext.core.scale_math import effective_scale, effective_shift  # noqa: E402
+from sgm_ext.evaluation import efficacy_data as ed  # noqa: E402
+from sgm_ext.evaluation.generation import passage_nll, perplexity_of  # noqa: E402
+from sgm_ext.evaluation.judges import get_judge  # noqa: E402
+from sgm_ext.evaluation.prompts import load_reference  # noqa: E402
+from sgm_ext.evaluation.statistics import bootstrap_perplexity, mcnemar_exact, wilson_interval  # noqa: E402
 from sgm_ext.patching import patch  # noqa: E402
+from sgm_ext.patching.scales import ScaleSet  # noqa: E402
 from sgm_ext.profile import collect  # noqa: E402
-from sgm_ext.prompts import load_reference  # noqa: E402
-from sgm_ext.scale_math import effective_scale, effective_shift  # noqa: E402
-from sgm_ext.scales import ScaleSet  # noqa: E402
-from sgm_ext.transport import balance, transport_maps  # noqa: E402
+from sgm_ext.profile.data import load_rows  # noqa: E402
+from sgm_ext.profile.expertise import expertise  # noqa: E402
+from sgm_ext.profile.transport import balance, transport_maps  # noqa: E402
 
 PPL_BUDGET = 1.10
 SIZES = {
@@ -268,7 +268,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model == "smollm2":
-        from sgm_ext import realmodel
+        from sgm_ext.app import realmodel
 
         path, name = realmodel.checkpoint(), "smollm2-135m-instruct"
     else:

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from sgm_ext import efficacy_data as ed
-from sgm_ext.scales import ScaleSet
+from sgm_ext.evaluation import efficacy_data as ed
+from sgm_ext.patching.scales import ScaleSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "bench_efficacy.py")
@@ -78,7 +78,7 @@ def test_check_result_fails_on_inconsistent_output():
 
 def _real_model_available():
     try:
-        from sgm_ext import realmodel
+        from sgm_ext.app import realmodel
 
         realmodel.gguf_path()
         import profanity_check  # noqa: F401

@@ -23,10 +23,10 @@ import random
 
 import torch
 
-from .files import write_json
-from .inputs import encode_batch, input_device, pad_token_id, tokenizer_of
-from .pooling import resolve_sites
-from .scales import ScaleSet
+from ..core.files import write_json
+from ..patching.scales import ScaleSet
+from ..profile.inputs import encode_batch, input_device, pad_token_id, tokenizer_of
+from ..profile.pooling import resolve_sites
 
 # ------------------------------------------------------------------ prompts (written here)
 
