@@ -290,8 +290,11 @@ def test_torch_compile_fullgraph(op, gen):
     compiled(*leaves).square().sum().backward()
     eager = [a.detach().requires_grad_() for a in args]
     fn(*eager).square().sum().backward()
+    # float32 gradients: the compiled backward's GEMMs may sum in another order than eager's
+    # (gated_up_proj's weight grads: seen 2.9e-5 relative on one element of fresh inputs), so
+    # the tolerance is float32 GEMM rounding, not assert_close's elementwise default
     for a, b in zip(leaves, eager):
-        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ bad input
