@@ -13,6 +13,7 @@ import torch
 
 from sgm_ext.evaluation import efficacy_data as ed
 from sgm_ext.patching.scales import ScaleSet
+from sgm_ext.profile.attribution import top_k_scales
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "bench_efficacy.py")
@@ -52,7 +53,7 @@ def test_toxicity_rows_and_random_control():
     assert ed.changed_neurons(rand) == ed.changed_neurons(scales) == 3
     values = torch.cat([rand[s] for s in rand]).sort().values
     assert torch.equal(values, torch.cat([scales[s] for s in scales]).sort().values)
-    top = ed.top_k_scales({"a": torch.tensor([0.1, 0.9, 0.5]), "b": torch.tensor([0.7])}, 2, 0.25)
+    top = top_k_scales({"a": torch.tensor([0.1, 0.9, 0.5]), "b": torch.tensor([0.7])}, 2, 0.25)
     assert top["a"].tolist() == [1.0, 0.25, 1.0] and top["b"].tolist() == [0.25]
 
 

@@ -1,6 +1,6 @@
 """Efficacy data: seeded raw-continuation prompts, the model's own continuations labelled by a
 judge (profiling rows with provenance), the RealToxicityPrompts-style toxic rate, and the
-selection helpers the efficacy benchmark (bench/bench_efficacy.py) compares.
+neuron counts and random controls of the efficacy benchmark (bench/bench_efficacy.py).
 
 Every prompt text below was written for sgm-ext (templated sentence openers; nothing copied
 from a data set or another project). A prompt is a raw continuation (no chat template): a
@@ -25,8 +25,7 @@ import torch
 
 from ..core.files import write_json
 from ..patching.scales import ScaleSet
-from ..profile.inputs import encode_batch, input_device, pad_token_id, tokenizer_of
-from ..profile.pooling import resolve_sites
+from ..profile.inputs import input_device, pad_token_id, tokenizer_of
 
 # ------------------------------------------------------------------ prompts (written here)
 
@@ -224,6 +223,26 @@ def judge_samples(judge, prompts, samples):
     return out
 
 
+def toxic_token_ids(processor, rows, judge, threshold=0.5):
+    """Sorted token ids that occur in the responses of toxic rows (label 1) and that the judge
+    calls toxic on their own (the token's text, stripped, as the whole answer): the targets of
+    profile.attribution.direct_logit_attribution. rows: dicts or data.Row with a response."""
+    tok = tokenizer_of(processor)
+    ids = set()
+    for r in rows:
+        label, response = (r["label"], r["response"]) if isinstance(r, dict) else \
+            (r.label, r.response)
+        if label:
+            ids.update(tok(" " + response, add_special_tokens=False)["input_ids"])
+    ids = sorted(ids)
+    words = [tok.decode([i]).strip() for i in ids]
+    keep = [(i, w) for i, w in zip(ids, words) if any(ch.isalpha() for ch in w)]
+    if not keep:
+        return []
+    scores = judge.scores([w for _, w in keep], [""] * len(keep))
+    return [i for (i, _), s in zip(keep, scores) if float(s) >= threshold]
+
+
 def toxicity(scores, threshold=0.5):
     """RTP figures of per-prompt judge scores: per-prompt outcomes (>= 1 toxic continuation),
     the toxic rate (their share), the mean score over every continuation."""
@@ -273,77 +292,6 @@ def write_rows(rows, path, provenance):
 
 
 # ------------------------------------------------------------------ selection helpers
-
-def attribution(model, processor, rows, *, batch_size=8, sites=("mid",), safe=True):
-    """{site: [neurons] float64}: the first-order effect of damping each neuron on the
-    log-likelihood of the model's own continuations: d(mean response-token log p)/d(scale) at
-    scale 1, averaged over the toxic rows, minus the same over the non-toxic rows. A large
-    value: damping the neuron lowers the toxic continuations' likelihood more than the benign
-    ones'. safe: -inf (never chosen) where damping would lower the non-toxic continuations'
-    likelihood too (their derivative > 0). rows: data.Row with responses (raw format)."""
-    site_map = resolve_sites(model, sites)
-    params = {site: torch.ones(info.site_size(kind), dtype=torch.float32, requires_grad=True)
-              for site, (info, kind) in site_map.items()}
-    handles = []
-    for site, (info, kind) in site_map.items():
-        attr, reads_input = info.site_point(kind)
-        module = getattr(model.get_submodule(info.path), attr)
-        s = params[site]
-        if reads_input:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, s=s: (args[0] * s.to(args[0].dtype),) + tuple(args[1:])))
-        else:
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, s=s: out * s.to(out.dtype)))
-    grads = {}
-    device = input_device(model)
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        for label in (1, 0):
-            chosen = [r for r in rows if r.label == label]
-            total = {site: torch.zeros_like(p, dtype=torch.float64) for site, p in params.items()}
-            for start in range(0, len(chosen), batch_size):
-                batch_rows = chosen[start:start + batch_size]
-                inputs, select = encode_batch(model, processor, batch_rows, "response", "left",
-                                              None, "raw")
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-                target = inputs["input_ids"][:, 1:]
-                mask = select[:, 1:].to(device).float()
-                logp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
-                per_row = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
-                for p in params.values():
-                    p.grad = None
-                per_row.sum().backward()
-                for site, p in params.items():
-                    total[site] += p.grad.double()
-            grads[label] = {site: t / max(1, len(chosen)) for site, t in total.items()}
-    finally:
-        for h in handles:
-            h.remove()
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-    if not safe:
-        return {site: grads[1][site] - grads[0][site] for site in params}
-    return {site: torch.where(grads[0][site] <= 0, grads[1][site] - grads[0][site],
-                              float("-inf")) for site in params}
-
-
-def top_k_scales(scores, k, alpha=0.0, metadata=None):
-    """ScaleSet: `alpha` for the k highest-scoring neurons over all sites, 1 elsewhere."""
-    flat = torch.cat([s.flatten().double() for s in scores.values()])
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    out, start = {}, 0
-    for site, s in scores.items():
-        part = keep[start:start + s.numel()]
-        out[site] = torch.where(part, torch.tensor(float(alpha)), torch.tensor(1.0)).float()
-        start += s.numel()
-    meta = {"method": "damp", "alpha": alpha, "top_k": k, **(metadata or {})}
-    return ScaleSet(out, meta).validate()
-
 
 def changed_neurons(scales):
     """Neurons whose scale is not 1 or whose shift is not 0."""

@@ -102,3 +102,39 @@ def transport_maps(responses: Responses, method: str, *, strength: float = 1.0,
     meta.update(method=method, strength=strength, n_toxic=int(labels.sum()),
                 n_non_toxic=int((~labels).sum()), **(metadata or {}))
     return ScaleSet(scales, meta, shifts=shifts).validate(allow_amplify=True)
+
+
+def separation(responses: Responses) -> dict:
+    """{site: [n] float64}: per neuron, |mean_toxic - mean_non_toxic| over the pooled standard
+    deviation (Cohen's d): how far a transport map must move the toxic responses, in units of
+    their spread. Neurons that never vary get 0."""
+    labels = torch.as_tensor(responses.labels).bool()
+    out = {}
+    for site in responses:
+        z = torch.as_tensor(responses[site]).to(torch.float64)
+        z_t, z_n = z[labels], z[~labels]
+        sd = ((z_t.var(0) + z_n.var(0)) / 2).sqrt()
+        gap = (z_t.mean(0) - z_n.mean(0)).abs()
+        out[site] = torch.where(sd > 0, gap / torch.where(sd > 0, sd, 1.0), 0.0)
+    return out
+
+
+def keep_top_maps(maps: ScaleSet, ranking: dict, k: int) -> ScaleSet:
+    """`maps` with only the k neurons of highest `ranking` (over all sites) moved: every other
+    neuron gets scale 1 and shift 0 (AcT restricted to the neurons that separate the classes
+    most, so the rest of the model is left as it was)."""
+    sites = maps.sites()
+    flat = torch.cat([ranking[s].flatten().double() for s in sites])
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    scales, shifts, start = {}, {}, 0
+    for site in sites:
+        n = ranking[site].numel()
+        part = keep[start:start + n]
+        start += n
+        if site in maps.scales:
+            scales[site] = torch.where(part, maps.scales[site], torch.ones(n))
+        if site in maps.shifts:
+            shifts[site] = torch.where(part, maps.shifts[site], torch.zeros(n))
+    meta = dict(maps.metadata, top_k=k)
+    return ScaleSet(scales, meta, shifts=shifts or None).validate(allow_amplify=True)
