@@ -59,6 +59,15 @@ SIZES = {
              "weaker": {"act-linear": (0.5, 0.25), "attr-top100": (0.5, 0.25),
                         "dla-top1000": (0.5,), "act-linear-top1000": (0.5,),
                         "act-linear-top3000": (0.5,), "act-linear-top10000": (0.5,)}},
+    # Gemma 3 270M is about twice as slow here: fewer candidates, chosen before its run from
+    # SmolLM2's validation figures of rounds 1-2 (the gradient attribution and the down-site
+    # recipe cost x1.3-x5 perplexity there; top 100 / 300 by AUROC did nothing).
+    "full-gemma3": {"per_template": 16, "profile": {"provoking": 150, "benign": 30},
+                    "validation": 50, "test": 120, "k_profile": 3, "k_eval": 3,
+                    "new_tokens": 16, "passages": 30, "top_k": (1000,), "attr_k": (),
+                    "sweep": (0.5,), "extra": False, "dla_k": (100, 300, 1000),
+                    "act_top": (3000,),
+                    "weaker": {"act-linear": (0.5, 0.25), "act-linear-top3000": (0.5,)}},
     "quick": {"per_template": 3, "profile": {"provoking": 16, "benign": 4}, "validation": 6,
               "test": 8, "k_profile": 2, "k_eval": 2, "new_tokens": 6, "passages": 4,
               "top_k": (100,), "attr_k": (50,), "sweep": (0.5,), "extra": False,
@@ -217,7 +226,8 @@ def candidates(model, tok, judge, data_path, sizes, seed):
             out[f"dla-top{k}"] = (attribution.top_k_scales(dla, k, 0.0), "direct logit "
                                   "attribution to the toxic tokens of the own toxic "
                                   f"continuations minus benign next tokens, top {k}, alpha 0")
-    attr = attribution.gradient_attribution(model, tok, data.rows, batch_size=8)
+    attr = attribution.gradient_attribution(model, tok, data.rows, batch_size=8) \
+        if sizes["attr_k"] else None
     for k in sizes["attr_k"]:
         out[f"attr-top{k}"] = (attribution.top_k_scales(attr, k, 0.0), f"gradient attribution of "
                                f"damping on own toxic vs benign continuations (where damping does "
@@ -270,8 +280,8 @@ def check_result(result):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI plumbing)")
-    ap.add_argument("--model", default="smollm2", help="smollm2 (sgm_ext.realmodel) or a "
-                    "model directory")
+    ap.add_argument("--model", default="smollm2", help="smollm2 or gemma3-270m (real models "
+                    "of sgm_ext.realmodel) or a model directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--extend", action="store_true",
@@ -289,13 +299,16 @@ def main(argv=None):
         print_table(result)
         return result
     torch.set_num_threads(args.threads)
-    sizes = SIZES["quick" if args.quick else "full"]
+    sizes = SIZES["quick" if args.quick else
+                  "full-gemma3" if args.model == "gemma3-270m" else "full"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if args.model == "smollm2":
-        from sgm_ext.app import realmodel
+    from sgm_ext.app import realmodel
 
-        path, name = realmodel.checkpoint(), "smollm2-135m-instruct"
+    if args.model == "smollm2":
+        path, name = realmodel.checkpoint(), realmodel.NAME
+    elif args.model in realmodel.MODELS:
+        path, name = realmodel.checkpoint(name=args.model), args.model
     else:
         path, name = args.model, os.path.basename(os.path.normpath(args.model))
     tok = AutoTokenizer.from_pretrained(path)
@@ -394,11 +407,17 @@ def main(argv=None):
     if earlier:
         entry["earlier"] = {k: earlier.get(k) for k in ("best", "random_control", "target")}
         entry["earlier"]["candidates"] = list(earlier["validation"])
-    result = {"models": {name: entry}, "command": "python bench/bench_efficacy.py" +
-              (" --quick" if args.quick else "")}
+    entry["command"] = "python bench/bench_efficacy.py" + (" --quick" if args.quick else "") + \
+        ("" if args.model == "smollm2" else f" --model {args.model}")
+    result = {"models": {name: entry}}
+    if os.path.exists(out_path):  # one file for every model: keep the others' entries
+        with open(out_path) as f:
+            result["models"] = dict(json.load(f)["models"], **result["models"])
     check_result(result)
-    with open(out_path, "w") as f:
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(tmp, out_path)
     log(f"wrote {out_path} ({entry['minutes']} min)")
     plot_frontier(entry, os.path.join(args.out, f"efficacy-{name}{suffix}.png"), name)
     print_table(result)
