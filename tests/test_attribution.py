@@ -3,9 +3,9 @@ to the neurons that separate the classes (profile/transport.py), the toxic token
 (evaluation/efficacy_data.py), and the table of real models (app/realmodel.py)."""
 import pytest
 import torch
+from _profile_models import VOCAB, tokenizer
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from _profile_models import VOCAB, tokenizer
 from sgm_ext.app import realmodel
 from sgm_ext.evaluation import efficacy_data as ed
 from sgm_ext.evaluation.judges import CallableJudge
@@ -70,12 +70,14 @@ def _reference(model, tok, rows, toxic_ids, gains):
     sums = {lab: [torch.zeros(m.down_proj.in_features, dtype=torch.float64) for m in mlps]
             for lab in (0, 1)}
     counts = {0: 0, 1: 0}
+    seen = {}
     for row in rows:
         prompt = tok(row.text, add_special_tokens=True)["input_ids"]
         ids = tok(row.text + " " + row.response, add_special_tokens=True)["input_ids"]
-        seen = {}
+        seen.clear()
         hooks = [m.down_proj.register_forward_pre_hook(
-            lambda mod, a, k=k: seen.__setitem__(k, a[0][0].double())) for k, m in enumerate(mlps)]
+            lambda mod, a, k=k: seen.__setitem__(k, a[0][0].double()))
+            for k, m in enumerate(mlps)]
         hooks += [p.register_forward_pre_hook(
             lambda mod, a, k=k: seen.__setitem__(("post", k), a[0][0].double()))
             for k, p in enumerate(posts) if p is not None]
