@@ -61,9 +61,14 @@ def _inside(a, b):
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
-def check_export_out(out, source, *, directory):
+def _ours_dir(path):
+    return os.path.isdir(path) and (is_export_dir(path) or not os.listdir(path))
+
+
+def check_export_out(out, source, ours=_ours_dir):
     """Refuse OUT before any work: the input itself (or inside it, or holding it), a missing
-    parent directory, or an existing file / directory that sgm-ext export did not write."""
+    parent directory, or an existing path that `ours` does not recognise as one sgm-ext export
+    wrote (default: an exported directory, or an empty one)."""
     out = os.fspath(out)
     if _inside(out, source) or _inside(source, out):
         raise ValueError(f"--out {out} is (or contains, or lies inside) the input {source}; "
@@ -71,13 +76,10 @@ def check_export_out(out, source, *, directory):
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise ValueError(f"--out {out}: the directory {parent} does not exist")
-    if not os.path.lexists(out):
-        return
-    if directory and os.path.isdir(out) and (is_export_dir(out) or not os.listdir(out)):
-        return
-    what = "directory" if os.path.isdir(out) else "file"
-    raise ValueError(f"--out {out} exists and is not a {what} sgm-ext export wrote; refusing "
-                     "to overwrite it (remove it or choose another name)")
+    if os.path.lexists(out) and not ours(out):
+        what = "directory" if os.path.isdir(out) else "file"
+        raise ValueError(f"--out {out} exists and is not a {what} sgm-ext export wrote; "
+                         "refusing to overwrite it (remove it or choose another name)")
 
 
 def weight_files(model_dir):
@@ -315,7 +317,7 @@ def export_model(model_dir, scales_path, out, strength=1.0, allow_amplify=False)
     model_dir, out = os.fspath(model_dir), os.fspath(out)
     check_model_dir(model_dir)
     strength = check_fraction(strength, "--strength")
-    check_export_out(out, model_dir, directory=True)
+    check_export_out(out, model_dir)
     load_scales(scales_path)  # a missing or bad scale file is named before the model loads
     record, writes, added, config = fold_model(model_dir, scales_path, strength, allow_amplify)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)),
