@@ -11,8 +11,8 @@
 A subcommand is a pair of functions in its module (profile.py, inspect.py, sites.py, eval.py,
 export.py, demo.py, build.py, serve.py): `add_<verb>(subparsers)` declares its arguments and
 sets `func`, the function that runs it and returns the exit status; SUBCOMMANDS lists the
-pairs, and options.py holds the argparse pieces several share. All argparse code lives in this folder;
-the library modules never import it.
+pairs, and options.py holds the argparse pieces several share. All argparse code lives in this
+folder; the library modules never import it.
 """
 import argparse
 import os
