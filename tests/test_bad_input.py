@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from _profile_models import planted_llama, planted_rows, tokenizer
@@ -662,3 +663,112 @@ def test_the_real_demo_has_its_own_default_directory(home, tmp_path):
     assert "files in sgm-ext-demo-real" in out
     rc, out, _ = cli("demo", "--help")
     assert "with --real sgm-ext-demo-real" in " ".join(out.split())
+
+
+# ---------------------------------------------------------------- sgm-ext export
+
+def export_args(home, out, scales=None, *more):
+    return ["export", "--model", home / "model", "--scales",
+            scales or home / "scales.safetensors", "--out", out, *more]
+
+
+def test_export_refuses_its_input_and_foreign_outputs(home, tmp_path):
+    for out, message in ((home / "model", "is (or contains, or lies inside) the input"),
+                         (home / "model" / "sub", "is (or contains, or lies inside) the input"),
+                         (home / "notes.txt", "exists and is not a file sgm-ext export wrote"),
+                         (home / "other_model",
+                          "exists and is not a directory sgm-ext export wrote"),
+                         (tmp_path / "no" / "out", "does not exist")):
+        refused(export_args(home, out), message, home, tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_refuses_scales_that_do_not_fit_and_leaves_nothing(home, tmp_path):
+    scales = load_scales(home / "scales.safetensors")
+    site = scales.sites()[0]
+    cases = {"unknown": (ScaleSet({site.replace("layers.0", "layers.9"): scales[site]},
+                                  scales.metadata), "unknown site"),
+             "fingerprint": (ScaleSet(dict(scales.items()), {**scales.metadata,
+                                      "config_fingerprint": "0123456789abcdef"}),
+                             "config fingerprint 0123456789abcdef"),
+             "amplify": (ScaleSet({site: torch.full_like(scales[site], 1.5)}, scales.metadata),
+                         "(amplification)")}
+    for name, (bad, _) in cases.items():
+        bad.save(tmp_path / f"{name}.safetensors")
+    files = sorted(os.listdir(tmp_path))
+    for name, (_, message) in cases.items():
+        refused(export_args(home, tmp_path / "out", tmp_path / f"{name}.safetensors"), message,
+                home, tmp_path)
+        assert sorted(os.listdir(tmp_path)) == files
+    rc, out, err = cli(*export_args(home, tmp_path / "out", tmp_path / "amplify.safetensors",
+                                    "--allow-amplify"))
+    assert rc == 0 and "wrote" in out, err[-3000:]
+    assert sorted(os.listdir(tmp_path)) == sorted(files + ["out"])
+
+
+def test_export_refuses_a_shift_where_no_bias_can_go(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=1, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=64))
+    model.save_pretrained(tmp_path / "mistral")
+    ScaleSet({}, shifts={"model.layers.0.mlp.down_proj": torch.ones(32)}).save(
+        tmp_path / "shift.safetensors")
+    args = ["export", "--model", tmp_path / "mistral", "--scales", tmp_path / "shift.safetensors",
+            "--out", tmp_path / "out"]
+    refused(args, "cannot export the shift of site model.layers.0.mlp.down_proj", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["mistral", "shift.safetensors"]
+
+
+def test_ctrl_c_during_export_leaves_no_output(home, tmp_path):
+    rc, _, err = interrupted_at("export-shard", export_args(home, tmp_path / "out"))
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def _gguf_copy(tmp_path, name, change):
+    """A copy of SmolLM2's GGUF with `change(reader)` applied in place."""
+    import shutil
+
+    gguf = pytest.importorskip("gguf")
+    from sgm_ext.app import realmodel
+
+    path = tmp_path / name
+    shutil.copyfile(realmodel.gguf_path(), path)
+    reader = gguf.GGUFReader(path, mode="r+")
+    change(reader)
+    reader.data.flush()
+    return path
+
+
+def _as_mamba(reader):
+    reader.fields["general.architecture"].parts[-1][:] = np.frombuffer(b"mamba", np.uint8)
+
+
+def _gate_as_i8(reader):  # same bytes (576 x 1536 Q4_1 = 576 x 1152 I8), a type not handled
+    field = next(t.field for t in reader.tensors if t.name == "blk.0.ffn_gate.weight")
+    field.parts[3][:] = [1152, 576]
+    field.parts[4][:] = 24  # GGML_TYPE_I8
+
+
+def test_export_gguf_refuses_what_it_cannot_handle(tmp_path):
+    gguf_scales = tmp_path / "s.safetensors"
+    ScaleSet({"model.layers.0.mlp.gate_proj": torch.rand(1536)}).save(gguf_scales)
+    ScaleSet({}, shifts={"model.layers.0.mlp.down_proj": torch.ones(576)}).save(
+        tmp_path / "shift.safetensors")
+    mamba = _gguf_copy(tmp_path, "mamba.gguf", _as_mamba)
+    i8 = _gguf_copy(tmp_path, "i8.gguf", _gate_as_i8)
+    files = sorted(os.listdir(tmp_path))
+    for source, scales, out, message in (
+            (mamba, gguf_scales, tmp_path / "o.gguf", "GGUF architecture 'mamba' is not one"),
+            (i8, gguf_scales, tmp_path / "o.gguf",
+             "tensor blk.0.ffn_gate.weight is I8, a type export cannot dequantize"),
+            (i8, tmp_path / "shift.safetensors", tmp_path / "o.gguf",
+             "cannot export the shift of site model.layers.0.mlp.down_proj to GGUF"),
+            (i8, gguf_scales, i8, "is (or contains, or lies inside) the input"),
+            (i8, gguf_scales, tmp_path / "s.safetensors", "exists and is not a file")):
+        refused(["export", "--gguf", source, "--scales", scales, "--out", out], message,
+                tmp_path)
+        assert sorted(os.listdir(tmp_path)) == files

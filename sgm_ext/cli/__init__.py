@@ -4,13 +4,15 @@
     sgm-ext inspect scales.safetensors
 
     sgm-ext eval --model DIR --scales scales.safetensors --prompts FILE [options]
+    sgm-ext export --model DIR --scales scales.safetensors --out DIR [--strength S]
+    sgm-ext export --gguf MODEL.gguf --scales scales.safetensors --out OUT.gguf
     sgm-ext demo [--fast]
 
 A subcommand is a pair of functions in its module (profile.py, inspect.py, sites.py, eval.py,
-demo.py, build.py, serve.py): `add_<verb>(subparsers)` declares its arguments and sets `func`,
-the function that runs it and returns the exit status; SUBCOMMANDS lists the pairs, and
-options.py holds the argparse pieces several share. All argparse code lives in this folder;
-the library modules never import it.
+export.py, demo.py, build.py, serve.py): `add_<verb>(subparsers)` declares its arguments and
+sets `func`, the function that runs it and returns the exit status; SUBCOMMANDS lists the
+pairs, and options.py holds the argparse pieces several share. All argparse code lives in this
+folder; the library modules never import it.
 """
 import argparse
 import os
@@ -23,6 +25,7 @@ try:  # Ctrl-C in the imports: before main()'s handling, one line all the same
     from .build import add_build
     from .demo import add_demo
     from .eval import add_eval
+    from .export import add_export
     from .inspect import add_inspect
     from .profile import add_profile
     from .serve import add_serve
@@ -30,13 +33,14 @@ try:  # Ctrl-C in the imports: before main()'s handling, one line all the same
 except KeyboardInterrupt:
     interrupted_at_start()
 
-SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_demo, add_build, add_serve]
+SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_eval, add_export, add_demo, add_build,
+               add_serve]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sgm-ext", description="Neuron-level "
                                      "detoxification of (multimodal) LLMs: profile, inspect, "
-                                     "sites, eval, demo, build, serve.")
+                                     "sites, eval, export, demo, build, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
