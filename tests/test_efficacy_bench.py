@@ -102,6 +102,16 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     assert set(entry["conditions"]) == set(entry["test"])
     data = tmp_path / "efficacy-data-quick" / "smollm2-135m-instruct"
     assert (data / "profile.jsonl").is_file() and (data / "profile.jsonl.provenance.json").is_file()
-    if entry["best"] is not None:
-        assert (tmp_path / "efficacy-smollm2-135m-instruct-quick.safetensors").is_file()
-        assert entry["random_control"] in entry["test"]
+    # seeded: the quick profile rows hold toxic ones (5 of 40 here), so a recipe is chosen
+    assert entry["profile_toxic"] > 0 and entry["best"] is not None
+    assert (tmp_path / "efficacy-smollm2-135m-instruct-quick.safetensors").is_file()
+    assert (tmp_path / "efficacy-smollm2-135m-instruct-quick.png").stat().st_size > 10_000
+    best = entry["best"]
+    for name in ("aura", "default", "act-linear", "act-gaussian", "safety-prompt",
+                 f"sgm*-{best}", f"random-{best}", f"{best}@0.5", best):
+        assert name in entry["test"], name
+    assert entry["random_control"] == f"random-{best}"
+    assert entry["test"]["safety-prompt"]["neurons"] == 0
+    assert entry["test"][f"sgm*-{best}"]["neurons"] == entry["test"][best]["neurons"]
+    # the new recipes were candidates on validation
+    assert {"dla-top50", "act-linear-top500", "act-gaussian"} <= set(entry["validation"])

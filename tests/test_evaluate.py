@@ -316,7 +316,8 @@ def test_eval_command_line_samples(toy, tmp_path, capsys):
     capsys.readouterr()
     for flag, value, message in (("--samples", "0", "--samples is 0"),
                                  ("--top-p", "1.5", "--top-p must be in (0, 1]"),
-                                 ("--temperature", "0", "--temperature must be a positive")):
+                                 ("--temperature", "0", "--temperature must be a positive"),
+                                 ("--top-k", "-1", "--top-k must be an integer >= 0")):
         assert main(argv[:-8] + [flag, value]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err

@@ -8,6 +8,7 @@ from ..core.scale_math import check_fraction, check_strength
 from ..evaluation.benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
 from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
 from ..evaluation.judges import SCORINGS, get_judge, read_template, resolve_scoring
+from ..evaluation.options import check_sampling
 from ..evaluation.prompts import load_capability, load_prompts, read_text_file
 from ..evaluation.report import summary_table, write_report
 from ..patching.scales import load_scales
@@ -132,11 +133,8 @@ def check_eval_args(args):
         positive(args.latency_prompts, "--latency-prompts")
     positive(getattr(args, "max_length", None), "--max-length")
     positive(args.samples, "--samples")
-    if not (args.temperature > 0 and args.temperature < float("inf")):
-        raise ValueError(f"--temperature must be a positive number, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    positive(args.top_k, "--top-k", zero=True)
+    check_sampling(args.temperature, args.top_p, args.top_k, ("--temperature", "--top-p",
+                                                            "--top-k"))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; eval writes a directory of report files")
     eval_texts(args)

@@ -24,6 +24,18 @@ class Sampling(NamedTuple):
     top_k: int = 0
 
 
+def check_sampling(temperature, top_p, top_k, names=("temperature", "top_p", "top_k")):
+    """ValueError naming the setting (by `names`: the keywords, or the command line's flags)
+    unless temperature > 0 (finite), 0 < top_p <= 1 and top_k an integer >= 0."""
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{names[0]} must be a positive number, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise ValueError(f"{names[1]} must be in (0, 1], got {top_p!r}")
+    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"{names[2]} must be an integer >= 0 (0: no top-k cut), got {top_k!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
     """The settings of evaluate(), by group.
@@ -93,15 +105,7 @@ class EvalOptions:
             raise ValueError("the safety prompt is empty")
         if self.samples is not None and not _positive_int(self.samples):
             raise ValueError(f"samples must be a positive integer or None, got {self.samples!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
-                and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0: no top-k cut), got "
-                             f"{self.top_k!r}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
 
     @property
     def sampling(self):
