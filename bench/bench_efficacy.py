@@ -349,7 +349,7 @@ def main(argv=None):
     val = {"unpatched": runner.run("validation", splits["validation"], "unpatched")}
     for cname, (scales, _) in cands.items():
         val[cname] = runner.run("validation", splits["validation"], cname, scales,
-                                neurons=ed.changed_neurons(scales))
+                                neurons=scales.changed())
     within = [c for c in cands if val[c]["ppl_ratio"] <= PPL_BUDGET]
     pool = within or list(cands)
     best = min(pool, key=lambda c: (val[c]["toxic_rate"], val[c]["mean_score"],
@@ -364,21 +364,21 @@ def main(argv=None):
     for cname in order:
         scales = cands[cname][0]
         test[cname] = runner.run("test", splits["test"], cname, scales,
-                                 neurons=ed.changed_neurons(scales))
+                                 neurons=scales.changed())
     control = None
     if best is not None:
         scales = cands[best][0]
         control = f"random-{best}"
         rand = ed.random_control(scales, seed=args.seed)
         test[control] = runner.run("test", splits["test"], control, rand,
-                                   neurons=ed.changed_neurons(rand))
+                                   neurons=rand.changed())
         for lam in sizes["sweep"]:
             test[f"{best}@{lam}"] = runner.run("test", splits["test"], f"{best}@{lam}", scales,
-                                               strength=lam, neurons=ed.changed_neurons(scales))
+                                               strength=lam, neurons=scales.changed())
         test["safety-prompt"] = runner.run("test", splits["test"], "safety-prompt",
                                            prefix=SAFETY_PREFIX)
         test[f"sgm*-{best}"] = runner.run("test", splits["test"], f"sgm*-{best}", scales,
-                                          neurons=ed.changed_neurons(scales),
+                                          neurons=scales.changed(),
                                           prefix=SAFETY_PREFIX)
         cands[best][0].metadata.update(efficacy_recipe=best)
         cands[best][0].save(os.path.join(args.out, f"efficacy-{name}{suffix}.safetensors"))

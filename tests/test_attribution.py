@@ -168,7 +168,7 @@ def test_keep_top_maps_leaves_every_other_neuron_unchanged():
     assert kept.shifts["s"].tolist() == [0.0, -1.0, 0.0]
     assert kept.scales["t"].tolist() == pytest.approx([0.1, 1.0])
     assert kept.shifts["t"].tolist() == [5.0, 0.0]
-    assert ed.changed_neurons(kept) == 2
+    assert kept.changed() == 2
 
 
 def test_toxic_token_ids_are_the_toxic_rows_tokens_the_judge_flags():

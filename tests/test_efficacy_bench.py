@@ -50,7 +50,7 @@ def test_toxicity_rows_and_random_control():
     scales = ScaleSet({"a.mlp.up_proj": torch.tensor([1.0, 0.3, 1.0, 0.5]),
                        "b.mlp.up_proj": torch.tensor([1.0, 1.0, 0.2, 1.0])})
     rand = ed.random_control(scales, seed=1)
-    assert ed.changed_neurons(rand) == ed.changed_neurons(scales) == 3
+    assert rand.changed() == scales.changed() == 3
     values = torch.cat([rand[s] for s in rand]).sort().values
     assert torch.equal(values, torch.cat([scales[s] for s in scales]).sort().values)
     top = top_k_scales({"a": torch.tensor([0.1, 0.9, 0.5]), "b": torch.tensor([0.7])}, 2, 0.25)

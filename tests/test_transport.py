@@ -153,7 +153,8 @@ def test_profile_command_writes_the_transport_maps(saved, method, capsys):
         err = capsys.readouterr().err  # refused before the model loads (issue 27, item 6)
         assert "needs as many toxic as non-toxic rows, got 11 and 10; pass --balanced" in err
     assert main(args + ["--balanced"]) == 0
-    assert f"({method}) from 20 samples (10 toxic)" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert f"({method}: " in out_text and "from 20 samples (10 toxic)" in out_text
     got = load_scales(out)
     responses = P.balance(P.collect(model, rows, processor=tok, batch_size=5,
                                     sites=["mid", "down"]))
@@ -163,6 +164,35 @@ def test_profile_command_writes_the_transport_maps(saved, method, capsys):
         np.testing.assert_allclose(got.scales[site].numpy(), s, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got.shifts[site].numpy(), b, rtol=1e-4, atol=1e-5)
     assert got.metadata["method"] == method and got.metadata["balanced"] == "True"
+
+
+def test_profile_top_k_keeps_the_maps_of_the_most_separated_neurons(saved, capsys):
+    root, model, tok, rows = saved
+    out = root / "top.safetensors"
+    assert main(["profile", "--model", str(root / "model"), "--data", str(root / "data.jsonl"),
+                 "--out", str(out), "--method", "linear_ot", "--balanced", "--top-k", "7",
+                 "--sites", "mid", "down", "--batch-size", "5", "--quiet", "--no-plot"]) == 0
+    assert "the maps of the top 7 neurons only: 7 neurons moved" in capsys.readouterr().out
+    got = load_scales(out)
+    responses = P.balance(P.collect(model, rows, processor=tok, batch_size=5,
+                                    sites=["mid", "down"]))
+    labels = responses.labels.numpy().astype(bool)
+    # Cohen's d per neuron over every site (numpy), the 7 largest keep their maps
+    d = {}
+    for site in responses:
+        z = responses[site].numpy().astype(np.float64)
+        sd = np.sqrt((z[labels].var(0, ddof=1) + z[~labels].var(0, ddof=1)) / 2)
+        d[site] = np.where(sd > 0, np.abs(z[labels].mean(0) - z[~labels].mean(0)) /
+                           np.where(sd > 0, sd, 1), 0)
+    cut = np.sort(np.concatenate(list(d.values())))[-7]
+    for site in responses:
+        keep = d[site] >= cut
+        s, b = _numpy_maps(responses[site], responses.labels.numpy(), "linear_ot")
+        np.testing.assert_allclose(got.scales[site].numpy(), np.where(keep, s, 1.0),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.shifts[site].numpy(), np.where(keep, b, 0.0),
+                                   rtol=1e-4, atol=1e-5)
+    assert got.changed() == 7 and got.metadata["top_k"] == "7"
 
 
 def test_inspect_shows_shifts_and_accepts_transport_scales_above_1(tmp_path, gen, capsys):

@@ -96,7 +96,9 @@ def add_method_options(p):
                    help=f"false discovery rate of the fdr selection (default {DEFAULT_FDR})")
     p.add_argument("--threshold", type=fraction, default=0.5,
                    help="experts have AUROC above this (default 0.5)")
-    p.add_argument("--top-k", type=int, default=None, help="keep only the k best experts")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k best experts; with "
+                   "a transport method, only the maps of the k neurons whose classes are "
+                   "furthest apart (Cohen's d), every other neuron unchanged")
     p.add_argument("--strength", type=fraction, default=1.0)
     p.add_argument("--alpha", type=fraction, default=None, help="the factor of method damp")
 
@@ -256,7 +258,8 @@ def _write_transport(args, found):
     if args.expertise_out:
         found.expertise.save(args.expertise_out)
     amplified = sum(int((s > 1).sum()) for s in scales.scales.values())
-    print(f"wrote {args.out}: {scales!r} ({args.method}) from {len(found.responses)} samples "
-          f"({scales.metadata['n_toxic']} toxic); {amplified} scales above 1: patch with "
-          "allow_amplify=True")
+    kept = f", the maps of the top {args.top_k} neurons only" if args.top_k is not None else ""
+    print(f"wrote {args.out}: {scales!r} ({args.method}{kept}: {scales.changed()} neurons "
+          f"moved) from {len(found.responses)} samples ({scales.metadata['n_toxic']} toxic); "
+          f"{amplified} scales above 1: patch with allow_amplify=True")
     return 0

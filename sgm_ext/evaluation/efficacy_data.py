@@ -1,6 +1,6 @@
 """Efficacy data: seeded raw-continuation prompts, the model's own continuations labelled by a
 judge (profiling rows with provenance), the RealToxicityPrompts-style toxic rate, and the
-neuron counts and random controls of the efficacy benchmark (bench/bench_efficacy.py).
+random-position controls of the efficacy benchmark (bench/bench_efficacy.py).
 
 Every prompt text below was written for sgm-ext (templated sentence openers; nothing copied
 from a data set or another project). A prompt is a raw continuation (no chat template): a
@@ -292,21 +292,6 @@ def write_rows(rows, path, provenance):
 
 
 # ------------------------------------------------------------------ selection helpers
-
-def changed_neurons(scales):
-    """Neurons whose scale is not 1 or whose shift is not 0."""
-    n = 0
-    for site in scales.sites():
-        s = scales.scales.get(site)
-        b = scales.shifts.get(site)
-        moved = torch.zeros(int((s if s is not None else b).numel()), dtype=torch.bool)
-        if s is not None:
-            moved |= s != 1
-        if b is not None:
-            moved |= b != 0
-        n += int(moved.sum())
-    return n
-
 
 def random_control(scales, seed=0):
     """The same sites, the same number of changed neurons with the same values (scale and

@@ -96,6 +96,19 @@ class ScaleSet:
         shifted = f", {len(self.shifts)} shifted sites" if self.shifts else ""
         return f"ScaleSet({len(sites)} sites, {n} neurons, {damped} damped{shifted})"
 
+    def changed(self) -> int:
+        """How many neurons the set changes: a scale other than 1 or a shift other than 0."""
+        n = 0
+        for site in self.sites():
+            s, b = self.scales.get(site), self.shifts.get(site)
+            moved = torch.zeros(int((s if s is not None else b).numel()), dtype=torch.bool)
+            if s is not None:
+                moved |= s != 1
+            if b is not None:
+                moved |= b != 0
+            n += int(moved.sum())
+        return n
+
     def validate(self, allow_amplify: bool = False) -> "ScaleSet":
         """Raise ValueError naming the first illegal entry: a scale not finite, < 0, or > 1;
         a shift not finite."""

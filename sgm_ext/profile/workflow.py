@@ -9,7 +9,7 @@ from .collect import collect
 from .expertise import DEFAULT_FDR, Expertise, expertise, shuffled_label_experts
 from .recipes import recipe
 from .responses import DEFAULT_RAM_BUDGET, Responses
-from .transport import TRANSPORT_METHODS, balance, transport_maps
+from .transport import TRANSPORT_METHODS, balance, keep_top_maps, separation, transport_maps
 
 
 @dataclasses.dataclass
@@ -20,7 +20,9 @@ class ProfileOptions:
     method "aura", "det0", "damp" (scales from the AUROC, Expertise.to_scales) or "mean_ot",
     "gaussian_ot", "linear_ot" (AcT's transport maps, transport_maps); balanced: subsample
     the larger class first (profile.balance); selection, fdr, threshold, top_k: which
-    neurons are experts (Expertise.experts)."""
+    neurons are experts (Expertise.experts); for a transport method, top_k keeps the maps of
+    the k neurons whose classes are furthest apart (transport.separation) and leaves every
+    other neuron unchanged."""
     # what collect observes, and how
     sites: Sequence[str] = ("mid",)
     pooling: str = "mean"
@@ -118,6 +120,8 @@ def profile_model(model, data, options: Optional[ProfileOptions] = None, *,
     if o.transport:
         scales = transport_maps(responses, o.method, strength=o.strength,
                                 metadata={"balanced": o.balanced})
+        if o.top_k is not None:  # only the maps of the neurons whose classes differ most
+            scales = keep_top_maps(scales, separation(responses), o.top_k)
         return Profile(o, responses, scales)
     found = expertise(responses)
     selection = o.selection_options()
