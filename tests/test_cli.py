@@ -179,6 +179,28 @@ def test_recipe_sets_the_options_it_names(saved, tmp_path, capsys, name):
         name, {"gate_proj", "up_proj", "down_proj"})
 
 
+def test_recipe_act_top_sets_the_options_it_names(saved, tmp_path, capsys):
+    """act-top pools over responses: rows whose response is the planted sentence."""
+    root = saved[0]
+    data = tmp_path / "responses.jsonl"
+    data.write_text("".join(json.dumps({"text": "word0 word1", "response": r["text"],
+                                        "label": r["label"]}) + "\n" for r in saved[3]))
+    common = ["profile", "--model", str(root / "model"), "--data", str(data), "--batch-size",
+              "6", "--quiet", "--no-plot", "--top-k", "9"]
+    by_name, by_flags = tmp_path / "recipe.safetensors", tmp_path / "flags.safetensors"
+    assert main([*common, "--out", str(by_name), "--recipe", "act-top"]) == 0
+    printed = capsys.readouterr().out
+    assert "recipe act-top:" in printed and "yours kept: --top-k 9" in printed
+    assert main([*common, "--out", str(by_flags), "--sites", "mid", "--pooling", "mean",
+                 "--modality", "response", "--method", "linear_ot", "--balanced",
+                 "--allow-amplify"]) == 0
+    a, b = load_scales(by_name), load_scales(by_flags)
+    assert a.metadata == b.metadata and a.metadata["modality"] == "response"
+    assert a.changed() == 9
+    for site in a.scales:
+        assert torch.equal(a[site], b[site]) and torch.equal(a.shifts[site], b.shifts[site])
+
+
 def test_recipe_keeps_an_option_the_user_set(saved, tmp_path, capsys):
     root = saved[0]
     out = tmp_path / "s.safetensors"

@@ -29,6 +29,13 @@ RECIPES = {
         "classes, on gate, up and down",
         dict(sites=("gate", "up", "down"), pooling="mean", modality="all", method="gaussian_ot",
              balanced=True, allow_amplify=True)),
+    "act-top": (
+        "sgm-ext's measured recipe (bench/bench_efficacy.py, chosen on validation on "
+        "SmolLM2-135M-Instruct, 46,080 mid neurons): AcT linear maps of the 3,000 mid neurons "
+        "whose toxic and benign responses are furthest apart (Cohen's d), mean-pooled over "
+        "the responses (the model's own continuations, labelled by a judge), balanced classes",
+        dict(sites=("mid",), pooling="mean", modality="response", method="linear_ot",
+             balanced=True, top_k=3000, allow_amplify=True)),
 }
 
 
