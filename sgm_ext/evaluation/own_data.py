@@ -6,8 +6,8 @@ text = the prompt, response = the continuation, label = score >= threshold, with
 the prompt's id and kind and the sample's index. `sgm-ext profile --modality response` pools
 over the response tokens of those rows, in the format they were sampled in (the provenance
 file beside the rows says which; profile reads it). The efficacy benchmark (bench/
-bench_efficacy.py) found that profiling on a model's own labelled continuations is what moves
-its toxic rate; rows about the topic do not.
+bench_efficacy.py) profiles on such rows: rows about the topic teach the profiler the topic
+(`sgm-ext demo --real`), not the model's own toxic behaviour.
 
     prompts = prompt_records(load_prompts("prompts.jsonl"))   # or efficacy_data.build_prompts
     rows, settings = own_rows(model, tok, prompts, "profanity", k=3, max_new_tokens=16)
