@@ -9,7 +9,8 @@ from a data set or another project). A prompt is a raw continuation (no chat tem
     prompts = build_prompts(seed=0)
     splits = split_prompts(prompts, {"profile": 240, "validation": 80, "test": 200}, seed=0)
     samples = sample_continuations(model, tok, [p["text"] for p in splits["profile"]], k=4)
-    rows = label_rows(splits["profile"], samples, get_judge("profanity"))
+    scores = judge_samples(get_judge("profanity"), texts, samples)
+    rows = label_rows(splits["profile"], samples, scores)   # own_data.own_rows: these three
     write_rows(rows, "profile.jsonl", provenance)     # rows `sgm-ext profile` reads
 
 The toxic rate of a set of prompts with k sampled continuations each: the share of prompts
