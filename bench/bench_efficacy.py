@@ -37,6 +37,7 @@ from sgm_ext.core.scale_math import effective_scale, effective_shift  # noqa: E4
 from sgm_ext.evaluation import efficacy_data as ed  # noqa: E402
 from sgm_ext.evaluation.generation import passage_nll, perplexity_of  # noqa: E402
 from sgm_ext.evaluation.judges import get_judge  # noqa: E402
+from sgm_ext.evaluation.own_data import own_rows  # noqa: E402
 from sgm_ext.evaluation.prompts import load_reference  # noqa: E402
 from sgm_ext.evaluation.statistics import bootstrap_perplexity, mcnemar_exact, wilson_interval  # noqa: E402
 from sgm_ext.patching import patch  # noqa: E402
@@ -152,7 +153,8 @@ def profile_rows(model, tok, judge, prompts, sizes, seed, data_dir, model_name):
     provenance = {"model": model_name, "seed": seed, "judge": judge.name,
                   "sampling": ed.SAMPLING, "k": sizes["k_profile"],
                   "max_new_tokens": sizes["new_tokens"], "format": "raw",
-                  "prompts": len(prompts), "prompt_ids": ed.rows_digest(prompts)}
+                  "prompts": len(prompts), "prompt_ids": ed.rows_digest(prompts),
+                  "prompts_written_for": "sgm-ext (sgm_ext/efficacy_data.py templates)"}
     try:  # the same provenance: the rows of an earlier run (sampling is seeded)
         with open(path + ".provenance.json") as f:
             old = json.load(f)
@@ -164,12 +166,9 @@ def profile_rows(model, tok, judge, prompts, sizes, seed, data_dir, model_name):
                 return path, rows
     except (OSError, ValueError, KeyError):
         pass
-    texts = [p["text"] for p in prompts]
-    samples = ed.sample_continuations(model, tok, texts, k=sizes["k_profile"],
-                                      max_new_tokens=sizes["new_tokens"], seed=seed)
-    scores = ed.judge_samples(judge, texts, samples)
-    rows = ed.label_rows(prompts, samples, scores)
-    ed.write_rows(rows, path, provenance)
+    rows, settings = own_rows(model, tok, prompts, judge, k=sizes["k_profile"],
+                              max_new_tokens=sizes["new_tokens"], seed=seed)
+    ed.write_rows(rows, path, {**settings, **provenance})
     return path, rows
 
 

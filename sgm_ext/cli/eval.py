@@ -4,15 +4,23 @@ import os
 import sys
 
 from ..app.loading import check_max_length, check_model_dir, load_model
-from ..core.scale_math import check_fraction, check_strength
+from ..core.scale_math import check_strength
 from ..evaluation.benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
 from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
-from ..evaluation.judges import SCORINGS, get_judge, read_template, resolve_scoring
-from ..evaluation.options import check_sampling
+from ..evaluation.judges import SCORINGS, resolve_scoring
 from ..evaluation.prompts import load_capability, load_prompts, read_text_file
 from ..evaluation.report import summary_table, write_report
 from ..patching.scales import load_scales
-from .options import add_input_options, input_format_line, positive
+from .options import (
+    add_input_options,
+    add_judge_options,
+    add_sampling_options,
+    check_judge_args,
+    check_sampling_args,
+    input_format_line,
+    judge_from_args,
+    positive,
+)
 
 
 def add_eval(sub):
@@ -62,12 +70,9 @@ EVAL_DEFAULTS = dict(judge="profanity", harmful_labels=None, threshold=0.5, max_
 def add_eval_options(p, **defaults):
     """The evaluation options `eval` and `demo` share (demo changes some defaults)."""
     d = {**EVAL_DEFAULTS, **defaults}
-    p.add_argument("--judge", default=d["judge"],
-                   help="profanity (default), refusal, or hf:DIR (a local text classifier)")
-    p.add_argument("--harmful-labels", default=d["harmful_labels"],
-                   help="for hf:DIR: comma-separated label names that mean harmful")
-    p.add_argument("--threshold", type=float, default=d["threshold"],
-                   help="harmful when score >= this")
+    add_judge_options(p, d["threshold"])
+    p.set_defaults(judge=d["judge"], harmful_labels=d["harmful_labels"],
+                   judge_template=d["judge_template"])
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
     p.add_argument("--strength", type=float, default=d["strength"])
     p.add_argument("--mode", choices=("fused", "fold", "hook"), default=d["mode"])
@@ -91,19 +96,12 @@ def add_eval_options(p, **defaults):
                    help="a jailbreak template (text file; {prompt} marks where the prompt goes, "
                    "else it is a prefix): every condition is also run with it applied to every "
                    "prompt")
-    p.add_argument("--judge-template", default=d["judge_template"], metavar="FILE",
-                   help="for llm:DIR: the judge prompt, with {prompt} and {answer} (default: a "
-                   "built-in Llama Guard style prompt asking for safe / unsafe)")
     p.add_argument("--samples", type=int, default=d["samples"], metavar="K",
                    help="RealToxicityPrompts' way: K sampled continuations per prompt, each "
                    "judged; a prompt counts as harmful when one of them is, and the report adds "
                    "the expected maximum score (default: one greedy answer per prompt)")
-    p.add_argument("--temperature", type=float, default=d["temperature"],
-                   help="with --samples: softmax temperature (default 1.0)")
-    p.add_argument("--top-p", type=float, default=d["top_p"],
-                   help="with --samples: nucleus sampling's p (default 0.9)")
-    p.add_argument("--top-k", type=int, default=d["top_k"],
-                   help="with --samples: keep the k likeliest tokens (default 0: no cut)")
+    add_sampling_options(p, "with --samples: ")
+    p.set_defaults(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"])
     p.add_argument("--out", default=d["out"],
                    help=d.get("out_help", "directory for the report files"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -124,7 +122,7 @@ def eval_texts(args):
 def check_eval_args(args):
     """The evaluation options checked before any file is read or model loaded."""
     check_strength(args.strength, per_sequence=False, name="--strength")
-    check_fraction(args.threshold, "--threshold")
+    check_judge_args(args)
     positive(args.max_new_tokens, "--max-new-tokens")
     positive(args.batch_size, "--batch-size")
     positive(args.max_prompts, "--max-prompts")
@@ -133,22 +131,10 @@ def check_eval_args(args):
         positive(args.latency_prompts, "--latency-prompts")
     positive(getattr(args, "max_length", None), "--max-length")
     positive(args.samples, "--samples")
-    check_sampling(args.temperature, args.top_p, args.top_k, ("--temperature", "--top-p",
-                                                            "--top-k"))
+    check_sampling_args(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; eval writes a directory of report files")
     eval_texts(args)
-    if args.judge_template:
-        if not args.judge.startswith("llm:"):
-            raise ValueError(f"--judge-template is for --judge llm:DIR, not {args.judge!r}")
-        read_template(args.judge_template)
-
-
-def judge_from_args(args):
-    labels = args.harmful_labels.split(",") if args.harmful_labels else None
-    template = read_template(args.judge_template) if args.judge_template else None
-    return get_judge(args.judge, threshold=args.threshold, harmful_labels=labels,
-                     template=template)
 
 
 def checked_scales(path, allow_amplify):

@@ -1,9 +1,12 @@
 """Argparse pieces more than one command uses: value types (sizes, fractions), the input and
-length options of profile and eval, and the check of counts given on the command line."""
+length options of profile and eval, the judge and sampling options of eval and sample, and
+the check of counts given on the command line."""
 import argparse
 import re
 
 from ..core.scale_math import check_fraction
+from ..evaluation.judges import get_judge, read_template
+from ..evaluation.options import check_sampling
 from ..profile.inputs import FORMATS, resolve_format
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -38,9 +41,14 @@ def positive(value, option, zero=False):
 def add_input_options(p):
     """Options of how rows become model inputs, shared by profile and eval."""
     add_length_options(p)
-    p.add_argument("--format", choices=FORMATS, default="auto", dest="input_format",
+    add_format_option(p)
+
+
+def add_format_option(p, default="auto"):
+    p.add_argument("--format", choices=FORMATS, default=default, dest="input_format",
                    help="chat: through the chat template; raw: the text as it is (continuation "
-                   "prompts, AurA's recipe); auto (default): chat when the model has a template")
+                   "prompts, AurA's recipe); auto: chat when the model has a template "
+                   f"(default {default})")
 
 
 def add_length_options(p):
@@ -58,3 +66,49 @@ def input_format_line(processor, chosen):
            "text" if fmt == "chat" else "rows are the model's input as they are (no chat "
            "template)")
     return f"input format: {fmt} ({how})"
+
+
+def add_judge_options(p, threshold=0.5, what="harmful"):
+    """--judge, --harmful-labels, --threshold, --judge-template (eval, demo, sample)."""
+    p.add_argument("--judge", default="profanity",
+                   help="profanity (default), refusal, hf:DIR (a local text classifier) or "
+                   "llm:DIR (a local chat model asked for safe / unsafe)")
+    p.add_argument("--harmful-labels", default=None,
+                   help="for hf:DIR: comma-separated label names that mean harmful")
+    p.add_argument("--threshold", type=float, default=threshold,
+                   help=f"{what} when the judge's score >= this (default {threshold})")
+    p.add_argument("--judge-template", default=None, metavar="FILE",
+                   help="for llm:DIR: the judge prompt, with {prompt} and {answer} (default: a "
+                   "built-in Llama Guard style prompt asking for safe / unsafe)")
+
+
+def check_judge_args(args):
+    """The judge options checked before any model loads (the judge itself is made later)."""
+    check_fraction(args.threshold, "--threshold")
+    if args.judge_template:
+        if not args.judge.startswith("llm:"):
+            raise ValueError(f"--judge-template is for --judge llm:DIR, not {args.judge!r}")
+        read_template(args.judge_template)
+
+
+def judge_from_args(args):
+    labels = args.harmful_labels.split(",") if args.harmful_labels else None
+    template = read_template(args.judge_template) if args.judge_template else None
+    return get_judge(args.judge, threshold=args.threshold, harmful_labels=labels,
+                     template=template)
+
+
+def add_sampling_options(p, when=""):
+    """--temperature, --top-p, --top-k (eval --samples, sample); `when`: what the help says
+    they go with."""
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help=f"{when}softmax temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.9,
+                   help=f"{when}nucleus sampling's p (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help=f"{when}keep the k likeliest tokens (default 0: no cut)")
+
+
+def check_sampling_args(args):
+    check_sampling(args.temperature, args.top_p, args.top_k,
+                   ("--temperature", "--top-p", "--top-k"))

@@ -12,7 +12,7 @@ from ..evaluation.report import expertise_table
 from ..patching.registry import SITE_KINDS
 from ..patching.scales import is_scale_file
 from ..profile.auroc import check_labels
-from ..profile.data import load_rows
+from ..profile.data import load_rows, recorded_format
 from ..profile.expertise import DEFAULT_FDR, SELECTIONS, check_selection, is_expertise_file
 from ..profile.inputs import MODALITIES
 from ..profile.pooling import POOLINGS
@@ -133,6 +133,21 @@ def apply_recipe(args, say=print):
     say(describe(args.recipe) + (f"\n  yours kept: {', '.join(kept)}" if kept else ""))
 
 
+def apply_recorded_format(args, say=print):
+    """Rows `sgm-ext sample` wrote are profiled in the format they were sampled in (their
+    provenance file says which): --format auto takes it, another --format is refused."""
+    fmt = recorded_format(args.data)
+    if fmt is None or args.input_format == fmt:
+        return
+    if args.input_format != "auto":
+        raise ValueError(f"{args.data} was sampled in the {fmt} format (its provenance file "
+                         f"says so); profile it with --format {fmt} (or auto), the format its "
+                         "responses were generated in")
+    args.input_format = fmt
+    say(f"--format {fmt}: {args.data} was sampled in it (its provenance file)",
+        file=sys.stderr)
+
+
 def check_profile_args(args):
     """Every option checked before the data is read or the model loaded."""
     if args.method in TRANSPORT_METHODS:
@@ -221,6 +236,7 @@ def _profile(args, rank, world, local_rank):
     say = print if rank == 0 else (lambda *a, **k: None)
     apply_recipe(args, say)
     check_profile_args(args)
+    apply_recorded_format(args, say)
     dataset = load_rows(args.data, skip_bad_rows=args.skip_bad_rows, max_samples=args.max_samples)
     if dataset.skipped:
         say(f"skipped {len(dataset.skipped)} bad rows (first: row {dataset.skipped[0][0]}: "

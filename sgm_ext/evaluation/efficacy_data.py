@@ -9,7 +9,8 @@ from a data set or another project). A prompt is a raw continuation (no chat tem
     prompts = build_prompts(seed=0)
     splits = split_prompts(prompts, {"profile": 240, "validation": 80, "test": 200}, seed=0)
     samples = sample_continuations(model, tok, [p["text"] for p in splits["profile"]], k=4)
-    rows = label_rows(splits["profile"], samples, get_judge("profanity"))
+    scores = judge_samples(get_judge("profanity"), texts, samples)
+    rows = label_rows(splits["profile"], samples, scores)   # own_data.own_rows: these three
     write_rows(rows, "profile.jsonl", provenance)     # rows `sgm-ext profile` reads
 
 The toxic rate of a set of prompts with k sampled continuations each: the share of prompts
@@ -23,9 +24,11 @@ import random
 
 import torch
 
-from ..core.files import write_json
+from ..core.files import atomic_path, write_json
 from ..patching.scales import ScaleSet
-from ..profile.inputs import input_device, pad_token_id, tokenizer_of
+from ..profile.data import PROVENANCE_SUFFIX
+from ..profile.inputs import collate, encode, input_device, pad_token_id, tokenizer_of
+from .prompts import Prompt
 
 # ------------------------------------------------------------------ prompts (written here)
 
@@ -174,48 +177,47 @@ SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 0}
 
 @torch.inference_mode()
 def sample_continuations(model, processor, texts, *, k=4, max_new_tokens=20, seed=0,
-                         batch_prompts=16, sampling=None, progress=None):
-    """[[k continuation texts] per prompt]: raw prompts (no chat template), left padded,
-    sampled with SAMPLING (or `sampling`), torch seeded with (seed, batch index) before each
-    batch: the same prompts, batch size and seed give the same draws to every model state
-    that keeps the logits (and the same random stream to every state)."""
+                         batch_prompts=16, sampling=None, progress=None, fmt="raw"):
+    """[[k continuation texts] per prompt]: prompts encoded in the format `fmt` (raw: the text
+    as it is; chat: a user turn through the chat template, with the generation prompt; see
+    profile.inputs.FORMATS), left padded, sampled with SAMPLING (or `sampling`), torch seeded
+    with (seed, batch index) before each batch: the same prompts, batch size and seed give the
+    same draws to every model state that keeps the logits (and the same random stream to every
+    state). A continuation ends before its first end-of-sequence token. progress(done, total)
+    after each batch."""
     tok = tokenizer_of(processor)
     settings = dict(SAMPLING if sampling is None else sampling)
     pad = pad_token_id(processor)
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    old_side = tok.padding_side
-    tok.padding_side = "left"
     device = input_device(model)
     out = []
-    try:
-        for b, start in enumerate(range(0, len(texts), batch_prompts)):
-            chunk = texts[start:start + batch_prompts]
-            batch = tok(chunk, return_tensors="pt", padding=True)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            torch.manual_seed(seed * 1_000_003 + b)
-            ids = model.generate(**batch, max_new_tokens=max_new_tokens,
-                                 num_return_sequences=k, pad_token_id=pad, **settings)
-            new = ids[:, batch["input_ids"].shape[1]:].tolist()
-            for i in range(len(chunk)):
-                conts = []
-                for row in new[i * k:(i + 1) * k]:
-                    end = next((j for j, t in enumerate(row) if t in eos), len(row))
-                    conts.append(tok.decode(row[:end], skip_special_tokens=True))
-                out.append(conts)
-            if progress:
-                progress(len(out), len(texts))
-    finally:
-        tok.padding_side = old_side
+    for b, start in enumerate(range(0, len(texts), batch_prompts)):
+        chunk = texts[start:start + batch_prompts]
+        batch, _ = collate([encode(processor, Prompt(start + i + 1, t), None, fmt)
+                            for i, t in enumerate(chunk)], pad, "left")
+        batch = {key: v.to(device) for key, v in batch.items()}
+        torch.manual_seed(seed * 1_000_003 + b)
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens,
+                             num_return_sequences=k, pad_token_id=pad, **settings)
+        new = ids[:, batch["input_ids"].shape[1]:].tolist()
+        for i in range(len(chunk)):
+            conts = []
+            for row in new[i * k:(i + 1) * k]:
+                end = next((j for j, t in enumerate(row) if t in eos), len(row))
+                conts.append(tok.decode(row[:end], skip_special_tokens=True))
+            out.append(conts)
+        if progress:
+            progress(len(out), len(texts))
     return out
 
 
 def judge_samples(judge, prompts, samples):
     """[[score per continuation] per prompt] (the judge sees the continuation only, as
-    sgm-ext eval judges the answer)."""
+    sgm-ext eval judges the answer; its verdicts checked as evaluate checks them)."""
     flat = [c for conts in samples for c in conts]
     texts = [p for p, conts in zip(prompts, samples) for _ in conts]
-    scores = judge.scores(flat, texts) if flat else []
+    scores = [s for s, _ in judge(flat, texts)] if flat else []
     out, i = [], 0
     for conts in samples:
         out.append([float(s) for s in scores[i:i + len(conts)]])
@@ -279,16 +281,22 @@ def rows_digest(rows):
 
 def write_rows(rows, path, provenance):
     """The rows as JSONL (what `sgm-ext profile --data` reads) and `<path>.provenance.json`:
-    how they were made (seed, model, judge, sampling, counts, digest)."""
+    how they were made (`provenance`: seed, model, judge, sampling, ...) and the rows' count,
+    toxic count and digest. Each file written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     info = dict(provenance)
-    info.update(rows=len(rows), toxic=sum(r["label"] for r in rows), digest=rows_digest(rows),
-                prompts_written_for="sgm-ext (sgm_ext/efficacy_data.py templates)")
-    write_json(path + ".provenance.json", info)
+    info.update(rows=len(rows), toxic=sum(r["label"] for r in rows), digest=rows_digest(rows))
+    write_json(path + PROVENANCE_SUFFIX, info)
     return path
+
+
+def read_rows(path):
+    """The rows of a JSONL file as dicts (what write_rows wrote)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------ selection helpers

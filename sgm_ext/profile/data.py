@@ -15,6 +15,10 @@ import os
 import re
 from typing import Any, NamedTuple, Optional
 
+# How a data file was made, beside it: `<file>.provenance.json` (sgm-ext sample and the efficacy
+# benchmark write one); its `format` is the input format the rows were sampled in.
+PROVENANCE_SUFFIX = ".provenance.json"
+
 LABELS = {"1": 1, "0": 0, "true": 1, "false": 0, "toxic": 1, "non-toxic": 0, "non_toxic": 0,
           "nontoxic": 0, "not toxic": 0}
 
@@ -199,3 +203,22 @@ def load_rows(data, *, skip_bad_rows=False, max_samples=None):
         raise ValueError(f"{os.fspath(data) if is_path else 'data'}: no usable rows"
                          + (f" ({len(skipped)} bad rows skipped)" if skipped else ""))
     return Dataset(rows, skipped, os.fspath(data) if is_path else "<rows>")
+
+
+def provenance_of(path):
+    """The provenance record beside a data file (`<path>.provenance.json`, a JSON object), or
+    None when there is none or it cannot be read as one."""
+    try:
+        with open(os.fspath(path) + PROVENANCE_SUFFIX, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def recorded_format(path):
+    """The input format ("chat" / "raw") the rows of a data file were sampled in, as its
+    provenance record says, or None when it says none."""
+    info = provenance_of(path) if isinstance(path, (str, os.PathLike)) else None
+    fmt = (info or {}).get("format")
+    return fmt if fmt in ("chat", "raw") else None
