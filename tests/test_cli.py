@@ -92,7 +92,7 @@ def test_profile_model_writes_the_command_lines_scale_file(saved, tmp_path, caps
         assert (f"experts ({found.rule()}): {found.n_experts}; with the labels shuffled (the "
                 f"noise floor, one permutation): {found.noise_floor}") in printed
     else:
-        assert "(mean_ot)" in printed and found.experts is None
+        assert "(mean_ot: 128 neurons moved)" in printed and found.experts is None
 
 
 def test_profile_bad_row_stops_or_is_skipped(saved, capsys):
