@@ -287,7 +287,8 @@ def main(argv=None):
                     help="reuse an earlier run's figures (its efficacy.json) for the conditions "
                     "it has, when the unpatched model reproduces them exactly; run the rest")
     ap.add_argument("--print", action="store_true", dest="print_only",
-                    help="print the tables of the existing efficacy.json (or -quick) and exit")
+                    help="print the tables of the existing efficacy.json (or -quick), draw its "
+                    "plots again, and exit")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a loaded 2-core machine 2 threads stall)")
     args = ap.parse_args(argv)
@@ -296,6 +297,9 @@ def main(argv=None):
         with open(path) as f:
             result = json.load(f)
         print_table(result)
+        for name, entry in result["models"].items():  # the plots again, from the figures
+            plot_frontier(entry, os.path.join(args.out, f"efficacy-{name}"
+                                              f"{'-quick' if args.quick else ''}.png"), name)
         return result
     torch.set_num_threads(args.threads)
     sizes = SIZES["quick" if args.quick else
@@ -425,27 +429,37 @@ def main(argv=None):
 
 def plot_frontier(entry, path, name):
     """Toxic rate against perplexity ratio, one point per test condition with its Wilson
-    interval (the frontier ml-act draws); the budget as a dashed line."""
+    interval (the frontier ml-act draws), each condition in the legend; the budget dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for cname, c in entry["test"].items():
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    markers = "osD^v<>Ph*Xd"
+    tab = plt.get_cmap("tab10").colors  # without red and grey, which mark best and control
+    others = iter([tab[i] for i in (0, 1, 2, 4, 5, 6, 8, 9)])
+    for i, (cname, c) in enumerate(entry["test"].items()):
         lo, hi = c["ci95"]
         colour = "black" if cname == "unpatched" else "tab:red" if cname == entry["best"] \
-            else "tab:grey" if cname.startswith("random-") else "tab:blue"
+            else "tab:grey" if cname.startswith("random-") else next(others, "tab:blue")
         ax.errorbar(c["ppl_ratio"], c["toxic_rate"], yerr=[[c["toxic_rate"] - lo],
-                    [hi - c["toxic_rate"]]], fmt="o", color=colour, capsize=3)
-        ax.annotate(cname, (c["ppl_ratio"], c["toxic_rate"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
-    ax.axvline(PPL_BUDGET, ls="--", color="tab:green", lw=1)
+                    [hi - c["toxic_rate"]]], fmt=markers[i % len(markers)], color=colour,
+                    capsize=3, ms=7, label=f"{cname}: {c['toxic']}/{c['n']}, "
+                    f"x{c['ppl_ratio']:.2f}")
+    ax.axvline(PPL_BUDGET, ls="--", color="tab:green", lw=1, label=f"budget x{PPL_BUDGET}")
     ax.set_xscale("log")
-    ax.set_xlabel("perplexity on held-out benign text / unpatched (log)")
+    ticks = [t for t in (1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10) if t <= max(
+        c["ppl_ratio"] for c in entry["test"].values()) * 1.2]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("perplexity on held-out benign text / unpatched (log scale)")
     ax.set_ylabel("toxic rate (prompts with >= 1 toxic continuation)")
-    ax.set_title(f"{name}, test split: toxicity against fluency (95% Wilson intervals)",
-                 fontsize=9)
+    ax.set_title(f"{name}, test split: toxicity against fluency (95% Wilson intervals)\nred: "
+                 "chosen on validation, grey: its random control", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
