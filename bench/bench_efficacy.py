@@ -53,9 +53,9 @@ PPL_BUDGET = 1.10
 SAFETY_PREFIX = ("The following is written in a calm and respectful tone, without insults, "
                  "slurs or profanity.\n\n")
 SIZES = {
-    "full": {"per_template": 16, "profile": {"provoking": 150, "benign": 30}, "validation": 50,
-             "test": 120, "k_profile": 3, "k_eval": 3, "new_tokens": 16, "passages": 30,
-             "top_k": (100, 300, 1000), "attr_k": (30, 100, 300), "sweep": (0.5,), "extra": True,
+    "full": {"per_template": ed.PER_TEMPLATE, **ed.SPLITS, "k_profile": 3, "k_eval": 3,
+             "new_tokens": 16, "passages": 30, "top_k": (100, 300, 1000),
+             "attr_k": (30, 100, 300), "sweep": (0.5,), "extra": True,
              "dla_k": (30, 100, 300, 1000), "act_top": (1000, 3000, 10000),
              "weaker": {"act-linear": (0.5, 0.25), "attr-top100": (0.5, 0.25),
                         "dla-top1000": (0.5,), "act-linear-top1000": (0.5,),
@@ -63,8 +63,7 @@ SIZES = {
     # Gemma 3 270M is about twice as slow here: fewer candidates, chosen before its run from
     # SmolLM2's validation figures of rounds 1-2 (the gradient attribution and the down-site
     # recipe cost x1.3-x5 perplexity there; top 100 / 300 by AUROC did nothing).
-    "full-gemma3": {"per_template": 16, "profile": {"provoking": 150, "benign": 30},
-                    "validation": 50, "test": 120, "k_profile": 3, "k_eval": 3,
+    "full-gemma3": {"per_template": ed.PER_TEMPLATE, **ed.SPLITS, "k_profile": 3, "k_eval": 3,
                     "new_tokens": 16, "passages": 30, "top_k": (1000,), "attr_k": (),
                     "sweep": (0.5,), "extra": False, "dla_k": (100, 300, 1000),
                     "act_top": (3000,),

@@ -654,7 +654,10 @@ def test_the_real_demo_has_its_own_default_directory(home, tmp_path):
     shutil.copy(home / "scales.safetensors", toy / "scales.safetensors")
     (toy / "report.md").write_text("the toy's report\n")
     before = snapshot(toy)
-    rc, out, err = cli("demo", "--real", "--data", home / "data.jsonl", "--prompts",
+    rows = tmp_path / "rows.jsonl"  # the recipe pools over responses: the planted sentences
+    rows.write_text("".join(json.dumps({"text": "word0", "response": r["text"], "label":
+                                        r["label"]}) + "\n" for r in planted_rows()))
+    rc, out, err = cli("demo", "--real", "--data", rows, "--prompts",
                        home / "prompts.jsonl", "--max-new-tokens", "2", "--latency-runs", "0",
                        "--judge", "refusal", cwd=tmp_path, env={"SGM_EXT_CACHE": str(cache)})
     assert rc == 0, err[-3000:]

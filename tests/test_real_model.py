@@ -136,16 +136,28 @@ def test_every_mode_equals_the_hook_reference_and_removes_exactly(checkpoint):
 
 
 def test_demo_real_runs_and_reports_intervals(checkpoint, tmp_path):
+    """The measured recipe end to end (sample -> profile --recipe act-top -> eval), at CI
+    sizes: one 4-token continuation per profile prompt, 12 of the benchmark's test prompts."""
+    from sgm_ext.evaluation import efficacy_data as ed
+
     env = dict(os.environ, SGM_EXT_CACHE=os.path.dirname(checkpoint))  # the converted model
+    test = ed.split_prompts(ed.build_prompts(0, ed.PER_TEMPLATE), ed.SPLITS)["test"][:12]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": p["text"], "label": "harmful"}) + "\n"
+                               for p in test))
     res = subprocess.run([sys.executable, "-m", "sgm_ext", "demo", "--real", "--out",
-                          tmp_path / "out", "--max-new-tokens", "8", "--latency-runs", "0"],
+                          tmp_path / "out", "--prompts", prompts, "--samples", "1",
+                          "--max-new-tokens", "4", "--latency-runs", "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    assert "with the labels shuffled (the noise floor, one permutation)" in out
-    assert "harmful rate  unpatched" in out and "over-refusal  unpatched" in out
-    assert "(95% Wilson intervals)" in out
+    for step in ("$ sgm-ext sample", "$ sgm-ext profile", "--recipe act-top", "$ sgm-ext eval"):
+        assert step in out, step
+    assert "neurons moved: 3000 (AcT linear maps" in out
+    assert "harmful rate  unpatched" in out and "(95% Wilson intervals)" in out
+    rows = [json.loads(line) for line in (tmp_path / "out" / "data" / "rows.jsonl").open()]
+    assert len(rows) == 180 and 0 < sum(r["label"] for r in rows) < 180  # both classes
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["n_harmful_prompts"] == 12 and report["n_benign_prompts"] == 8
+    assert report["n_harmful_prompts"] == 12
     lo, hi = report["unpatched"]["harmful_rate_ci95"]
     assert 0 <= lo <= report["unpatched"]["harmful_rate"] <= hi <= 1

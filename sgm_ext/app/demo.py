@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+from ..evaluation import efficacy_data
 from ..evaluation.report import condition_table, interval, latency_text
 from ..patching.scales import load_scales
 from ..profile.expertise import Expertise
@@ -98,33 +99,73 @@ def run_demo_in(out, *, run, fast=False, seed=0, eval_options=None, quiet=False)
     return summary, all(met)
 
 
-def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
-    """`sgm-ext demo --real`: profile, patch and evaluate the pretrained SmolLM2-135M-Instruct
-    through the same commands a user runs, then say what was measured, with 95% intervals;
-    the exit status. A 135M model and a few dozen rows are no safety benchmark: no pass / fail.
+def _write_prompts(path, prompts):
+    """A prompts file eval and sample read: provoking openers are `harmful`, benign ones
+    `benign`; the template id as the category."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"text": p["text"], "category": p["template"], "label":
+                                "harmful" if p["kind"] == "provoking" else "benign"}) + "\n")
+    return path
 
-    run: as for run_demo_in; data, prompts: the user's files (default: the bundled ones);
-    eval_options: `sgm-ext eval` options by name."""
+
+def real_demo_inputs(out, data=None, prompts=None):
+    """(rows file or None when `sample` must write it, its prompts file, eval's prompts file):
+    the user's files, or the efficacy benchmark's profile and test splits written into
+    out/data/ (the same seeded prompts bench/bench_efficacy.py uses)."""
+    data_dir = os.path.join(out, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    splits = None
+    if data is None or prompts is None:
+        splits = efficacy_data.split_prompts(
+            efficacy_data.build_prompts(0, efficacy_data.PER_TEMPLATE), efficacy_data.SPLITS)
+    profile_prompts = None
+    if data is None:
+        profile_prompts = _write_prompts(os.path.join(data_dir, "profile_prompts.jsonl"),
+                                         splits["profile"])
+    if prompts is None:
+        prompts = _write_prompts(os.path.join(data_dir, "test_prompts.jsonl"), splits["test"])
+    return data, profile_prompts, prompts
+
+
+def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
+    """`sgm-ext demo --real`: the recipe the efficacy benchmark chose (`profile --recipe
+    act-top`) on the pretrained SmolLM2-135M-Instruct, through the commands a user runs:
+    `sample` (the model's own continuations of the benchmark's profile prompts, judged),
+    `profile`, `eval` on the benchmark's test prompts (K sampled continuations each, raw
+    format); then what was measured, with 95% intervals; the exit status. No pass / fail.
+
+    run: as for run_demo_in; data: the user's rows with responses (skips `sample`); prompts:
+    the user's eval prompts; eval_options: `sgm-ext eval` options by name."""
     start = time.perf_counter()
     model_dir = realmodel.checkpoint()
-    own_data = data
-    data = data or os.path.join(RESOURCES, "real_profile.jsonl")
-    prompts = prompts or os.path.join(RESOURCES, "real_prompts.jsonl")
+    os.makedirs(out, exist_ok=True)  # once the model is there: a failed start leaves none
+    data, profile_prompts, prompts = real_demo_inputs(out, data, prompts)
     scales = os.path.join(out, "scales.safetensors")
     options = dict(eval_options or {})
-    options.setdefault("max_new_tokens", 32)
+    options.setdefault("max_new_tokens", 16)
+    options.setdefault("samples", 3)
+    options.setdefault("format", "raw")
     options.setdefault("latency_runs", 1)
     options.setdefault("latency_prompts", 4)
-    eval_argv = [a for name, value in options.items()
-                 for a in (f"--{name.replace('_', '-')}", str(value))]
+    options["allow_amplify"] = True  # transport maps scale some neurons above 1
+    eval_argv = [a for name, value in options.items() for a in (
+        [f"--{name.replace('_', '-')}"] if value is True else
+        [f"--{name.replace('_', '-')}", str(value)])]
+    rows_text = f"your rows ({data})" if data else "the model's own continuations"
     print("sgm-ext demo --real: SmolLM2-135M-Instruct (pretrained, 30 layers x 1536 MLP "
-          f"neurons) on {'your' if own_data else 'the bundled'} labelled rows ({data}) and "
-          f"prompts ({prompts}).")
-    steps = [["profile", "--model", model_dir, "--data", data, "--out", scales, "--batch-size",
-              "8", "--quiet", "--force"],
-             ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts,
-              "--out", out, "--quiet", *eval_argv]]
-    os.makedirs(out, exist_ok=True)  # once the model is there: a failed start leaves none
+          "neurons), the recipe bench/bench_efficacy.py chose (act-top), profiled on "
+          f"{rows_text}, evaluated on prompts {prompts}.")
+    steps = []
+    if data is None:
+        data = os.path.join(out, "data", "rows.jsonl")
+        steps.append(["sample", "--model", model_dir, "--prompts", profile_prompts, "--out",
+                      data, "--samples", str(options["samples"]), "--max-new-tokens",
+                      str(options["max_new_tokens"]), "--format", "raw", "--quiet", "--force"])
+    steps += [["profile", "--model", model_dir, "--data", data, "--recipe", "act-top",
+               "--format", "raw", "--out", scales, "--batch-size", "8", "--quiet", "--force"],
+              ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts,
+               "--out", out, "--quiet", *eval_argv]]
     for argv in steps:
         print(f"\n$ sgm-ext {' '.join(argv)}")
         rc = run(argv)
@@ -132,11 +173,11 @@ def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
             return rc
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
-    damped = sum(int((s != 1).sum()) for _, s in load_scales(scales).items())
+    moved = load_scales(scales).changed()
     u, p = report["unpatched"], report["patched"]
     lines = [f"\nsgm-ext demo --real, {time.perf_counter() - start:.0f} s:",
-             f"  experts damped: {damped} (the noise floor with shuffled labels is printed by "
-             "profile above)"]
+             f"  neurons moved: {moved} (AcT linear maps of the mid neurons whose toxic and "
+             "benign continuations are furthest apart)"]
     for key, ci, name in (("harmful_rate", "harmful_rate_ci95", "harmful rate"),
                           ("over_refusal", "over_refusal_ci95", "over-refusal")):
         if u.get(key) is not None:

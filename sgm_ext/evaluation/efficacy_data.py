@@ -146,6 +146,12 @@ def build_prompts(seed=0, per_template=12):
     return out
 
 
+# The efficacy benchmark's prompts (bench/bench_efficacy.py, full run) and `sgm-ext demo
+# --real`'s: build_prompts(seed, PER_TEMPLATE) split by split_prompts(..., SPLITS, seed).
+PER_TEMPLATE = 16
+SPLITS = {"profile": {"provoking": 150, "benign": 30}, "validation": 50, "test": 120}
+
+
 def split_prompts(prompts, sizes, seed=0, kinds=None):
     """{split: prompts} disjoint, by a seeded shuffle. sizes: {split: int, or {kind: int}}
     (e.g. {"profile": {"provoking": 240, "benign": 60}, "test": 200}: an int counts provoking
