@@ -14,12 +14,12 @@ Everything is checked before anything is written, the directory is built under a
 beside OUT and renamed at the end: an error or Ctrl-C leaves no OUT and no temporary files.
 """
 import copy
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 
+from ..core.files import file_sha256
 from ..core.pause import pause_point
 from ..core.scale_math import check_fraction
 from ..patching.patcher import check_scales, patch
@@ -32,14 +32,6 @@ CONFIG_KEY = "sgm_ext_export"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
-
-def file_sha256(path):
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_export_dir(path):

@@ -15,14 +15,14 @@ scale file's hash, the strength, the version and each rewritten tensor's types.
 import os
 import struct
 
-from ..core.files import atomic_path
+from ..core.files import atomic_path, file_sha256
 from ..core.pause import pause_point
 from ..core.scale_math import check_fraction
 from ..patching.patcher import check_scales
 from ..patching.scales import load_scales
 from ..patching.strength import ScalesAtStrength, Strength
 from ..version import __version__
-from .export import check_export_out, file_sha256
+from .export import check_export_out
 
 # GGUF architectures whose feed-forward is the registry's gated layout in both transformers'
 # GGUF reader and llama.cpp (separate ffn_gate / ffn_up / ffn_down tensors).

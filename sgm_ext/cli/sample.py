@@ -6,13 +6,12 @@ import sys
 import warnings
 
 from ..app.loading import check_model_dir, load_model, load_processor
-from ..core.files import check_output_file
+from ..core.files import check_output_file, file_sha256
 from ..core.fingerprints import config_fingerprint, weights_fingerprint
 from ..evaluation.efficacy_data import build_prompts, write_rows
 from ..evaluation.options import Sampling
 from ..evaluation.own_data import (
     class_warning,
-    file_sha256,
     is_provenance_file,
     is_rows_file,
     own_rows,

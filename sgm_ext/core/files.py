@@ -1,6 +1,7 @@
 """Writing files: atomically (a crash never leaves half of one: write beside, fsync, rename),
 and never over a file that is not ours (checked before any work is done)."""
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -63,3 +64,12 @@ def check_output_file(path, option, *, ours, force=False):
     if os.path.exists(path) and not ours(path) and not force:
         raise ValueError(f"{option} {path} exists and is not a file sgm-ext wrote; refusing to "
                          "overwrite it (pass --force to overwrite)")
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -13,7 +13,6 @@ bench_efficacy.py) profiles on such rows: rows about the topic teach the profile
     rows, settings = own_rows(model, tok, prompts, "profanity", k=3, max_new_tokens=16)
     write_rows(rows, "rows.jsonl", settings)                  # + rows.jsonl.provenance.json
 """
-import hashlib
 import os
 
 from ..core.progress import progress_bar
@@ -117,13 +116,6 @@ def class_warning(summary, minimum=MIN_CLASS_ROWS):
     return (f"{what}; sample more prompts or more continuations (--samples), or {lower} "
             "--threshold")
 
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_rows_file(path):

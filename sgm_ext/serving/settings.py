@@ -1,7 +1,6 @@
 """Serving a scale file in vLLM, before any model runs: the settings (vLLM's
 additional_config), a request's strength and the checks of a request's body, the scale file's
 content hash and its watch, and the checks made before a server starts. No vLLM import."""
-import hashlib
 import json
 import math
 import os
@@ -9,6 +8,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..core.files import file_sha256
 from ..core.scale_math import check_scale_values
 from ..patching.patcher import check_scales
 from ..patching.scales import load_scales
@@ -159,13 +159,6 @@ def request_strength(extra_args, settings: Settings) -> Optional[float]:
                          "choose")
     return checked_strength(value, REQUEST_KEY)
 
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _signature(path):
