@@ -319,7 +319,8 @@ def test_unreadable_scale_files_are_named(home, tmp_path, content):
 
 
 def test_inspect_on_a_directory_an_empty_set_and_a_missing_file(home, tmp_path):
-    refused(["inspect", tmp_path], "is a directory, not a scale file", tmp_path)
+    refused(["inspect", tmp_path], "is a directory but not one sgm-ext export wrote (no "
+            "sgm_ext_export.json); inspect takes a scale file or an export", tmp_path)
     refused(["inspect", tmp_path / "nope.safetensors"], "no such scale file", tmp_path)
     empty = tmp_path / "empty.safetensors"
     ScaleSet({}).save(empty)
