@@ -31,6 +31,7 @@ import math
 import torch
 
 from ..patching.scales import ScaleSet
+from .expertise import top_k_over_sites
 from .inputs import encode_batch, input_device
 from .pooling import resolve_sites
 
@@ -74,26 +75,19 @@ def direct_logit_attribution(model, processor, rows, toxic_ids, *, batch_size=8,
     u = u - u.mean(0, keepdim=True)
     g_f, eps_f = _rms_gain(final_norm, u.shape[1], unembed.weight.dtype)
     toxic_ids = torch.as_tensor(sorted(set(int(t) for t in toxic_ids)), dtype=torch.long)
-    captured, handles = {}, []
+    captured, handles, downs, posts = {}, [], {}, {}
     for site, (info, kind) in sites.items():
-        attr, _ = info.site_point(kind)
-        down = getattr(model.get_submodule(info.path), attr)
+        down = getattr(model.get_submodule(info.path), info.site_point(kind)[0])
+        downs[site] = down.weight.detach().double()
         handles.append(down.register_forward_pre_hook(
             lambda m, args, site=site: captured.__setitem__(site, args[0].detach())))
         post = _post_mlp_norm(model, info.path)
         if post is not None:
+            posts[site] = _rms_gain(post, u.shape[1], unembed.weight.dtype)
             handles.append(post.register_forward_pre_hook(
                 lambda m, args, site=site: captured.__setitem__(site + "#post", args[0].detach())))
     handles.append(final_norm.register_forward_pre_hook(
         lambda m, args: captured.__setitem__("#final", args[0].detach())))
-    posts = {}
-    for site, (info, _) in sites.items():
-        post = _post_mlp_norm(model, info.path)
-        if post is not None:
-            posts[site] = _rms_gain(post, u.shape[1], unembed.weight.dtype)
-    downs = {site: getattr(model.get_submodule(info.path),
-                           info.site_point(kind)[0]).weight.detach().double()
-             for site, (info, kind) in sites.items()}
     sums = {label: {site: torch.zeros(w.shape[1], dtype=torch.float64)
                     for site, w in downs.items()} for label in (0, 1)}
     counts = {0: 0, 1: 0}
@@ -198,13 +192,7 @@ def gradient_attribution(model, processor, rows, *, batch_size=8, sites=("mid",)
 
 def top_k_scales(scores, k, alpha=0.0, metadata=None):
     """ScaleSet: `alpha` for the k highest-scoring neurons over all sites, 1 elsewhere."""
-    flat = torch.cat([s.flatten().double() for s in scores.values()])
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    out, start = {}, 0
-    for site, s in scores.items():
-        part = keep[start:start + s.numel()]
-        out[site] = torch.where(part, torch.tensor(float(alpha)), torch.tensor(1.0)).float()
-        start += s.numel()
+    out = {site: torch.where(keep, torch.tensor(float(alpha)), torch.tensor(1.0)).float()
+           for site, keep in top_k_over_sites(scores, k).items()}
     meta = {"method": "damp", "alpha": alpha, "top_k": k, **(metadata or {})}
     return ScaleSet(out, meta).validate()

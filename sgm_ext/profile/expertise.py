@@ -21,6 +21,19 @@ SELECTIONS = ("fdr", "threshold")
 DEFAULT_FDR = 0.05
 
 
+def top_k_over_sites(values: Mapping, k: int) -> dict:
+    """site -> bool [neurons]: True for the k highest values over all sites together (ties
+    broken by site order, then neuron index); every neuron when k exceeds their count."""
+    flat = torch.cat([v.flatten().double() for v in values.values()])
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    out, start = {}, 0
+    for site, v in values.items():
+        out[site] = keep[start:start + v.numel()].reshape(v.shape)
+        start += v.numel()
+    return out
+
+
 class Expertise:
     """AUROC per neuron per site (site -> float64 [neurons]) and how it was measured."""
 
@@ -52,11 +65,8 @@ class Expertise:
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < 0:
                 raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
-            flat = torch.cat([a for a in self.auroc.values()])
-            keep = torch.zeros_like(flat, dtype=torch.bool)
-            order = torch.sort(flat, descending=True, stable=True).indices[:top_k]
-            keep[order] = True
-            self._and_over_sites(chosen, keep)
+            for site, keep in top_k_over_sites(self.auroc, top_k).items():
+                chosen[site] &= keep
         return chosen
 
     def _and_over_sites(self, chosen, flat):

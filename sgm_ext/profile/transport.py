@@ -23,6 +23,7 @@ import torch
 
 from ..core.scale_math import check_strength, effective_scale, effective_shift
 from ..patching.scales import ScaleSet
+from .expertise import top_k_over_sites
 from .responses import Responses
 
 TRANSPORT_METHODS = ("mean_ot", "gaussian_ot", "linear_ot")
@@ -123,18 +124,10 @@ def keep_top_maps(maps: ScaleSet, ranking: dict, k: int) -> ScaleSet:
     """`maps` with only the k neurons of highest `ranking` (over all sites) moved: every other
     neuron gets scale 1 and shift 0 (AcT restricted to the neurons that separate the classes
     most, so the rest of the model is left as it was)."""
-    sites = maps.sites()
-    flat = torch.cat([ranking[s].flatten().double() for s in sites])
-    keep = torch.zeros(len(flat), dtype=torch.bool)
-    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    scales, shifts, start = {}, {}, 0
-    for site in sites:
-        n = ranking[site].numel()
-        part = keep[start:start + n]
-        start += n
-        if site in maps.scales:
-            scales[site] = torch.where(part, maps.scales[site], torch.ones(n))
-        if site in maps.shifts:
-            shifts[site] = torch.where(part, maps.shifts[site], torch.zeros(n))
+    kept = top_k_over_sites({site: ranking[site] for site in maps.sites()}, k)
+    scales = {site: torch.where(keep, maps.scales[site], 1.0)
+              for site, keep in kept.items() if site in maps.scales}
+    shifts = {site: torch.where(keep, maps.shifts[site], 0.0)
+              for site, keep in kept.items() if site in maps.shifts}
     meta = dict(maps.metadata, top_k=k)
     return ScaleSet(scales, meta, shifts=shifts or None).validate(allow_amplify=True)
