@@ -10,7 +10,6 @@ from ..patching.scales import load_scales
 from ..profile.expertise import Expertise
 from . import realmodel, synthetic, synthetic_data
 
-RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources")
 FULL = dict(profile_rows=96, eval_prompts=40, max_new_tokens=32, latency_runs=3,
             latency_prompts=6, bigram_steps=400)
 FAST = dict(profile_rows=24, eval_prompts=12, max_new_tokens=12, latency_runs=1,

@@ -76,9 +76,9 @@ def checkpoint(cache=None, verbose=True, name=NAME):
     if verbose:
         print(f"converting {os.path.basename(source)} into {directory} (once, under a "
               "minute)...", flush=True)
-    folder, name = os.path.split(source)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    folder, filename = os.path.split(source)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     config = loaded.config
     if hasattr(config, "quantization_config"):  # what makes save_pretrained refuse
         del config.quantization_config

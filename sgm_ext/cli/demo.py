@@ -17,10 +17,11 @@ def add_demo(sub):
     p.add_argument("--real", action="store_true",
                    help="the workflow on the pretrained SmolLM2-135M-Instruct instead (needs "
                    f"`{realmodel.INSTALL}`): what it measures, with intervals; no targets")
-    p.add_argument("--data", default=None, help="with --real: your own labelled rows "
-                   "(default: the bundled ones, written for this demo)")
+    p.add_argument("--data", default=None, help="with --real: your own labelled rows with "
+                   "responses, as `sgm-ext sample` writes them (default: sample the model's "
+                   "own continuations of the efficacy benchmark's profile prompts)")
     p.add_argument("--prompts", default=None, help="with --real: your own prompts (default: "
-                   "the bundled ones)")
+                   "the efficacy benchmark's test prompts)")
     # None: the size --fast or the full run picks
     add_eval_options(p, max_new_tokens=None, latency_runs=None, latency_prompts=None,
                      conditions=None, out=None,  # conditions None: all four
