@@ -33,17 +33,18 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from sgm_ext.core.files import write_json  # noqa: E402
 from sgm_ext.core.scale_math import effective_scale, effective_shift  # noqa: E402
 from sgm_ext.evaluation import efficacy_data as ed  # noqa: E402
 from sgm_ext.evaluation.generation import passage_nll, perplexity_of  # noqa: E402
 from sgm_ext.evaluation.judges import get_judge  # noqa: E402
-from sgm_ext.evaluation.own_data import own_rows  # noqa: E402
+from sgm_ext.evaluation.own_data import is_rows_file, own_rows  # noqa: E402
 from sgm_ext.evaluation.prompts import load_reference  # noqa: E402
 from sgm_ext.evaluation.statistics import bootstrap_perplexity, mcnemar_exact, wilson_interval  # noqa: E402
 from sgm_ext.patching import patch  # noqa: E402
 from sgm_ext.patching.scales import ScaleSet  # noqa: E402
 from sgm_ext.profile import attribution, collect  # noqa: E402
-from sgm_ext.profile.data import load_rows  # noqa: E402
+from sgm_ext.profile.data import load_rows, provenance_of  # noqa: E402
 from sgm_ext.profile.expertise import expertise  # noqa: E402
 from sgm_ext.profile.transport import balance, keep_top_maps, separation, transport_maps  # noqa: E402
 
@@ -91,12 +92,12 @@ class Runner:
         self.prior = {}  # split -> {condition: figures} of an earlier run (--extend)
         self.reuse = {}  # split -> whether the unpatched model reproduced the earlier figures
 
-    def run(self, split, prompts, name, scales=None, strength=1.0, neurons=0, prefix=""):
+    def run(self, split, prompts, name, scales=None, strength=1.0, prefix=""):
         old = self.prior.get(split, {}).get(name)
         if old is not None and name != "unpatched" and self.reuse.get(split):
             log(f"{split:10s} {name:24s} reused from the earlier run")
             return dict(old, reused=True)
-        handle = None
+        handle, neurons = None, 0 if scales is None else scales.changed()
         if scales is not None:
             handle = patch(self.model, scales, mode="fold", strength=strength,
                            allow_amplify=True)
@@ -154,17 +155,11 @@ def profile_rows(model, tok, judge, prompts, sizes, seed, data_dir, model_name):
                   "max_new_tokens": sizes["new_tokens"], "format": "raw",
                   "prompts": len(prompts), "prompt_ids": ed.rows_digest(prompts),
                   "prompts_written_for": "sgm-ext (sgm_ext/efficacy_data.py templates)"}
-    try:  # the same provenance: the rows of an earlier run (sampling is seeded)
-        with open(path + ".provenance.json") as f:
-            old = json.load(f)
-        if {k: old.get(k) for k in provenance} == json.loads(json.dumps(provenance)):
-            with open(path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            if ed.rows_digest(rows) == old["digest"]:
-                log(f"reusing {path}")
-                return path, rows
-    except (OSError, ValueError, KeyError):
-        pass
+    old = provenance_of(path) or {}  # the rows of an earlier run (sampling is seeded)
+    if {k: old.get(k) for k in provenance} == json.loads(json.dumps(provenance)) \
+            and is_rows_file(path):
+        log(f"reusing {path}")
+        return path, ed.read_rows(path)
     rows, settings = own_rows(model, tok, prompts, judge, k=sizes["k_profile"],
                               max_new_tokens=sizes["new_tokens"], seed=seed)
     ed.write_rows(rows, path, {**settings, **provenance})
@@ -350,8 +345,7 @@ def main(argv=None):
 
     val = {"unpatched": runner.run("validation", splits["validation"], "unpatched")}
     for cname, (scales, _) in cands.items():
-        val[cname] = runner.run("validation", splits["validation"], cname, scales,
-                                neurons=scales.changed())
+        val[cname] = runner.run("validation", splits["validation"], cname, scales)
     within = [c for c in cands if val[c]["ppl_ratio"] <= PPL_BUDGET]
     pool = within or list(cands)
     best = min(pool, key=lambda c: (val[c]["toxic_rate"], val[c]["mean_score"],
@@ -365,22 +359,19 @@ def main(argv=None):
         order.append(best)
     for cname in order:
         scales = cands[cname][0]
-        test[cname] = runner.run("test", splits["test"], cname, scales,
-                                 neurons=scales.changed())
+        test[cname] = runner.run("test", splits["test"], cname, scales)
     control = None
     if best is not None:
         scales = cands[best][0]
         control = f"random-{best}"
         rand = ed.random_control(scales, seed=args.seed)
-        test[control] = runner.run("test", splits["test"], control, rand,
-                                   neurons=rand.changed())
+        test[control] = runner.run("test", splits["test"], control, rand)
         for lam in sizes["sweep"]:
             test[f"{best}@{lam}"] = runner.run("test", splits["test"], f"{best}@{lam}", scales,
-                                               strength=lam, neurons=scales.changed())
+                                               strength=lam)
         test["safety-prompt"] = runner.run("test", splits["test"], "safety-prompt",
                                            prefix=SAFETY_PREFIX)
         test[f"sgm*-{best}"] = runner.run("test", splits["test"], f"sgm*-{best}", scales,
-                                          neurons=scales.changed(),
                                           prefix=SAFETY_PREFIX)
         cands[best][0].metadata.update(efficacy_recipe=best)
         cands[best][0].save(os.path.join(args.out, f"efficacy-{name}{suffix}.safetensors"))
@@ -416,10 +407,7 @@ def main(argv=None):
         with open(out_path) as f:
             result["models"] = dict(json.load(f)["models"], **result["models"])
     check_result(result)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out_path)
+    write_json(out_path, result, indent=1)
     log(f"wrote {out_path} ({entry['minutes']} min)")
     plot_frontier(entry, os.path.join(args.out, f"efficacy-{name}{suffix}.png"), name)
     print_table(result)

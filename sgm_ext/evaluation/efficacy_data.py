@@ -247,8 +247,8 @@ def toxic_token_ids(processor, rows, judge, threshold=0.5):
     keep = [(i, w) for i, w in zip(ids, words) if any(ch.isalpha() for ch in w)]
     if not keep:
         return []
-    scores = judge.scores([w for _, w in keep], [""] * len(keep))
-    return [i for (i, _), s in zip(keep, scores) if float(s) >= threshold]
+    scores = judge_samples(judge, [""] * len(keep), [[w] for _, w in keep])
+    return [i for (i, _), (s,) in zip(keep, scores) if s >= threshold]
 
 
 def toxicity(scores, threshold=0.5):
