@@ -696,7 +696,7 @@ def test_export_refuses_scales_that_do_not_fit_and_leaves_nothing(home, tmp_path
                                       "config_fingerprint": "0123456789abcdef"}),
                              "config fingerprint 0123456789abcdef"),
              "amplify": (ScaleSet({site: torch.full_like(scales[site], 1.5)}, scales.metadata),
-                         "(amplification)")}
+                         "pass --allow-amplify to export them")}
     for name, (bad, _) in cases.items():
         bad.save(tmp_path / f"{name}.safetensors")
     files = sorted(os.listdir(tmp_path))
@@ -708,6 +708,27 @@ def test_export_refuses_scales_that_do_not_fit_and_leaves_nothing(home, tmp_path
                                     "--allow-amplify"))
     assert rc == 0 and "wrote" in out, err[-3000:]
     assert sorted(os.listdir(tmp_path)) == sorted(files + ["out"])
+
+
+def test_export_refuses_what_needs_no_weights_before_the_model_loads(home, tmp_path):
+    """Another model's scale file, amplification without the flag (named as the command's
+    --allow-amplify, not the library's allow_amplify=True) and an output directory that cannot
+    be written: refused while the load is paused (BEFORE_LOAD), the temporary name unsaid."""
+    scales = load_scales(home / "scales.safetensors")
+    site = scales.sites()[0]
+    ScaleSet(dict(scales.items()), {**scales.metadata, "config_fingerprint":
+                                    "0123456789abcdef"}).save(tmp_path / "other.safetensors")
+    ScaleSet({site: torch.full_like(scales[site], 1.5)}, scales.metadata).save(
+        tmp_path / "amplify.safetensors")
+    for scale_file, message in (("other.safetensors", "config fingerprint 0123456789abcdef"),
+                                ("amplify.safetensors", "pass --allow-amplify to export them")):
+        err = refused(export_args(home, tmp_path / "out", tmp_path / scale_file), message,
+                      home, tmp_path, env=BEFORE_LOAD)
+        assert "allow_amplify=True" not in err
+    err = refused(export_args(home, "/proc/detoxed"), "cannot write /proc/detoxed", home,
+                  env=BEFORE_LOAD)
+    assert ".tmp-" not in err and ".export-" not in err
+    assert sorted(os.listdir(tmp_path)) == ["amplify.safetensors", "other.safetensors"]
 
 
 def test_export_refuses_a_shift_where_no_bias_can_go(tmp_path):

@@ -148,6 +148,48 @@ def test_sharded_bf16_with_a_shift_keeps_layout_and_dtype_and_gains_mlp_bias(tmp
     assert after["model.layers.0.mlp.down_proj.bias"].abs().max() == 0
 
 
+@pytest.mark.parametrize("shifted", [False, True])
+def test_one_file_checkpoint_with_and_without_shifts(tmp_path, shifted):
+    """A checkpoint of one model.safetensors (no index, as SmolLM2's): the shifts' biases go
+    into that file, no index is made, and the export computes what fold mode computes."""
+    model, _, scales = _bf16_sharded(tmp_path)
+    src = saved(tmp_path, "single", model)
+    assert sorted(n for n in os.listdir(src) if "safetensors" in n) == ["model.safetensors"]
+    if not shifted:
+        scales = ScaleSet(dict(scales.items()), scales.metadata)
+        scales.save(tmp_path / "s.safetensors")
+    record = export_model(src, tmp_path / "s.safetensors", tmp_path / "out", STRENGTH)
+    out = tmp_path / "out"
+    assert sorted(n for n in os.listdir(out) if "safetensors" in n) == ["model.safetensors"]
+    assert json.loads((out / "config.json").read_text()).get("mlp_bias", False) is shifted
+    assert bool(record["added_biases"]) is shifted
+    assert ("model.layers.1.mlp.down_proj.bias" in tensors(out)) is shifted
+    ids = {"input_ids": torch.tensor([[2, 5, 9, 13, 40, 7]])}
+    reference = type(model).from_pretrained(src, dtype="auto").eval()
+    sgm_ext.patch(reference, scales, mode="fold", strength=STRENGTH)
+    exported = type(model).from_pretrained(out, dtype="auto").eval()
+    assert torch.equal(logits(exported, ids), logits(reference, ids))
+
+
+def test_the_export_is_readable_as_the_umask_says(tmp_path):
+    """Files 0666 and directories 0777 less the umask, as cp would make them (the temporary
+    directory's 0700 / mkstemp's 0600 would keep a serving container out)."""
+    _, src, _ = _bf16_sharded(tmp_path)
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("x\n")
+    old = os.umask(0o022)
+    try:
+        export_model(src, tmp_path / "s.safetensors", tmp_path / "out", STRENGTH)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    modes = {p: os.stat(os.path.join(d, p)).st_mode & 0o777
+             for d, dirs, files in os.walk(out) for p in dirs + files}
+    modes["."] = os.stat(out).st_mode & 0o777
+    assert modes["."] == 0o755 and modes["extra"] == 0o755
+    assert all(m == 0o644 for p, m in modes.items() if p not in (".", "extra")), modes
+
+
 def test_plain_transformers_loads_it_without_sgm_ext_and_inspect_says_what_was_folded(
         tmp_path):
     model, src, scales = _bf16_sharded(tmp_path)

@@ -17,12 +17,11 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 
-from ..core.files import file_sha256
+from ..core.files import file_sha256, make_temp_dir, umask_mode
 from ..core.pause import pause_point
 from ..core.scale_math import check_fraction
-from ..patching.patcher import check_scales, patch
+from ..patching.patcher import check_fingerprint, check_scales, patch
 from ..patching.scales import load_scales
 from ..version import __version__
 from .loading import check_model_dir
@@ -99,11 +98,16 @@ def _auto_class(config):
     return auto_class
 
 
-def load_stored(model_dir):
-    """The model on the CPU in the dtype its weights are stored in (eval mode)."""
+def read_config(model_dir):
+    """The model's config from its config.json alone (no weights read)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+
+
+def load_stored(model_dir):
+    """The model on the CPU in the dtype its weights are stored in (eval mode)."""
+    config = read_config(model_dir)
     pause_point("load")
     return _auto_class(config).from_pretrained(model_dir, dtype="auto", local_files_only=True,
                                                device_map={"": "cpu"}).eval()
@@ -292,7 +296,11 @@ def _turn_on_bias(data, config):
 
 
 def _write_index(model_dir, tmp, added):
+    """The sharded checkpoint's index with the added biases mapped to their files (a one-file
+    checkpoint has no index: its biases went into model.safetensors itself)."""
     index = os.path.join(model_dir, INDEX)
+    if not os.path.isfile(index):
+        return
     with open(index, encoding="utf-8") as f:
         data = json.load(f)
     data["weight_map"].update({key: file for key, (_, file) in added.items()})
@@ -310,17 +318,21 @@ def export_model(model_dir, scales_path, out, strength=1.0, allow_amplify=False)
     check_model_dir(model_dir)
     strength = check_fraction(strength, "--strength")
     check_export_out(out, model_dir)
-    load_scales(scales_path)  # a missing or bad scale file is named before the model loads
-    record, writes, added, config = fold_model(model_dir, scales_path, strength, allow_amplify)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)),
-                           prefix=f".{os.path.basename(out)}.export-")
+    # what needs no weights is checked before the load: the file, its values, its model
+    scales = load_scales(scales_path)
+    scales.validate(allow_amplify)
+    check_fingerprint(read_config(model_dir), scales)
+    tmp = make_temp_dir(out)  # OUT's directory must take it: known before the slow part
     try:
+        record, writes, added, config = fold_model(model_dir, scales_path, strength,
+                                                   allow_amplify)
         rewritten = _write_shards(model_dir, tmp, writes, added)
         skip = set(rewritten) | {"config.json"} | ({INDEX} if added else set())
         _copy_rest(model_dir, tmp, skip)
         if added:
             _write_index(model_dir, tmp, added)
         _write_config(model_dir, tmp, config, record)
+        _open_modes(tmp)
         record["weight_files_rewritten"] = rewritten
         with open(os.path.join(tmp, SIDECAR), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
@@ -330,6 +342,18 @@ def export_model(model_dir, scales_path, out, strength=1.0, allow_amplify=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+def _open_modes(tmp):
+    """Give every file written into the export the mode `cp` would (0666 less the umask):
+    safetensors and shutil copy the source's mode or their own, and a serving container or
+    another user must be able to read the model."""
+    mode = umask_mode(0o666)
+    for root, dirs, files in os.walk(tmp):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), umask_mode(0o777))
 
 
 def _replace_dir(tmp, out):

@@ -3,7 +3,7 @@
 scale file folded into the weights at one strength."""
 from ..app.export import export_model
 from ..app.export_gguf import TYPES, export_gguf
-from .options import fraction
+from .options import checked_scales, fraction
 
 
 def add_export(sub):
@@ -31,6 +31,9 @@ def add_export(sub):
 
 
 def run_export(args):
+    # the scale file and its values checked here, in the command's words (--allow-amplify),
+    # before either export loads anything
+    checked_scales(args.scales, args.allow_amplify, "export")
     if args.gguf is not None:
         rec = export_gguf(args.gguf, args.scales, args.out, args.strength, args.allow_amplify,
                           args.gguf_type)

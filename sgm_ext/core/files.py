@@ -14,17 +14,43 @@ def atomic_path(path):
     the file written there replaces `path` in one step (an old file stays intact otherwise)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
+                                   suffix=".tmp")
+    except OSError as e:  # named by the path asked for, not the temporary one
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # on disk before the rename makes it the real file
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode(0o666))  # mkstemp's 600 would make every output private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def umask_mode(mode):
+    """`mode` less the process's umask: the mode open() or mkdir() would give a new file or
+    directory (tempfile's 600 / 700 are for the temporary names only, never for outputs)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def make_temp_dir(out):
+    """A new temporary directory beside `out` (same file system, so the finished one is
+    renamed into place), named after it and with the mode mkdir would give `out`; a
+    ValueError naming `out`, not the temporary name, when it cannot be made."""
+    out = os.fspath(out)
+    try:
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)),
+                               prefix=f".{os.path.basename(out)}.tmp-")
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e.strerror or e}") from None
+    os.chmod(tmp, umask_mode(0o777))
+    return tmp
 
 
 def write_text(path, text):

@@ -113,9 +113,11 @@ def _resolve(root, scales):
     return [_Target(mlps[p], modules[p], s, b) for p, (s, b) in by_mlp.items()]
 
 
-def _check_fingerprint(root, scales):
+def check_fingerprint(config, scales):
+    """ValueError unless the scale file was made for a model of this config's sizes (a file
+    without a recorded fingerprint passes). Cheap: callers run it on a config read from
+    config.json, before the weights load."""
     want = scales.metadata.get("config_fingerprint")
-    config = getattr(root, "config", None)
     if not want or config is None:
         return
     have = config_fingerprint(config)
@@ -174,7 +176,7 @@ def check_scales(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.Path
         raise ValueError("the scale set is empty: nothing to patch")
     scales.validate(allow_amplify=allow_amplify)
     root = _unwrap(model)
-    _check_fingerprint(root, scales)
+    check_fingerprint(getattr(root, "config", None), scales)
     return _resolve(root, scales)
 
 
