@@ -16,6 +16,8 @@ other defenses and under attack.
   test on the same prompts (statistics.py).
 - fluency: perplexity of the model on a reference text set (default: the bundled
   sgm_ext/resources/benign.txt, one passage per line), unpatched and patched.
+  And the fluency of each run's own answers (fluency.py): their perplexity under the unpatched
+  model, as a ratio to the unpatched run's, and the share of degenerate answers.
 - latency: generation time patched / unpatched, interleaved (generation.measure_latency).
 
 The settings are an EvalOptions (options.py), given as one or as keywords. The pieces:
@@ -52,6 +54,7 @@ from .conditions import (
     paired_base,
     run_names,
 )
+from .fluency import continuation_nll, fluency_summary
 from .generation import generate, measure_latency, passage_nll, perplexity_of
 from .judges import get_judge, is_refusal, resolve_scoring
 from .options import EvalOptions, Sampling
@@ -109,6 +112,7 @@ def evaluate(model, processor, scales, prompts, options=None, **keywords) -> tup
     generations = _records(plan, answers, opts.samples is not None)
     report = _settings(plan, opts)
     _add_numbers(report, generations, plan, ppl, opts.seed, opts.samples is not None)
+    _add_fluency(report, model, processor, plan, answers, opts)
     if plan.capability:
         report["capability"] = capability_report(plan.cap_rows, plan.cap_refs, cap_answers,
                                                  plan.capability_scoring)
@@ -227,6 +231,24 @@ def _records(plan, answers, sampled):
             record[run] = per_run[run][i]
         generations.append(record)
     return generations
+
+
+def _add_fluency(report, model, processor, plan, answers, opts):
+    """Each run's `fluency` (fluency.fluency_summary: its answers' perplexity under the
+    unpatched model, given their prompts as the run encoded them; degenerate and empty
+    answers) and `continuation_ppl_ratio` against the unpatched run under the same attack.
+    The model is unpatched here (_generate_all removed every patch)."""
+    for run, _, _ in plan.runs:
+        per_prompt = answers[run] if opts.samples is not None else [[a] for a in answers[run]]
+        texts = [a for per in per_prompt for a, _ in per]
+        encodings = [e for e, per in zip(plan.encoded[run], per_prompt) for _ in per]
+        nll = continuation_nll(model, processor, encodings, texts, opts.batch_size)
+        report["runs"][run]["fluency"] = fluency_summary(texts, nll)
+    for run, _, attacked in plan.runs:
+        own = report["runs"][run]["fluency"]["continuation_ppl"]
+        base = report["runs"].get(paired_base(attacked), {}).get("fluency", {})
+        report["runs"][run]["continuation_ppl_ratio"] = own / base["continuation_ppl"] \
+            if own is not None and base.get("continuation_ppl") else None
 
 
 def _settings(plan, opts):

@@ -169,6 +169,9 @@ def condition_rows(report):
     if benign:
         header.append("over-refusal [95%]")
     header.append("perplexity")
+    fluency = "fluency" in first  # the answers' own fluency (evaluation/fluency.py)
+    if fluency:
+        header += ["answers' perplexity ratio", "degenerate answers"]
     unparsed = any(v.get("unparsed_verdicts") for v in runs.values())
     if unparsed:
         header.append("unparsed verdicts")
@@ -188,6 +191,11 @@ def condition_rows(report):
             cells.append(_rate((v["over_refusal"], v["refusals"], v["n_benign"],
                                 v.get("over_refusal_ci95"))))
         cells.append(f"{v['perplexity']:.3f}")
+        if fluency:
+            ratio, f = v.get("continuation_ppl_ratio"), v["fluency"]
+            cells += ["-" if ratio is None else f"{ratio:.3f}",
+                      "-" if f["degenerate_share"] is None else
+                      f"{f['degenerate_share']:.3f} ({f['degenerate']}/{f['continuations']})"]
         if unparsed:
             cells.append(" / ".join(str(runs[c + a].get("unparsed_verdicts", 0))
                                     for a in attacks))
@@ -278,7 +286,11 @@ def markdown(report):
              "`patched` is SGM (the scale file), `safety-prompt` the safety system "
              "prompt, `patched+safety-prompt` SGM* (both); under a jailbreak, p compares "
              "with the unpatched model under the same jailbreak. Perplexity is the model "
-             "state's on the reference text (a system prompt does not change it).", ""]
+             "state's on the reference text (a system prompt does not change it). The "
+             "answers' perplexity ratio is the perplexity of the run's own answers under the "
+             "unpatched model over that of the unpatched run's; degenerate answers are loops, "
+             "a collapsed word distribution or a run of one character (sgm_ext/evaluation/"
+             "fluency.py): broken text that any judge would call clean.", ""]
     if report.get("samples"):
         lines[-2] += " " + sampling_text(report) + " (RealToxicityPrompts' expected maximum " \
             "toxicity)."
