@@ -2,6 +2,7 @@
 
     sgm-ext profile --model DIR --data FILE --out scales.safetensors [options]
     sgm-ext inspect scales.safetensors
+    sgm-ext calibrate --model DIR --scales scales.safetensors --out calibrated.safetensors
 
     sgm-ext sample --model DIR (--prompts FILE | --builtin N) --out rows.jsonl [options]
     sgm-ext eval --model DIR --scales scales.safetensors --prompts FILE [options]
@@ -9,9 +10,9 @@
     sgm-ext export --gguf MODEL.gguf --scales scales.safetensors --out OUT.gguf
     sgm-ext demo [--fast]
 
-A subcommand is a pair of functions in its module (profile.py, inspect.py, sites.py,
-sample.py, eval.py, export.py, demo.py, build.py, serve.py): `add_<verb>(subparsers)` declares
-its arguments and sets `func`, the function that runs it and returns the exit status;
+A subcommand is a pair of functions in its module (profile.py, inspect.py, calibrate.py,
+sites.py, sample.py, eval.py, export.py, demo.py, build.py, serve.py): `add_<verb>(subparsers)`
+declares its arguments and sets `func`, the function that runs it and returns the exit status;
 SUBCOMMANDS lists the pairs, and options.py holds the argparse pieces several share. All
 argparse code lives in this folder; the library modules never import it.
 """
@@ -24,6 +25,7 @@ from ..core.pause import interrupted_at_start
 
 try:  # Ctrl-C in the imports: before main()'s handling, one line all the same
     from .build import add_build
+    from .calibrate import add_calibrate
     from .demo import add_demo
     from .eval import add_eval
     from .export import add_export
@@ -35,14 +37,15 @@ try:  # Ctrl-C in the imports: before main()'s handling, one line all the same
 except KeyboardInterrupt:
     interrupted_at_start()
 
-SUBCOMMANDS = [add_profile, add_inspect, add_sites, add_sample, add_eval, add_export, add_demo,
-               add_build, add_serve]
+SUBCOMMANDS = [add_profile, add_inspect, add_calibrate, add_sites, add_sample, add_eval,
+               add_export, add_demo, add_build, add_serve]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sgm-ext", description="Neuron-level "
                                      "detoxification of (multimodal) LLMs: profile, inspect, "
-                                     "sites, sample, eval, export, demo, build, serve.")
+                                     "calibrate, sites, sample, eval, export, demo, build, "
+                                     "serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)

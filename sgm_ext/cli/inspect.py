@@ -5,6 +5,7 @@ import os
 
 from ..app.export import read_record
 from ..app.export_gguf import read_gguf, record
+from ..evaluation.calibrate import calibration_summary
 from ..evaluation.report import scale_problems, scale_report
 from ..patching.scales import load_scales
 
@@ -14,7 +15,8 @@ def add_inspect(sub):
                        "an exported model has folded in",
                        description="Print a scale file's metadata, per site the damped neurons "
                        "and the scales' range, a histogram of the scales and the damped neurons "
-                       "per layer; flag illegal values (exit status 1). Given a directory or "
+                       "per layer, what `sgm-ext calibrate` measured (for a file it wrote); "
+                       "flag illegal values (exit status 1). Given a directory or "
                        "GGUF file written by `sgm-ext export`: the scale file folded into it, "
                        "its hash, the strength and what was rewritten.")
     p.add_argument("path", help="scale file (.safetensors), or an exported directory / .gguf")
@@ -29,6 +31,9 @@ def run_inspect(args):
     if not scales.sites():
         raise ValueError(f"{args.path} holds no sites (an empty scale set)")
     print(scale_report(scales, args.path))
+    calibrated = calibration_summary(scales)  # sgm-ext calibrate wrote it: what it measured
+    if calibrated:
+        print(calibrated)
     problems = scale_problems(scales)
     for line in problems:
         print(f"INVALID: {line}")

@@ -1,16 +1,23 @@
-"""Ctrl-C at start-up and a test-only pause.
+"""Ctrl-C at start-up, Ctrl-C held off around a change that must not stop half-way, and a
+test-only pause.
 
 `interrupted_at_start()` is called where the command's imports catch KeyboardInterrupt (the
 package's and the command line's `__init__`, `python -m sgm_ext`): started as the `sgm-ext`
 command, the imports run before main()'s error handling, so it says so on one line and exits
 with 130; imported as a library, the interrupt goes on as it came.
 
+`interrupts_held()`: a block during which Ctrl-C waits; the KeyboardInterrupt comes when
+the block ends (a model's weights folded or restored whole, never half).
+
 `pause_point(name)`: with SGM_EXT_TEST_PAUSE=name in the environment the program says on
 stderr that it paused there, then waits for a signal; a test interrupts it at that known point
 instead of after a guessed time. Unset (always, outside the tests), it does nothing.
 """
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 
 PAUSE_ENV = "SGM_EXT_TEST_PAUSE"
@@ -23,6 +30,27 @@ def pause_point(name):
     print(f"sgm-ext: paused at {name} ({PAUSE_ENV})", file=sys.stderr, flush=True)
     while True:
         time.sleep(60)
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) off while the block runs; one that came meanwhile is delivered to
+    the handler there was (Python's: KeyboardInterrupt) when the block ends. Outside the main
+    thread, where signals are not handled, a plain block."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # None: a handler set outside Python, which could not be put back
+        return
+    came = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if came and callable(previous):
+            previous(signal.SIGINT, came[0])
+        elif came and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def started_as_command():

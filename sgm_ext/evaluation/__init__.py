@@ -1,2 +1,3 @@
 """Layer 4, evaluation: prompts and benchmarks, judges, generation and perplexity, plots,
-reports, and `evaluate` (conditions, intervals, paired tests)."""
+reports, `evaluate` (conditions, intervals, paired tests) and `calibrate` (the largest strength
+within a perplexity budget)."""

@@ -21,12 +21,12 @@ class Prompt(NamedTuple):
     system: Optional[str] = None  # a system prompt (the prompt defense); None: none
 
 
-def load_prompts(prompts, max_prompts=None):
+def load_prompts(prompts, max_prompts=None, what="prompts"):
     """Prompts from a JSONL / CSV file (`text` or `prompt`; optional `image`, relative to
     the file, `category`, and `label`: harmful / unsafe / toxic / 1 for a harmful request,
     benign / safe / non-toxic / 0 for a benign one) or from an iterable of such dicts or of
     strings. The harmful rate is measured on harmful and unlabelled prompts, over-refusal on
-    benign ones."""
+    benign ones. what: what the rows are, in the message for a file without any."""
     if isinstance(prompts, (list, tuple)) and all(isinstance(p, Prompt) for p in prompts):
         return list(prompts)[:max_prompts]
     is_path = isinstance(prompts, (str, os.PathLike))
@@ -54,7 +54,7 @@ def load_prompts(prompts, max_prompts=None):
             raise ValueError(f"{where}: {e}") from None
         rows.append(Prompt(number, text, image, category, label=label))
     if not rows:
-        raise ValueError(f"{os.fspath(prompts) if is_path else 'prompts'}: no prompts")
+        raise ValueError(f"{os.fspath(prompts) if is_path else what}: no {what}")
     return rows
 
 
@@ -111,22 +111,34 @@ def load_capability(path, max_items=None):
     return rows, references
 
 
-def load_reference(reference=None):
-    """Reference passages for perplexity: a text file (one passage per line), a JSONL file
-    with `text`, or a list of strings; default the bundled benign text."""
+def load_reference(reference=None, what="reference text"):
+    """Reference passages for perplexity: a text file (one passage per non-empty line), a
+    JSONL file with `text` (.jsonl / .json / .ndjson: the choice is by extension), or a list of
+    strings; default the bundled benign text. ValueError / FileNotFoundError naming the file
+    (and a bad JSONL row's line) when it is missing, not UTF-8 or holds no text; `what` names
+    the passages in those messages."""
     if reference is None:
         reference = BENIGN_TEXT
     if isinstance(reference, (str, os.PathLike)):
         path = os.fspath(reference)
+        if os.path.isdir(path):
+            raise ValueError(f"{what} {path} is a directory; give a text or JSONL file")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such {what} file: {path}")
         if path.endswith((".jsonl", ".json", ".ndjson")):
-            texts = [p.text for p in load_prompts(path)]
+            texts = [p.text for p in load_prompts(path, what=what)]
         else:
-            with open(path, encoding="utf-8") as f:
-                texts = [line.strip() for line in f if line.strip()]
-    else:
-        texts = [str(t) for t in reference if str(t).strip()]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    texts = [line.strip() for line in f if line.strip()]
+            except UnicodeDecodeError:
+                raise ValueError(f"{what} {path}: not UTF-8 text") from None
+        if not texts:
+            raise ValueError(f"{path}: no {what} (one passage per non-empty line)")
+        return texts
+    texts = [str(t) for t in reference if str(t).strip()]
     if not texts:
-        raise ValueError(f"reference text {reference!r} is empty")
+        raise ValueError(f"no {what}: every passage given is empty")
     return texts
 
 

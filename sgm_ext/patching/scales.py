@@ -19,7 +19,13 @@ from safetensors.torch import save_file
 
 from ..core.files import atomic_path
 from ..core.fingerprints import config_fingerprint  # noqa: F401  (part of the file format)
-from ..core.scale_math import check_scale_values, check_shift_values
+from ..core.scale_math import (
+    check_scale_values,
+    check_shift_values,
+    check_strength,
+    effective_scale,
+    effective_shift,
+)
 from ..version import __version__
 from .registry import site_order
 
@@ -108,6 +114,26 @@ class ScaleSet:
                 moved |= b != 0
             n += int(moved.sum())
         return n
+
+    def at_strength(self, strength: float) -> "ScaleSet":
+        """A new ScaleSet that, patched at strength 1, computes what this one does at
+        `strength` (a float in [0, 1]): every scale s becomes s_eff = 1 - strength (1 - s) and
+        every shift b becomes strength * b, through the same scale_math functions the patch
+        modes call, so the two agree bit for bit in every mode. The metadata is kept, its
+        `strength` (the strength baked into a file; 1 when absent) multiplied by `strength`:
+        s_eff of s_eff composes as 1 - strength * old (1 - s)."""
+        strength = check_strength(strength, per_sequence=False)
+        baked = self.metadata.get("strength", "1")
+        try:
+            before = float(baked)
+        except ValueError:
+            raise ValueError(f"the scale set's metadata strength {baked!r} is not a number; "
+                             "cannot say what strength the new set bakes in") from None
+        # cloned: at strength 1 the functions return their input, which the sets would share
+        return ScaleSet(
+            {site: effective_scale(s, strength).clone() for site, s in self.scales.items()},
+            {**self.metadata, "strength": repr(before * strength)},
+            {site: effective_shift(b, strength).clone() for site, b in self.shifts.items()})
 
     def validate(self, allow_amplify: bool = False) -> "ScaleSet":
         """Raise ValueError naming the first illegal entry: a scale not finite, < 0, or > 1;
