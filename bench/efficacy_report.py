@@ -47,7 +47,7 @@ def check_result(result, budget):
 
 def plot_frontier(entry, path, name, budget):
     """Toxic rate against perplexity ratio on benign text, one panel per judge: each
-    candidate's validation sweep (s*/2, s*, 1) as a line, its test point at s* with its
+    candidate's validation sweep (unpatched, s*/2, s*, 1) as a line, its test point at s* with its
     Wilson interval, unpatched and the random control; the budget dashed."""
     import matplotlib
 
@@ -60,7 +60,8 @@ def plot_frontier(entry, path, name, budget):
     colour = {c: next(colours) for c in entry["sweeps"]}
     for ax, judge in zip(axes, judges):
         for cname, points in entry["sweeps"].items():
-            val = [entry["validation"][label] for _, label in sorted(points.items())]
+            val = [entry["validation"]["unpatched"]] + \
+                [entry["validation"][label] for _, label in sorted(points.items())]
             ax.plot([v["ppl_ratio"] for v in val], [v["judges"][judge]["toxic_rate"]
                                                     for v in val],
                     "--", marker=".", color=colour[cname], alpha=0.6, lw=1)

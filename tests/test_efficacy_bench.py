@@ -66,7 +66,8 @@ def _report_module():
 
 
 def _condition(rate=0.5, **more):
-    judged = {"toxic_rate": rate, "ci95": [0.3, 0.7], "n": 10, "p_value": 1.0, "toxic": 5}
+    judged = {"toxic_rate": rate, "ci95": [0.3, 0.7], "n": 10, "p_value": 1.0, "toxic": 5,
+              "mean_score": rate}
     return {**judged, "neurons": 0, "ppl": 10.0, "ppl_ratio": 1.0, "strength": 0.0,
             "judge": "jigsaw", "judges": {"jigsaw": dict(judged), "profanity": dict(judged)},
             "fluency": {"continuation_ppl_ratio": 1.0, "degenerate_share": 0.0}, **more}
@@ -123,10 +124,12 @@ def test_sweep_and_choice():
     bench = _bench_module()
     assert bench.sweep(0.4) == [0.2, 0.4, 1.0] and bench.sweep(1.0) == [0.5, 1.0]
     val = {"unpatched": _condition(0.5),
-           "a": _condition(0.2, ppl_ratio=1.05),
+           "a": _condition(0.2, ppl_ratio=1.05, neurons=5),
+           "z": _condition(0.0),  # changes nothing
            "b": _condition(0.1, ppl_ratio=1.2),  # over the budget on benign text
            "c": _condition(0.1, fluency={"degenerate_share": 0.06})}  # too degenerate
-    assert bench.choose(val, ["a", "b", "c"]) == ("a", True)
+    val["b"]["neurons"] = val["c"]["neurons"] = 5
+    assert bench.choose(val, ["a", "b", "c", "z"]) == ("a", True)
 
 
 def _real_model_available():
