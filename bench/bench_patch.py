@@ -7,8 +7,10 @@
 Modes: "unpatched" (the HF module), "hook" (AurA-style forward hooks on gate, up and down),
 "fold" (scales in the weights), "fused" (sgm_ext op in a swapped forward). The scale set puts
 scales on the gate, up and down sites of every MLP (what the AurA hooks touch), 10% of the
-neurons damped. Per-MLP sizes are Llama-7B's (hidden 4096, intermediate 11008); the end-to-end
-model is a ~100M-parameter Llama decoding 64 tokens greedily.
+neurons damped; `--sites input` puts them on the MLPs' inputs instead (AcT's layer-norm
+outputs: the fused forward's one extra pass over x), and the ops table has that row too.
+Per-MLP sizes are Llama-7B's (hidden 4096, intermediate 11008); the end-to-end model is a
+~100M-parameter Llama decoding 64 tokens greedily.
 """
 import argparse
 import os
@@ -283,7 +285,7 @@ def interleaved_mlp(rounds, tokens, dtype):
 def ops_table():
     lines = ["| sites | mode | Python calls | dispatched | kernels | which |",
              "|---|---|---|---|---|---|"]
-    for sites in (SITES, ("mid",)):
+    for sites in (SITES, ("mid",), ("input",)):
         for mode in MODES:
             ops, calls = ops_per_forward(mode, sites)
             kernels = [op for op in ops if op not in NO_KERNEL]

@@ -19,6 +19,8 @@ MODELS = ["llama", "mistral", "phi3", "llava"]  # bias / no bias, packed gate_up
 def _where(info, kind):
     if kind == "mid":  # the input of the down projection
         return ("down_proj" if "down" in info.sites().values() else "fc2"), True
+    if kind == "input":  # the MLP's own input: a pre-hook on the MLP module
+        return "", True
     return WHERE[kind]
 
 
@@ -63,7 +65,7 @@ def _hand_hooks(model, scaleset, strength):
                     x = x * (lam * s + (1 - lam))
                 return x if b is None else x + lam * b
 
-            sub = modules[f"{path}.{attr}"]
+            sub = modules[f"{path}.{attr}" if attr else path]
             if is_input:
                 handles.append(sub.register_forward_pre_hook(
                     lambda m, args, f=change: (f(args[0]), *args[1:])))
@@ -168,7 +170,8 @@ def test_fused_and_fold_match_the_formula(name, mode):
             assert rel(logits(model, inputs), want) < 1e-5, strength
 
 
-@pytest.mark.parametrize("kinds", [{"mid"}, {"down"}, {"gate"}, {"up"}, {"mid", "up"}],
+@pytest.mark.parametrize("kinds", [{"mid"}, {"down"}, {"gate"}, {"up"}, {"mid", "up"},
+                                   {"input"}, {"input", "gate", "mid"}],
                          ids=lambda k: "+".join(sorted(k)))
 @pytest.mark.parametrize("scales", [True, False], ids=["scale+shift", "shift"])
 def test_each_site_kind_alone_matches_the_formula(kinds, scales):
@@ -271,7 +274,8 @@ def _aten_ops(fn, *args):
 
 SHIFTED = [({"mid"}, set()), ({"down"}, set()), ({"mid", "down"}, {"up"}),
            ({"mid", "down"}, {"mid", "down"}), ({"gate", "up"}, set()),
-           ({"gate", "up", "down"}, {"gate", "up", "down"})]  # the last: ml-act's Llama sites
+           ({"gate", "up", "down"}, {"gate", "up", "down"}),  # ml-act's Llama sites
+           ({"input"}, {"input"}), ({"input", "mid", "down"}, {"input", "gate", "up", "down"})]
 
 
 @pytest.mark.parametrize("layout", ["gated", "packed"])
@@ -398,8 +402,9 @@ def test_shifts_on_lora_layers_fuse_and_fold_refuses_them():
     assert torch.equal(logits(model, inputs), base) and param_hash(model) == before
 
 
-@pytest.mark.parametrize("kinds", [{"mid", "down"}, {"gate", "up", "mid", "down"}],
-                         ids=["fast forward", "general forward"])
+@pytest.mark.parametrize("kinds", [{"mid", "down"}, {"gate", "up", "mid", "down"},
+                                   {"input", "mid", "down"}],
+                         ids=["fast forward", "general forward", "input site"])
 @pytest.mark.parametrize("strength", [0.7, "per sequence"])
 def test_a_fused_mlp_with_shifts_compiles_into_one_graph(strength, kinds):
     model, inputs = build("mistral")
@@ -425,7 +430,7 @@ def test_fast_forward_with_gate_up_shifts_follows_a_model_moved_to_another_dtype
     root = _one_mlp(layout)
     (info,) = find_mlps(root).values()
     g = torch.Generator().manual_seed(10)
-    kinds = [k for k in info.sites().values() if k != "mid"]  # gate, up / gate_up, down
+    kinds = [k for k in info.sites().values() if k != "mid"]  # input, gate, up / gate_up, down
     ss = ScaleSet({info.site(k): 0.5 + torch.rand(info.site_size(k), generator=g)
                    for k in kinds},
                   shifts={info.site(k): torch.randn(info.site_size(k), generator=g)

@@ -59,7 +59,7 @@ def saved(tmp_path, name, model, **kw):
 
 
 @pytest.mark.parametrize(("name", "shifts_on"), [
-    ("llama", ("down", "mid")),  # mlp_bias=True: shifts go into the biases it has
+    ("llama", ("down", "mid", "input")),  # mlp_bias=True: shifts go into the biases it has
     ("mistral", ()),
     ("qwen3", ()),
     ("gemma3", ()),  # SigLIP vision-tower sites too
@@ -146,6 +146,48 @@ def test_sharded_bf16_with_a_shift_keeps_layout_and_dtype_and_gains_mlp_bias(tmp
     # the shift changed the output: a bias that is not all zeros
     assert after["model.layers.1.mlp.down_proj.bias"].abs().max() > 0
     assert after["model.layers.0.mlp.down_proj.bias"].abs().max() == 0
+
+
+def test_an_input_shift_gains_the_first_projections_biases(tmp_path):
+    """A shift on an MLP's input site enters the gate and up biases as W b: a bf16 Llama
+    without biases exports with mlp_bias on (down's bias added as zeros), computing bitwise
+    what fold mode computes; scales on the input site multiply gate's and up's columns."""
+    model = planted_llama().to(torch.bfloat16)
+    src = saved(tmp_path, "model", model)
+    g = torch.Generator().manual_seed(5)
+    h = model.config.hidden_size
+    scales = ScaleSet({"model.layers.0.mlp.input": torch.rand(h, generator=g)},
+                      {"config_fingerprint": config_fingerprint(model.config)},
+                      shifts={"model.layers.0.mlp.input": torch.randn(h, generator=g)})
+    scales.save(tmp_path / "s.safetensors")
+    record = export_model(src, tmp_path / "s.safetensors", tmp_path / "out", STRENGTH)
+    mlp = "model.layers.0.mlp"
+    assert record["sites"] == {f"{mlp}.input": {"kind": "input", "damped": h,
+                                                "shifted": True}}
+    assert sorted(record["tensors"]) == [f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"]
+    assert sorted(record["added_biases"]) == [f"model.layers.{i}.mlp.{p}.bias" for i in (0, 1)
+                                              for p in ("down_proj", "gate_proj", "up_proj")]
+    after = tensors(tmp_path / "out")
+    assert after[f"{mlp}.gate_proj.bias"].abs().max() > 0
+    assert after[f"{mlp}.up_proj.bias"].abs().max() > 0
+    assert after[f"{mlp}.down_proj.bias"].abs().max() == 0
+    ids = {"input_ids": torch.tensor([[2, 5, 9, 13, 40, 7]])}
+    reference = type(model).from_pretrained(src, dtype="auto").eval()
+    sgm_ext.patch(reference, scales, mode="fold", strength=STRENGTH)
+    exported = type(model).from_pretrained(tmp_path / "out", dtype="auto").eval()
+    assert torch.equal(logits(exported, ids), logits(reference, ids))
+
+
+def test_an_input_shift_on_a_model_without_mlp_bias_is_refused_naming_the_site(tmp_path):
+    model, _ = build("mistral")
+    src = saved(tmp_path, "model", model)
+    ScaleSet({}, shifts={"model.layers.1.mlp.input": torch.ones(32)}).save(
+        tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match=r"cannot export the shift of site "
+                                         r"model\.layers\.1\.mlp\.input: model\.layers\.1\.mlp\."
+                                         r"gate_proj has no bias and MistralConfig"):
+        export_model(src, tmp_path / "s.safetensors", tmp_path / "out", STRENGTH)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("shifted", [False, True])

@@ -236,3 +236,71 @@ def test_reader_errors_name_the_file(tmp_path):
     (tmp_path / "empty" / "b").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: no .statedict files"):
         interop.from_aura(tmp_path / "empty")  # no files, and no single model folder
+
+
+# ml-act's layer-norm hooks (its model configs' `layernorm` / `post_layernorm` module lists):
+# the state file of the norm whose output an MLP receives is that MLP's input site.
+
+@pytest.mark.parametrize("method", ["linear_ot", "gaussian_ot"])
+def test_from_act_maps_the_norm_that_feeds_the_mlp_onto_its_input_site(tmp_path, method):
+    model, inputs = build("llama")
+    g = torch.Generator().manual_seed(14)
+    sizes = {f"model.layers.{i}.post_attention_layernorm": 32 for i in (0, 1)}
+    states = _write_act_transport(tmp_path / method, method, sizes, g)
+    scales = interop.from_act(tmp_path / method, model=model, method=method)
+    assert set(scales.shifts) == {"model.layers.0.mlp.input", "model.layers.1.mlp.input"}
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(_act_hook(state, method, 0.8))
+               for name, state in states.items()]  # ml-act's hook on the norm's output
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    for h in handles:
+        h.remove()
+    for mode in ("hook", "fused", "fold"):
+        with sgm_ext.patched(model, scales, mode=mode, strength=0.8,
+                             allow_amplify=True), torch.no_grad():
+            got = model(**inputs).logits
+        assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5, mode
+    with pytest.raises(ValueError, match=r"post_attention_layernorm:0\.statedict: ml-act "
+                       r"hooked the layer norm model\.layers\.0\.post_attention_layernorm; "
+                       r"pass model="):
+        interop.from_act(tmp_path / method, method=method)
+
+
+def test_gemma_norms_map_only_where_they_feed_the_mlp(tmp_path):
+    """Gemma 3's MLP reads pre_feedforward_layernorm; its post_attention_layernorm (on the
+    attention's output, before the residual add) is no MLP's input: refused, naming the
+    file."""
+    model, _ = build("gemma3")
+    layer = "model.language_model.layers.1"
+    (tmp_path / "pre").mkdir()
+    torch.save({"auroc": torch.rand(32)}, tmp_path / "pre" / f"{layer}.pre_feedforward_"
+               "layernorm:0.statedict")
+    scales = interop.from_act(tmp_path / "pre", model=model)
+    assert list(scales) == [f"{layer}.mlp.input"]
+    (tmp_path / "post").mkdir()
+    torch.save({"auroc": torch.rand(32)}, tmp_path / "post" / f"{layer}.post_attention_"
+               "layernorm:0.statedict")
+    with pytest.raises(ValueError, match=r"post_attention_layernorm:0\.statedict: the output "
+                       r"of model\.language_model\.layers\.1\.post_attention_layernorm is no "
+                       r"MLP's input"):
+        interop.from_act(tmp_path / "post", model=model)
+
+
+def test_input_sites_round_trip_as_the_norms_files(tmp_path):
+    model, _ = build("llama")
+    g = torch.Generator().manual_seed(15)
+    s = torch.rand(32, generator=g)
+    scales = sgm_ext.ScaleSet({"model.layers.1.mlp.input": s})
+    with pytest.raises(ValueError, match=r"site 'model\.layers\.1\.mlp\.input' is an MLP's "
+                       r"input, not a module output; pass model="):
+        interop.to_act(scales, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    (path,) = interop.to_act(scales, tmp_path / "act", model=model)
+    assert path.name == "model.layers.1.post_attention_layernorm.statedict"
+    back = interop.from_act(tmp_path / "act", model=model)
+    torch.testing.assert_close(back["model.layers.1.mlp.input"], s, atol=1e-6, rtol=0)
+    (path,) = interop.to_aura(scales, tmp_path / "aura", model=model)
+    assert path.name == "model.layers.1.post_attention_layernorm.statedict"
+    assert torch.equal(interop.from_aura(tmp_path / "aura", model=model)[
+        "model.layers.1.mlp.input"], s)

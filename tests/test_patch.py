@@ -154,7 +154,7 @@ def _formula(mlp, layout, s, x):
         return y if m.bias is None else y + m.bias.double()
 
     one = lambda k, n: s[k].double() if k in s else torch.ones(n, dtype=torch.float64)  # noqa
-    x = x.double()
+    x = x.double() * one("input", 16)  # the MLP's input site
     if layout == "gated":
         g = lin(mlp.gate_proj, x) * one("gate", 24)
         h = torch.nn.functional.silu(g) * lin(mlp.up_proj, x) * one("up", 24) * one("mid", 24)

@@ -23,16 +23,27 @@ def test_find_mlps_llama_sites_and_sizes():
     info = mlps["model.layers.1.mlp"]
     assert (info.class_name, info.layout, info.act) == ("LlamaMLP", "gated", "silu")
     assert (info.intermediate_size, info.hidden_size) == (48, 32)
-    assert info.sites() == {"model.layers.1.mlp.gate_proj": "gate",
+    assert info.sites() == {"model.layers.1.mlp.input": "input",
+                            "model.layers.1.mlp.gate_proj": "gate",
                             "model.layers.1.mlp.up_proj": "up",
                             "model.layers.1.mlp.mid": "mid",
                             "model.layers.1.mlp.down_proj": "down"}
     # Every Linear site is a real module path in the model.
     names = dict(m.named_modules())
     for site, kind in info.sites().items():
-        if kind != "mid":
+        if kind not in ("mid", "input"):
             assert isinstance(names[site], nn.Linear)
-    assert [info.site_size(k) for k in ("gate", "up", "mid", "down")] == [48, 48, 48, 32]
+    assert [info.site_size(k) for k in ("input", "gate", "up", "mid", "down")] == \
+        [32, 48, 48, 48, 32]
+    # where each kind is observed and what fold writes
+    mlp = names["model.layers.1.mlp"]
+    assert info.site_module(mlp, "input") == (mlp, True)
+    assert info.site_module(mlp, "mid") == (mlp.down_proj, True)
+    assert info.site_module(mlp, "up") == (mlp.up_proj, False)
+    assert info.fold_points("input") == [("gate_proj", True), ("up_proj", True)]
+    assert info.fold_points("mid") == [("down_proj", True)]
+    assert info.fold_points("gate") == [("gate_proj", False)]
+    assert sorted(info.sites(), key=registry.site_order) == list(info.sites())
 
 
 def test_phi3_packed_and_clip_non_gated():
@@ -45,6 +56,8 @@ def test_phi3_packed_and_clip_non_gated():
     assert info.layout == "packed" and info.intermediate_size == 24
     assert info.site("gate_up") == "model.layers.0.mlp.gate_up_proj"
     assert info.site_size("gate_up") == 48
+    assert (info.site("input"), info.site_size("input")) == ("model.layers.0.mlp.input", 32)
+    assert info.fold_points("input") == [("gate_up_proj", True)]
     with pytest.raises(ValueError, match="has no 'gate' site"):
         info.site("gate")
 
@@ -53,7 +66,8 @@ def test_phi3_packed_and_clip_non_gated():
                                                 image_size=28, patch_size=14))
     (info,) = find_mlps(clip).values()
     assert (info.class_name, info.layout, info.act) == ("CLIPMLP", "non_gated", "quick_gelu")
-    assert list(info.sites().values()) == ["fc1", "mid"]
+    assert list(info.sites().values()) == ["input", "fc1", "mid"]
+    assert info.site_size("input") == 32 and info.fold_points("input") == [("fc1", True)]
 
 
 class _CustomGated(nn.Module):
@@ -93,3 +107,36 @@ def test_unknown_class_and_activation_errors_name_them():
                                      (nn.ReLU(), "relu"), (torch.nn.functional.silu, "silu")])
 def test_activation_name(fn, name):
     assert registry.activation_name(fn) == name
+
+
+def test_input_norm_names_the_norm_whose_output_the_mlp_receives():
+    """registry.input_norm on every test model (Llama's post_attention_layernorm, Gemma 3's
+    pre_feedforward_layernorm beside its post_attention_layernorm, the vision towers'): the
+    named norm's output is, tensor for tensor, what the MLP receives in a forward."""
+    from patch_models import BUILDERS, build
+
+    for name in BUILDERS:
+        model, inputs = build(name)
+        seen, handles, named = {}, [], {}
+        for path in find_mlps(model):
+            norm = registry.input_norm(model, path)
+            assert norm is not None, f"{name}: no norm found for {path}"
+            named[path] = norm
+            handles.append(model.get_submodule(path).register_forward_pre_hook(
+                lambda m, args, p=path, seen=seen: seen.setdefault(p, []).append(args[0])))
+            handles.append(model.get_submodule(norm).register_forward_hook(
+                lambda m, args, out, p=path, seen=seen: seen.setdefault(p + "#norm", [])
+                .append(out)))
+        with torch.no_grad():
+            model(**inputs)
+        for h in handles:
+            h.remove()
+        for path in named:
+            assert seen.get(path) and len(seen[path]) == len(seen[path + "#norm"]), (name, path)
+            assert all(torch.equal(a, b) for a, b in zip(seen[path], seen[path + "#norm"])), \
+                (name, path, named[path])
+        if name == "gemma3":
+            assert named["model.language_model.layers.0.mlp"].endswith(
+                "layers.0.pre_feedforward_layernorm")
+        if name == "llama":
+            assert named["model.layers.1.mlp"] == "model.layers.1.post_attention_layernorm"

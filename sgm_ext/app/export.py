@@ -119,10 +119,10 @@ def _touched(targets):
     out = {}
     for t in targets:
         for kind in t.kinds():
-            attr, _ = t.info.site_point(kind)
-            path = f"{t.info.path}.{attr}"
-            if out.get(path) is None:
-                out[path] = t.info.site(kind) if kind in t.shifts else None
+            for attr, _ in t.info.fold_points(kind):
+                path = f"{t.info.path}.{attr}"
+                if out.get(path) is None:
+                    out[path] = t.info.site(kind) if kind in t.shifts else None
     return out
 
 

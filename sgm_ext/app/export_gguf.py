@@ -100,6 +100,10 @@ def plan(reader, path, scales, strength, allow_amplify):
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not one export handles "
                          f"(it handles {', '.join(ARCHITECTURES)})")
     targets = check_scales(_hf_model(path), scales, allow_amplify=allow_amplify)
+    inputs = [t.info.site("input") for t in targets if "input" in t.kinds()]
+    if inputs:
+        raise ValueError(f"cannot export the MLP input site {inputs[0]} to GGUF: export --gguf "
+                         "does not fold input sites; use export --model or sgm_ext.patch")
     blocks = int(reader.fields[f"{arch}.block_count"].contents())
     arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_id, blocks)

@@ -1,6 +1,7 @@
 """Fold mode: the scales multiplied into the weights (rows of the Linear a site is the output
-of, columns of down / fc2 for `mid`), the shifts into the biases; the touched slices are saved
-first and copied back on unpatch, so restoring is bit-exact."""
+of, columns of down / fc2 for `mid`, columns of the first projections for `input`), the shifts
+into the biases; the touched slices are saved first and copied back on unpatch, so restoring is
+bit-exact."""
 from typing import NamedTuple
 
 import torch
@@ -66,18 +67,20 @@ class _Scale(NamedTuple):
 
 
 class _Bias(NamedTuple):
-    """Fold edit: set a Linear's bias (created when it has none) to `value` (float32)."""
+    """Fold edit: set a Linear's bias (created when it has none) to `value` (float64, rounded
+    once to the weight's dtype when set)."""
     linear: nn.Module
     value: torch.Tensor
 
 
 def _shift_biases(target, at, where):
-    """{Linear attribute: new bias [out] float32} for the Linears a shift folds into.
+    """{Linear attribute: new bias [out] float64} for the Linears a shift folds into.
 
     A Linear L with output y = W x + c whose output site has s_eff and shift b, and whose
-    input is a `mid` site with shift b_mid (L = down / fc2), computes after folding
-    s_eff (W (x + b_mid) + c) + b: its new bias is s_eff (c + W b_mid) + b, from the weights
-    as they are before any fold.
+    input is a site with shift b_in (`mid` for down / fc2, `input` for the first projections:
+    W (s x + b_in) = (W diag(s)) x + W b_in), computes after folding s_eff (W (x + b_in) + c)
+    + b: its new bias is s_eff (c + W b_in) + b, from the weights as they are before any fold,
+    in float64.
     """
     info, m = target.info, target.module
     eff, shifts = at.folded()
@@ -85,24 +88,24 @@ def _shift_biases(target, at, where):
     for kind, b in shifts.items():
         if not b.any():  # strength 0 or a zero vector: nothing to add, no bias to create
             continue
-        attr, reads_input = info.site_point(kind)
-        lin = getattr(m, attr)
-        if _lora_parts(lin) is not None:
-            raise ValueError(f"fold mode cannot fold the shift of {info.site(kind)} into "
-                             f"{where(attr)}, a LoRA layer; use mode='fused' or mode='hook'")
-        w = _plain_weight(lin, where(attr))
-        if attr not in biases:
-            biases[attr] = (lin.bias.detach().float().cpu().clone() if lin.bias is not None
-                            else torch.zeros(w.shape[0]))
-        if reads_input:
-            biases[attr] += w.detach().float().cpu() @ b
+        for attr, reads_input in info.fold_points(kind):
+            lin = getattr(m, attr)
+            if _lora_parts(lin) is not None:
+                raise ValueError(f"fold mode cannot fold the shift of {info.site(kind)} into "
+                                 f"{where(attr)}, a LoRA layer; use mode='fused' or mode='hook'")
+            w = _plain_weight(lin, where(attr))
+            if attr not in biases:
+                biases[attr] = (lin.bias.detach().double().cpu().clone() if lin.bias is not None
+                                else torch.zeros(w.shape[0], dtype=torch.float64))
+            if reads_input:
+                biases[attr] += w.detach().double().cpu() @ b.double()
     for attr, c in biases.items():  # the output site's scale and shift of each such Linear
-        for kind, (a, reads_input) in ((k, info.site_point(k)) for k in target.kinds()):
-            if a == attr and not reads_input:
+        for kind in target.kinds():
+            if (attr, False) in info.fold_points(kind):
                 if kind in eff:
-                    c.mul_(eff[kind])
+                    c.mul_(eff[kind].double())
                 if kind in shifts:
-                    c.add_(shifts[kind])
+                    c.add_(shifts[kind].double())
     return biases
 
 
@@ -121,13 +124,12 @@ def _mlp_plan(target, strength):
         idx = (e != 1.0).nonzero().flatten()
         if idx.numel() == 0:
             continue
-        attr, reads_input = info.site_point(kind)  # an input site scales columns, else rows
-        axis = "cols" if reads_input else "rows"
-        lin = getattr(m, attr)
-        for tensor, dim in _fold_params(lin, axis, where(attr)):
-            if attr in biases and tensor is lin.bias:
-                continue  # set as a whole below
-            plan.append(_Scale(tensor, dim, idx, e[idx]))
+        for attr, reads_input in info.fold_points(kind):  # an input scales columns, else rows
+            lin = getattr(m, attr)
+            for tensor, dim in _fold_params(lin, "cols" if reads_input else "rows", where(attr)):
+                if attr in biases and tensor is lin.bias:
+                    continue  # set as a whole below
+                plan.append(_Scale(tensor, dim, idx, e[idx]))
     return plan + [_Bias(getattr(m, attr), c) for attr, c in biases.items()]
 
 

@@ -1,5 +1,6 @@
 """Fused mode: the swapped-in MLP forward (Fused), which calls the MLP's own sub-modules and one
-sgm_ext op for activation x product x scales, with its fast path for decoding."""
+sgm_ext op for activation x product x scales, with its fast path for decoding; FusedWithInput
+changes the MLP's input first (the `input` site)."""
 import functools
 import os
 
@@ -79,13 +80,16 @@ class Fused(PatchState):
         fast = self.fast
         if fast and len(args) == 1 and not kwargs:
             return self._fast_forward(args[0], fast)
-        if len(args) + len(kwargs) != 1:
-            raise TypeError(f"{self.info.path}: the fused {self.info.class_name} forward takes "
-                            f"one input, got {len(args)} positional and {sorted(kwargs)} keyword")
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = self._one_input(args, kwargs)
         if self.at.strength.is_zero:
             return self.original(x)  # strength 0 is the unpatched model, exactly
         return self.impl(x)
+
+    def _one_input(self, args, kwargs):
+        if len(args) + len(kwargs) != 1:
+            raise TypeError(f"{self.info.path}: the fused {self.info.class_name} forward takes "
+                            f"one input, got {len(args)} positional and {sorted(kwargs)} keyword")
+        return args[0] if args else next(iter(kwargs.values()))
 
     # The float-strength forward of decoding. Between two calls of one MLP a decode step
     # streams every other layer's weights, which evicts the caches, so every Python line of
@@ -237,3 +241,36 @@ class Fused(PatchState):
             h = ops.act_scale(a, mid, act=self.info.act, shift=mid_shift,
                               strength=at.op_strength(a, mid, mid_shift))
         return self.subs["fc2"](h)
+
+
+class FusedWithInput(Fused):
+    """Fused for an MLP with an `input` site: x * s_eff + strength * b (one pass, _affine) on
+    the MLP's input, then Fused's forward on it, fast path included. A class of its own so
+    that the forward of every other MLP, the decode loop's, runs not one line more."""
+
+    def __init__(self, target, strength, original):
+        super().__init__(target, strength, original)
+        self.input_fast = None  # (device, dtype, s_eff, strength * b) at a float strength
+
+    def set_strength(self, strength):
+        super().set_strength(strength)
+        self.input_fast = None
+
+    def __call__(self, *args, **kwargs):
+        x = args[0] if len(args) == 1 and not kwargs else self._one_input(args, kwargs)
+        bound = self.input_fast  # the vectors looked up once per strength, device and dtype
+        if bound and x.device == bound[0] and x.dtype is bound[1]:
+            x = _affine(x, bound[2], bound[3])
+        elif not self.at.strength.is_zero:  # strength 0: the original forward on x itself
+            factor, shift = self.at.factor("input", x), self.at.shift("input", x)
+            if self.at.strength.uniform and not torch.compiler.is_compiling():
+                self.input_fast = (x.device, x.dtype, factor, shift)
+            x = _affine(x, factor, shift)
+        return Fused.__call__(self, x)
+
+
+def fused_forward(target, strength, original):
+    """The swapped-in forward of one target: FusedWithInput where it changes the MLP's input,
+    else Fused."""
+    kind = FusedWithInput if "input" in target.kinds() else Fused
+    return kind(target, strength, original)

@@ -5,7 +5,7 @@ from typing import Union
 import torch
 
 from .fold import NEEDS_ONE_STRENGTH, apply_fold, fold_plan, undo_fold
-from .fused import Fused
+from .fused import fused_forward
 from .hooks import add_hooks, remove_hook
 from .state import PatchState
 from .strength import Strength
@@ -75,7 +75,7 @@ class PatchHandle(PatchState):
         had = attr in m.__dict__
         previous = m.__dict__.get(attr)
         original = previous if had else type(m).forward.__get__(m)
-        fused = Fused(target, self._strength, original)
+        fused = fused_forward(target, self._strength, original)
         self._scaled.append(fused)
         self._swaps.append((m, attr, had, previous))
         m.__dict__[attr] = fused

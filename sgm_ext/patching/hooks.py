@@ -16,7 +16,7 @@ class OutputHook(PatchState):
 
 class InputHook(PatchState):
     """Forward pre-hook: input * s_eff + strength * b of one site (`mid`, the input of down /
-    fc2)."""
+    fc2; `input`, the MLP's own)."""
 
     def __init__(self, at, kind):
         self.at, self.kind = at, kind
@@ -31,8 +31,7 @@ def add_hooks(target, strength):
     at = ScalesAtStrength(target.scales, target.shifts, strength, target.info.path)
     added = []
     for kind in target.kinds():
-        attr, reads_input = target.info.site_point(kind)
-        sub = getattr(target.module, attr)
+        sub, reads_input = target.info.site_module(target.module, kind)
         if reads_input:
             hook = InputHook(at, kind)
             sub.register_forward_pre_hook(hook)

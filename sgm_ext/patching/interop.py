@@ -19,6 +19,13 @@
   is refused.
   As a ScaleSet: scale s and shift b with z' = s z + b, so patching at strength lambda gives
   ml-act's blend lambda z' + (1 - lambda) z.
+  ml-act hooks layer norms by their module paths too (its model configs' `layernorm` /
+  `post_layernorm` module lists: `model.layers.3.post_attention_layernorm:0.statedict`). A
+  norm whose output is an MLP's input (registry.MLP_INPUT_NORMS: post_attention_layernorm in
+  Llama, pre_feedforward_layernorm in Gemma 2 / 3) is that MLP's `input` site; reading or
+  writing one needs the model, which says which norm feeds which MLP. Other norms (Gemma's
+  post_attention_layernorm and post_feedforward_layernorm normalise the attention's and the
+  MLP's outputs before the residual add) are no sgm-ext site and are refused.
 
 Files are read with torch.load(weights_only=True): tensors, lists and strings only, nothing
 unpickled.
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..core.scale_math import check_strength, effective_scale, effective_shift, method_scales
-from .registry import MID
+from .registry import INPUT, MID, MLP_INPUT_NORMS, find_mlps, input_norm
 from .scales import ScaleSet
 
 ACT_METHODS = ("aura", "mean_ot", "gaussian_ot", "linear_ot")
@@ -102,16 +109,53 @@ def _rename(names, model):
     return out
 
 
+def _norm_sites(model):
+    """{norm module path: the `input` site of the MLP it feeds} over the model's MLPs."""
+    out = {}
+    for path, info in find_mlps(model).items():
+        norm = input_norm(model, path)
+        if norm is not None and INPUT in info.sites().values():
+            out[norm] = info.site(INPUT)
+    return out
+
+
+def _is_norm_name(name):
+    return name.rsplit(".", 1)[-1] in MLP_INPUT_NORMS or name.endswith("layernorm")
+
+
+def _act_sites(files, names, model):
+    """{file: site} of ml-act's state files: _rename's paths, and the norms that feed an MLP
+    mapped onto its `input` site; ValueError naming the file for a norm that cannot be
+    mapped (no model given, or a norm that feeds no MLP)."""
+    rename = _rename(names.values(), model)
+    norms = _norm_sites(model) if model is not None else {}
+    out = {}
+    for f in files:
+        name = rename[names[f]]
+        if name in norms:
+            out[f] = norms[name]
+        elif _is_norm_name(name):
+            if model is None:
+                raise ValueError(f"{f}: ml-act hooked the layer norm {name}; pass model= so "
+                                 "that it maps onto the input site of the MLP it feeds")
+            raise ValueError(f"{f}: the output of {name} is no MLP's input (sgm-ext's "
+                             "sites are in the MLPs; the norms that feed one here: "
+                             f"{', '.join(list(norms)[:2]) or 'none'} ...)")
+        else:
+            out[f] = name
+    return out
+
+
 def from_aura(directory, model=None):
     """ScaleSet from ml-aura's `<module>.statedict` files ({"alpha": (1, 1, N)}).
 
     With `model`, module paths of the transformers 4.x LLaVA layout (ml-aura-vl) that the
-    model does not have are mapped onto its 5.x paths.
+    model does not have are mapped onto its 5.x paths, and a norm that feeds an MLP onto that
+    MLP's `input` site (as to_aura writes it).
     """
     files = _state_files(directory, (AURA_SUFFIX,))
-    names = {f: _module_name(f, (AURA_SUFFIX,)) for f in files}
-    rename = _rename(names.values(), model)
-    scales = {rename[names[f]]: _vector(_load(f, "alpha")["alpha"], f, "alpha") for f in files}
+    sites = _act_sites(files, {f: _module_name(f, (AURA_SUFFIX,)) for f in files}, model)
+    scales = {sites[f]: _vector(_load(f, "alpha")["alpha"], f, "alpha") for f in files}
     return ScaleSet(scales, {"method": "aura", "source": f"ml-aura:{os.fspath(directory)}"})
 
 
@@ -122,16 +166,16 @@ def from_act(directory, threshold=0.5, model=None, *, method="aura", strength=1.
     "mu2", "std1", "std2"}: shifts, and scales for gaussian_ot), linear_ot ({"net.w1",
     "net.b1"}: scales and shifts). strength: the hook run's strength, baked in (1.0: patch at
     the strength you want instead). Transport scales may exceed 1: patch them with
-    allow_amplify=True."""
+    allow_amplify=True. model: maps ml-aura-vl's legacy LLaVA paths and the norms that feed
+    an MLP (onto its `input` site); needed for files of such norms."""
     if method not in ACT_METHODS:
         raise ValueError(f"method must be one of {ACT_METHODS}, got {method!r}")
     strength = check_strength(strength, per_sequence=False)
     files = _state_files(directory, ACT_SUFFIXES)
-    names = {f: _module_name(f, ACT_SUFFIXES) for f in files}
-    rename = _rename(names.values(), model)
+    sites = _act_sites(files, {f: _module_name(f, ACT_SUFFIXES) for f in files}, model)
     scales, shifts = {}, {}
     for f in files:
-        site = rename[names[f]]
+        site = sites[f]
         if method == "aura":
             auroc = _vector(_load(f, "auroc")["auroc"], f, "auroc")
             alpha = method_scales(auroc, auroc > threshold, "aura")
@@ -180,15 +224,17 @@ def _check_all_quantiles(path, quantiles):
                          "the map with quantiles_src q_all")
 
 
-def to_act(scales, directory):
-    """Write a ScaleSet as ml-act's AurA state files, `<site>.statedict` = {"auroc": (N,)};
+def to_act(scales, directory, model=None):
+    """Write a ScaleSet as ml-act's AurA state files, `<module>.statedict` = {"auroc": (N,)};
     returns the paths written. AUROC = 1 - alpha / 2 inverts ml-act's alpha = 1 - 2 (AUROC -
-    0.5) for alpha in [0, 1] (alpha 1 -> 0.5, which ml-act leaves alone). Refused before
-    anything is written: shifts, scales above 1, and `mid` sites (AurA hooks modules)."""
+    0.5) for alpha in [0, 1] (alpha 1 -> 0.5, which ml-act leaves alone). A Linear's site is
+    written under its path, an `input` site under the norm that feeds the MLP (needs `model`).
+    Refused before anything is written: shifts, scales above 1, `mid` sites (AurA hooks
+    modules), `input` sites without the model."""
     if getattr(scales, "shifts", None):
         raise ValueError("ml-act's AurA files hold scales only; this ScaleSet has shifts (e.g. "
                          f"{next(iter(scales.shifts))!r})")
-    _check_module_sites(scales)
+    modules = _module_names(scales, model)
     for site, t in scales.items():
         if (t > 1).any() or (t < 0).any():
             i = int(((t > 1) | (t < 0)).nonzero()[0])
@@ -198,27 +244,40 @@ def to_act(scales, directory):
     d.mkdir(parents=True, exist_ok=True)
     written = []
     for site, t in scales.items():
-        path = d / (site + AURA_SUFFIX)
+        path = d / (modules[site] + AURA_SUFFIX)
         auroc = 1.0 - t.detach().to(torch.float64) / 2.0
         torch.save({"auroc": auroc.to(torch.float32).clone()}, path)
         written.append(path)
     return written
 
 
-def _check_module_sites(scales):
+def _module_names(scales, model):
+    """{site: the module whose output it is}: a Linear's site is its path, an `input` site the
+    norm that feeds the MLP (by the model); ValueError for a `mid` site (no module's output)
+    and for an `input` site without a model or a norm."""
+    norms = {} if model is None else {site: norm for norm, site in _norm_sites(model).items()}
+    out = {}
     for site in scales:
-        if site == MID or site.endswith("." + MID):
+        kind = site.rsplit(".", 1)[-1]
+        if kind == MID:
             raise ValueError(f"site {site!r} is an MLP's product, not a module output; AurA "
                              "files name hooked modules (use the up_proj site instead)")
+        if kind == INPUT and site not in norms:
+            how = ("pass model= to write it as the norm that feeds that MLP" if model is None
+                   else f"{type(model).__name__} has no norm that feeds that MLP")
+            raise ValueError(f"site {site!r} is an MLP's input, not a module output; {how}")
+        out[site] = norms.get(site, site)
+    return out
 
 
-def to_aura(scales, directory):
-    """Write a ScaleSet as ml-aura's `<site>.statedict` files; returns the paths written.
+def to_aura(scales, directory, model=None):
+    """Write a ScaleSet as ml-aura's `<module>.statedict` files; returns the paths written.
 
     AurA hooks module outputs, so a `mid` site (no module of its own) cannot be written:
-    move it onto the up_proj site (same effect in a gated MLP) first.
+    move it onto the up_proj site (same effect in a gated MLP) first. An `input` site is
+    written as the norm that feeds the MLP (needs `model`).
     """
-    _check_module_sites(scales)
+    modules = _module_names(scales, model)
     if getattr(scales, "shifts", None):
         raise ValueError("AurA files hold scales only; this ScaleSet has shifts (e.g. "
                          f"{next(iter(scales.shifts))!r})")
@@ -226,7 +285,7 @@ def to_aura(scales, directory):
     d.mkdir(parents=True, exist_ok=True)
     written = []
     for site, t in scales.items():
-        path = d / (site + AURA_SUFFIX)
+        path = d / (modules[site] + AURA_SUFFIX)
         torch.save({"alpha": t.detach().to(torch.float32).reshape(1, 1, -1).clone()}, path)
         written.append(path)
     return written

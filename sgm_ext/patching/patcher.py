@@ -7,12 +7,14 @@ strength (1 - scale) and b the site's shift (0 where it has none):
   sub-modules (so quantized Linears, PEFT LoRA layers and accelerate hooks keep working) and
   sgm_ext.ops for the activation x product x scale (SGM_EXT_GATED_UP_PROJ=1: see fused.py).
 - "fold" (fold.py): the scales are multiplied into the weights (rows of the Linear a site is
-  the output of, columns of the down / fc2 Linear for `mid`), the shifts into the biases (a
-  bias is created where there is none; a `mid` shift b enters the down bias as W_down b); the
-  touched slices are saved first and copied back on unpatch, so restoring is bit-exact (a
+  the output of, columns of the down / fc2 Linear for `mid`, columns of the first projections
+  for `input`), the shifts into the biases (a bias is created where there is none; a `mid`
+  shift b enters the down bias as W_down b, an `input` shift the first projections' as W b);
+  the touched slices are saved first and copied back on unpatch, so restoring is bit-exact (a
   created bias is removed again).
 - "hook" (hooks.py): forward hooks on the sub-modules that change their outputs (multiply,
-  then add), as AurA and ml-act do it; the reference the other two are tested against.
+  then add), and a forward pre-hook on the MLP for its `input` site, as AurA and ml-act do it;
+  the reference the other two are tested against.
 The strength, one float or one per sequence, becomes what each mode applies in one place:
 strength.py (ScalesAtStrength).
 
@@ -135,10 +137,11 @@ def patch(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.PathLike], 
           allow_amplify: bool = False) -> "PatchHandle":
     """Apply per-neuron scales to a model; returns a PatchHandle.
 
-    scales: a ScaleSet, a dict {site: [n] tensor} (n: the site's width, I or H) or a path to
-    a scale file. mode: "fused", "fold" or "hook". strength: a float in [0, 1] or one per
-    sequence ([B] / [B, 1] tensor; the activations' first dim is the batch). Scales above 1
-    (amplification) need allow_amplify=True. On any error the model is left untouched.
+    scales: a ScaleSet, a dict {site: [n] tensor} (n: the site's width, I, or H for the
+    `input` and `down` sites) or a path to a scale file. mode: "fused", "fold" or "hook".
+    strength: a float in [0, 1] or one per sequence ([B] / [B, 1] tensor; the activations'
+    first dim is the batch). Scales above 1 (amplification) need allow_amplify=True. On any
+    error the model is left untouched.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")

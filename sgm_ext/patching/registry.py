@@ -11,7 +11,9 @@ act_fn computes the gated layout (it is how HF writes every Llama-family MLP).
 
 Site names (the keys of a ScaleSet): a Linear's outputs are named by the Linear's module path
 (`model.layers.3.mlp.up_proj`), the product act(gate) * up (act(fc1) for non-gated) by the
-MLP's path plus ".mid". For the packed layout the gate_up Linear is one site of 2 I values,
+MLP's path plus ".mid", the MLP's input x (hidden-size units: the output of the norm that feeds
+the MLP, post_attention_layernorm in Llama, pre_feedforward_layernorm in Gemma 2 / 3) by the
+MLP's path plus ".input". For the packed layout the gate_up Linear is one site of 2 I values,
 gate half first, as the Linear's outputs are laid out.
 """
 import re
@@ -65,13 +67,24 @@ REGISTRY = {
 
 # Site kinds per layout, in the order they act in the forward.
 SITE_KINDS = {
-    "gated": ("gate", "up", "mid", "down"),
-    "packed": ("gate_up", "mid", "down"),
-    "non_gated": ("fc1", "mid"),
+    "gated": ("input", "gate", "up", "mid", "down"),
+    "packed": ("input", "gate_up", "mid", "down"),
+    "non_gated": ("input", "fc1", "mid"),
 }
 MID = "mid"
+INPUT = "input"
 # The Linear whose input is the mid site, per layout (mid has no module of its own).
 _MID_INPUT_ROLE = {"gated": "down", "packed": "down", "non_gated": "fc2"}
+# The Linears that read the MLP's input, per layout (the input site's is the MLP's own input).
+_FIRST_ROLES = {"gated": ("gate", "up"), "packed": ("gate_up",), "non_gated": ("fc1",)}
+# The norm whose output a decoder layer hands to its MLP, by attribute of the layer, first
+# found first: Gemma 2 / 3 layers also have a post_attention_layernorm, but it normalises the
+# attention's output before the residual add; there pre_feedforward_layernorm feeds the MLP.
+# The vision towers' layers name theirs layer_norm2 (CLIP, SigLIP, Idefics3), norm2 (Qwen2-VL,
+# Qwen2.5-VL), layernorm_after (InternVL); SigLIP's attention-pooling head, layernorm.
+# tests/test_registry.py checks each against the MLP's input on every test model.
+MLP_INPUT_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "layer_norm2",
+                   "norm2", "layernorm_after", "layernorm")
 
 # Activation module class name -> canonical activation (transformers.activations and torch.nn).
 _ACTIVATION_CLASSES = {
@@ -100,13 +113,16 @@ class MLPInfo(NamedTuple):
     hidden_size: int  # outputs of the down / fc2 Linear
 
     def site(self, kind):
-        """The site name of one site kind of this MLP ("gate", "up", "mid", "down", ...)."""
+        """The site name of one site kind of this MLP ("input", "gate", "up", "mid", ...)."""
+        self._check_kind(kind)
+        if kind in (MID, INPUT):
+            return own_site(self.path, kind)
+        return linear_site(self.path, self.roles[kind])
+
+    def _check_kind(self, kind):
         if kind not in SITE_KINDS[self.layout]:
             raise ValueError(f"{self.path} ({self.class_name}, {self.layout}) has no {kind!r} "
                              f"site; its sites: {', '.join(SITE_KINDS[self.layout])}")
-        if kind == MID:
-            return mid_site(self.path)
-        return linear_site(self.path, self.roles[kind])
 
     def sites(self):
         """{site name: site kind} for every site of this MLP."""
@@ -114,18 +130,35 @@ class MLPInfo(NamedTuple):
 
     def site_point(self, kind):
         """(attribute of the sub-module, reads_input) where a site kind is observed or changed:
-        mid is the input of the last Linear (down / fc2), every other kind the output of the
-        sub-module of its role. Hooks, folding and the profiler all go by this."""
-        if kind not in SITE_KINDS[self.layout]:
-            raise ValueError(f"{self.path} ({self.class_name}, {self.layout}) has no {kind!r} "
-                             f"site; its sites: {', '.join(SITE_KINDS[self.layout])}")
+        input is the MLP's own input (attribute "": the MLP module itself, a forward pre-hook
+        point), mid the input of the last Linear (down / fc2), every other kind the output of
+        the sub-module of its role. Hooks and the profiler go by this (site_module)."""
+        self._check_kind(kind)
+        if kind == INPUT:
+            return "", True
         if kind == MID:
             return self.roles[_MID_INPUT_ROLE[self.layout]], True
         return self.roles[kind], False
 
+    def site_module(self, mlp, kind):
+        """(module, reads_input) of site_point in the MLP module `mlp` itself."""
+        attr, reads_input = self.site_point(kind)
+        return (getattr(mlp, attr) if attr else mlp), reads_input
+
+    def fold_points(self, kind):
+        """[(attribute of a Linear, reads_input)]: the Linears a site kind folds into. A site
+        that is a Linear's output scales that Linear's rows (and bias); one that is Linears'
+        input scales their columns, and a shift b enters their biases as W b: mid is the input
+        of down / fc2, input that of the first projections (gate and up, gate_up, fc1)."""
+        self._check_kind(kind)
+        if kind == INPUT:
+            return [(self.roles[r], True) for r in _FIRST_ROLES[self.layout]]
+        return [self.site_point(kind)]
+
     def site_size(self, kind):
-        """How many values a scale for this site kind has."""
-        if kind == "down":
+        """How many values a scale for this site kind has: the hidden size for input and down
+        (the residual stream's width, what the first projections read and down writes)."""
+        if kind in ("down", INPUT):
             return self.hidden_size
         if kind == "gate_up":
             return 2 * self.intermediate_size
@@ -137,9 +170,24 @@ def linear_site(mlp_path, attr):
     return f"{mlp_path}.{attr}" if mlp_path else attr
 
 
-def mid_site(mlp_path):
-    """Site name of the MLP's product act(gate) * up (non-gated: act(fc1))."""
-    return f"{mlp_path}.{MID}" if mlp_path else MID
+def own_site(mlp_path, kind):
+    """Site name of an MLP site with no module of its own: the product act(gate) * up
+    (non-gated: act(fc1)), kind "mid", or the MLP's input, kind "input"."""
+    return f"{mlp_path}.{kind}" if mlp_path else kind
+
+
+def input_norm(model, mlp_path):
+    """The module path of the norm whose output the MLP at `mlp_path` receives (MLP_INPUT_NORMS,
+    a sibling of the MLP in its layer), or None where the layer has none of those names."""
+    layer, _, _ = mlp_path.rpartition(".")
+    for attr in MLP_INPUT_NORMS:
+        path = f"{layer}.{attr}" if layer else attr
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            continue
+        return path
+    return None
 
 
 def site_layer(site):
@@ -154,14 +202,15 @@ def site_order(site):
     parts = re.split(r"(\d+)", site)
     key = [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts[:-1]]
     last = parts[-1].rsplit(".", 1)
-    rank = {"gate_proj": 0, "up_proj": 1, "gate_up_proj": 1, "fc1": 1, "mid": 2,
+    rank = {"input": -1, "gate_proj": 0, "up_proj": 1, "gate_up_proj": 1, "fc1": 1, "mid": 2,
             "down_proj": 3, "fc2": 3}
     return key + [(1, 0, last[0]) if len(last) > 1 else (1, 0, ""),
                   (2, rank.get(last[-1], 9), last[-1])]
 
 
 def site_kind(site):
-    """The last part of a site name: `mid`, or the Linear's attribute (`up_proj`, `fc1`, ...)."""
+    """The last part of a site name: `mid`, `input`, or the Linear's attribute (`up_proj`,
+    `fc1`, ...)."""
     return site.rsplit(".", 1)[-1]
 
 

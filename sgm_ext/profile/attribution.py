@@ -145,8 +145,7 @@ def gradient_attribution(model, processor, rows, *, batch_size=8, sites=("mid",)
               for site, (info, kind) in site_map.items()}
     handles = []
     for site, (info, kind) in site_map.items():
-        attr, reads_input = info.site_point(kind)
-        module = getattr(model.get_submodule(info.path), attr)
+        module, reads_input = info.site_module(model.get_submodule(info.path), kind)
         s = params[site]
         if reads_input:
             handles.append(module.register_forward_pre_hook(

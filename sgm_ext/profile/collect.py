@@ -47,11 +47,12 @@ def collect(model, data, *, processor=None, sites=("mid",), pooling="mean", moda
 
     data: a JSONL / CSV path, an iterable of row dicts, or a data.Dataset. processor: the
     tokenizer or multimodal processor that prepares the rows. sites: site kinds ("mid",
-    "gate", "up", "down", "gate_up", "fc1") over the language model's MLPs, or full site
-    names. pooling: "mean", "max" or "last" over the sample's selected tokens, padding never
-    included. modality: None / "sample" (the row's own tokens: its text and image tokens, not
-    the chat template's), "all" (every token), "text", "image" (the sample's text / image
-    tokens) or "response" (the tokens of the row's `response`, after the chat prompt).
+    "gate", "up", "down", "gate_up", "fc1", "input": the MLP's input) over the language
+    model's MLPs, or full site names. pooling: "mean", "max" or "last" over the sample's
+    selected tokens, padding never included. modality: None / "sample" (the row's own
+    tokens: its text and image tokens, not the chat template's), "all" (every token),
+    "text", "image" (the sample's text / image tokens) or "response" (the tokens of the
+    row's `response`, after the chat prompt).
     input_format: "chat" (the chat template), "raw" (the text as it is), "auto" (chat when the
     processor has a template). padding_side: "left" / "right"; default the tokenizer's.
 

@@ -121,8 +121,7 @@ def pooling_hooks(model, sites, pooler):
     handles = []
     try:
         for site, (info, kind) in sites.items():
-            attr, reads_input = info.site_point(kind)
-            module = getattr(model.get_submodule(info.path), attr)
+            module, reads_input = info.site_module(model.get_submodule(info.path), kind)
             if reads_input:
                 handles.append(module.register_forward_pre_hook(
                     lambda m, args, site=site: pooler(site, args[0])))

@@ -264,4 +264,9 @@ def check_for_serving(hf_config, settings: Settings, *,
                          f"{len(refused)} site(s) cannot be served: {', '.join(refused[:4])}"
                          f"{' ...' if len(refused) > 4 else ''} (vision towers: patch them with "
                          "sgm_ext.patch in transformers)")
+    inputs = [t.info.site(k) for t in targets for k in t.scales if k == "input"]
+    if inputs:
+        raise ValueError(f"vLLM serving does not serve MLP input sites (e.g. {inputs[0]!r}): "
+                         "serve them with transformers and sgm_ext.patch, or serve a model "
+                         "that sgm-ext export --model folded them into")
     return targets
