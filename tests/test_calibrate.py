@@ -196,6 +196,7 @@ def test_calibration_metadata(planted, tmp_path):
     assert float(meta["calibration_ppl"]) == found.ppl
     assert float(meta["calibration_tolerance"]) == 1 / 64
     assert meta["calibration_source_method"] == "act" and meta["method"] == "act"
+    assert meta["calibration_mode"] == "fused" and meta["calibration_max_length"] == "512"
     assert meta["calibration_source"] == str(path)
     assert meta["calibration_source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     line = C.calibration_summary(found.scales)
@@ -460,3 +461,20 @@ def test_cli_ctrl_c_while_calibrating_writes_nothing(saved, tmp_path):
     assert lines == ["sgm-ext calibrate: error: interrupted (Ctrl-C) while calibrating; "
                      "nothing was written"], err
     assert snapshot(root, tmp_path) == before and not out.exists()
+
+
+def test_ctrl_c_waits_for_the_end_of_a_held_block():
+    import signal
+
+    from sgm_ext.core.pause import interrupts_held
+
+    handler = signal.getsignal(signal.SIGINT)
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            ran.append("to its end")  # not stopped half-way
+    assert ran == ["to its end"] and signal.getsignal(signal.SIGINT) is handler
+    with interrupts_held():  # no Ctrl-C: nothing raised
+        ran.append("again")
+    assert ran[-1] == "again" and signal.getsignal(signal.SIGINT) is handler

@@ -136,3 +136,27 @@ def test_affine_example_runs(tmp_path, monkeypatch):
     assert set(maps.scales) == set(maps.shifts)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "forward" not in model.model.layers[1].mlp.__dict__
+
+
+def test_calibrate_example_runs(tmp_path, monkeypatch, capsys):
+    # the README's calibrate lines on AcT-style maps of the planted model (scales above 1,
+    # shifts) saved where the example reads them, on the bundled calibration passages
+    from sgm_ext.patching.scales import ScaleSet, load_scales
+
+    model, tok, before, _ = _workspace(tmp_path, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    sites = [f"model.layers.{i}.mlp.mid" for i in range(2)]
+    ScaleSet({s: torch.rand(64, generator=g) * 1.5 + 0.25 for s in sites},
+             {"method": "linear_ot"}, shifts={s: torch.randn(64, generator=g) for s in sites}
+             ).save("act.safetensors")
+    ns = {"model": model, "processor": tok}
+    exec(python_block("calibrate(model, processor"), ns)
+    found = ns["found"]
+    assert 0 <= found.strength <= 1 and found.ratio <= 1.10
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(found.curve) >= 2
+    assert printed[0].startswith("strength 0         perplexity ")
+    written = load_scales("act-cal.safetensors")
+    assert written.metadata["calibration_budget"] == "1.1"
+    assert float(written.metadata["calibration_strength"]) == found.strength
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

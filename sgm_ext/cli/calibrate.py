@@ -54,8 +54,8 @@ def add_calibrate(sub):
                    help=f"tokens per passage at most (default {DEFAULT_MAX_LENGTH}); longer "
                    "ones are cut")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
-                   help=f"the patch mode measured in (default {DEFAULT_MODE}: the scales folded "
-                   "into the weights, again for each strength)")
+                   help=f"the patch mode measured in (default {DEFAULT_MODE}, as eval's; fold "
+                   "folds the scales into the weights again for each strength)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: the checkpoint's dtype on GPU, float32 on CPU")

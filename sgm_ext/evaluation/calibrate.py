@@ -40,10 +40,10 @@ DEFAULT_TEXTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resour
 DEFAULT_BUDGET = 1.10
 DEFAULT_TOLERANCE = 1 / 64
 DEFAULT_MAX_LENGTH = 512  # tokens per passage, as generation.passage_nll
-# fold: the scales folded into the weights cost nothing in the forwards, and folding again
-# for each strength costs less than the fused forward's overhead over the passages (measured
-# on SmolLM2-135M on the CPU; see the README's calibrate section)
-DEFAULT_MODE = "fold"
+# fused, as patch and eval default to: on the CPU a calibration step (set_strength, then the
+# passages) is no slower fused than folded again (bench/bench_calibrate.py, bench/RESULTS.md),
+# and fused mode writes no weights and serves quantized, LoRA and offloaded Linears
+DEFAULT_MODE = "fused"
 META = "calibration_"  # the prefix of the metadata calibration adds
 
 
@@ -166,7 +166,8 @@ def calibrate(model, processor, scales: Union[ScaleSet, str, os.PathLike], texts
         warnings.warn(f"the perplexity ratio is over the budget {budget:g} already at strength "
                       f"{over:g}: the answer is strength 0 (the scale file changes nothing); "
                       "raise the budget or use another scale file", stacklevel=2)
-    calibrated = _calibrated_scales(source, chosen, base, budget, tolerance, texts, max_length)
+    calibrated = _calibrated_scales(source, chosen, base, budget, tolerance, texts, max_length,
+                                    mode)
     calibrated.metadata.update(origin)
     return Calibration(chosen.strength, chosen.ratio, chosen.perplexity, base, curve,
                        calibrated, budget, tolerance)
@@ -188,7 +189,7 @@ def _search(measure, tolerance):
     return lo
 
 
-def _calibrated_scales(source, chosen, base, budget, tolerance, texts, max_length):
+def _calibrated_scales(source, chosen, base, budget, tolerance, texts, max_length, mode):
     """The source at the chosen strength, with the calibration recorded in its metadata."""
     scales = source.at_strength(chosen.strength)
     scales.metadata.update({
@@ -196,7 +197,7 @@ def _calibrated_scales(source, chosen, base, budget, tolerance, texts, max_lengt
         META + "ratio": repr(chosen.ratio), META + "unpatched_ppl": repr(base),
         META + "ppl": repr(chosen.perplexity), META + "tolerance": repr(tolerance),
         META + "texts_sha256": texts_digest(texts), META + "texts_count": str(len(texts)),
-        META + "max_length": str(max_length),
+        META + "max_length": str(max_length), META + "mode": mode,
         META + "source_method": source.metadata.get("method", "")})
     return scales
 
