@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..core.scale_math import check_strength, effective_scale, effective_shift, method_scales
-from .registry import INPUT, MID, MLP_INPUT_NORMS, find_mlps, input_norm
+from .registry import INPUT, MID, MLP_INPUT_NORMS, find_mlps, input_norm, site_kind
 from .scales import ScaleSet
 
 ACT_METHODS = ("aura", "mean_ot", "gaussian_ot", "linear_ot")
@@ -114,7 +114,7 @@ def _norm_sites(model):
     out = {}
     for path, info in find_mlps(model).items():
         norm = input_norm(model, path)
-        if norm is not None and INPUT in info.sites().values():
+        if norm is not None:
             out[norm] = info.site(INPUT)
     return out
 
@@ -258,7 +258,7 @@ def _module_names(scales, model):
     norms = {} if model is None else {site: norm for norm, site in _norm_sites(model).items()}
     out = {}
     for site in scales:
-        kind = site.rsplit(".", 1)[-1]
+        kind = site_kind(site)
         if kind == MID:
             raise ValueError(f"site {site!r} is an MLP's product, not a module output; AurA "
                              "files name hooked modules (use the up_proj site instead)")

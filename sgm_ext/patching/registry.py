@@ -111,6 +111,7 @@ class MLPInfo(NamedTuple):
     act: str  # canonical activation name
     intermediate_size: int  # I: neurons at the mid site
     hidden_size: int  # outputs of the down / fc2 Linear
+    input_size: int  # what the first projections read: the input site's width
 
     def site(self, kind):
         """The site name of one site kind of this MLP ("input", "gate", "up", "mid", ...)."""
@@ -156,9 +157,11 @@ class MLPInfo(NamedTuple):
         return [self.site_point(kind)]
 
     def site_size(self, kind):
-        """How many values a scale for this site kind has: the hidden size for input and down
-        (the residual stream's width, what the first projections read and down writes)."""
-        if kind in ("down", INPUT):
+        """How many values a scale for this site kind has: the hidden size for down, the first
+        projections' input width for input (the same residual stream in every registry MLP)."""
+        if kind == INPUT:
+            return self.input_size
+        if kind == "down":
             return self.hidden_size
         if kind == "gate_up":
             return 2 * self.intermediate_size
@@ -230,6 +233,17 @@ def out_features(module):
     return None
 
 
+def in_features(module):
+    """Input width of a linear-like module (as out_features), or None."""
+    n = getattr(module, "in_features", None)
+    if isinstance(n, int):
+        return n
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[1])
+    return None
+
+
 def activation_name(fn):
     """Canonical activation of an activation module or function, or None if not known."""
     if isinstance(fn, torch.nn.GELU):
@@ -278,7 +292,9 @@ def describe(module, path, layout=None):
         inter, hidden = out_features(subs["gate_up"]) // 2, out_features(subs["down"])
     else:
         inter, hidden = out_features(subs["fc1"]), out_features(subs["fc2"])
-    return MLPInfo(path, cls, layout.kind, dict(layout.roles), layout.act_attr, act, inter, hidden)
+    first = subs[_FIRST_ROLES[layout.kind][0]]
+    return MLPInfo(path, cls, layout.kind, dict(layout.roles), layout.act_attr, act, inter, hidden,
+                   in_features(first) or hidden)
 
 
 def _config_activation(module):
