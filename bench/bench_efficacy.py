@@ -296,16 +296,19 @@ def main(argv=None):
     ap.add_argument("--print", action="store_true", dest="print_only",
                     help="print the tables of the existing efficacy.json (or -quick), draw its "
                     "plots again, and exit")
+    ap.add_argument("--results", default=None, metavar="FILE",
+                    help="with --print: another results file (e.g. bench/results/"
+                    "efficacy-round3.json, printed without drawing)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a loaded 2-core machine 2 threads stall)")
     args = ap.parse_args(argv)
     suffix = "-quick" if args.quick else ""
     out_path = os.path.join(args.out, f"efficacy{suffix}.json")
     if args.print_only:
-        with open(out_path) as f:
+        with open(args.results or out_path) as f:
             result = json.load(f)
         print_table(result)
-        for name, entry in result["models"].items():
+        for name, entry in result["models"].items() if args.results is None else ():
             plot_frontier(entry, os.path.join(args.out, f"efficacy-{name}{suffix}.png"), name,
                           PPL_BUDGET)
         return result

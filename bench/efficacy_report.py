@@ -95,8 +95,12 @@ def plot_frontier(entry, path, name, budget):
 
 
 def print_table(result):
-    """The figures as Markdown tables, one per model and split."""
+    """The figures as Markdown tables, one per model and split (round 3's files, one judge
+    and no fluency figures, in their own layout)."""
     for name, entry in result["models"].items():
+        if entry.get("round") != 4:
+            _print_round3(name, entry)
+            continue
         judges = entry["judges"]
         for split in ("validation", "test"):
             u = entry[split]["unpatched"]
@@ -122,3 +126,20 @@ def print_table(result):
             for c, cal in entry["calibration"].items()))
         print(f"chosen on validation: {entry['best']}; random control: "
               f"{entry['random_control']}; target: {entry['target']}")
+
+
+def _print_round3(name, entry):
+    """A round-3 entry (bench/results/efficacy-round3.json): the profanity judge only."""
+    for split in ("validation", "test"):
+        print(f"\n{name}, {split} split ({entry[split]['unpatched']['n']} prompts x "
+              f"{entry['sizes']['k_eval']} samples)\n")
+        print("| condition | toxic prompts | rate [95% CI] | mean score | p vs unpatched | "
+              "neurons | ppl | ppl ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for c, v in entry[split].items():
+            print(f"| {c} | {v['toxic']}/{v['n']} | {v['toxic_rate']:.3f} "
+                  f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | {v['mean_score']:.3f} | "
+                  f"{v['p_value']:.2g} | {v['neurons']} | {v['ppl']:.2f} | "
+                  f"{v['ppl_ratio']:.3f} |")
+    print(f"\nbest (chosen on validation): {entry['best']}; random control: "
+          f"{entry['random_control']}; target: {entry['target']}")
