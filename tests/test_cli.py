@@ -155,6 +155,10 @@ RECIPE_FLAGS = {
                    "--method", "linear_ot", "--balanced", "--allow-amplify"],
     "act-gaussian": ["--sites", "gate", "up", "down", "--pooling", "mean", "--modality", "all",
                      "--method", "gaussian_ot", "--balanced", "--allow-amplify"],
+    "act-input": ["--sites", "input", "--pooling", "mean", "--modality", "all", "--method",
+                  "linear_ot", "--balanced", "--allow-amplify"],
+    "aura-input": ["--sites", "input", "--pooling", "max", "--modality", "all", "--selection",
+                   "threshold", "--threshold", "0.5"],
 }
 
 
@@ -169,13 +173,15 @@ def test_recipe_sets_the_options_it_names(saved, tmp_path, capsys, name):
     assert f"recipe {name}:" in printed and "sets sites=" in printed
     assert main([*common, "--out", str(by_flags), *RECIPE_FLAGS[name]]) == 0
     a, b = load_scales(by_name), load_scales(by_flags)
+    assert a.metadata.pop("recipe") == name and "recipe" not in b.metadata
     assert a.metadata == b.metadata and a.scales.keys() == b.scales.keys()
     assert a.scales  # something was written to compare
     for site in a.scales:
         assert torch.equal(a[site], b[site])
         assert torch.equal(a.shifts.get(site, torch.zeros(0)), b.shifts.get(site, torch.zeros(0)))
     kinds = {site.rsplit(".", 1)[1] for site in a.scales}
-    assert kinds == {"aura": {"up_proj", "down_proj"}, "aura-vl": {"up_proj"}}.get(
+    assert kinds == {"aura": {"up_proj", "down_proj"}, "aura-vl": {"up_proj"},
+                     "act-input": {"input"}, "aura-input": {"input"}}.get(
         name, {"gate_proj", "up_proj", "down_proj"})
 
 
@@ -195,6 +201,7 @@ def test_recipe_act_top_sets_the_options_it_names(saved, tmp_path, capsys):
                  "--modality", "response", "--method", "linear_ot", "--balanced",
                  "--allow-amplify"]) == 0
     a, b = load_scales(by_name), load_scales(by_flags)
+    assert a.metadata.pop("recipe") == "act-top"
     assert a.metadata == b.metadata and a.metadata["modality"] == "response"
     assert a.changed() == 9
     for site in a.scales:

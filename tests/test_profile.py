@@ -153,6 +153,19 @@ def test_response_modality_pools_the_reply_only(planted):
         torch.testing.assert_close(r[site][i], mid[-n_reply:].mean(0).float(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="row 1: modality='response' needs a response"):
         P.collect(model, [{"text": "word1", "label": 1}], processor=tok, modality="response")
+    # "all" pools every token the model reads: the template, the prompt and the response
+    every = P.collect(model, rows, processor=tok, sites=[site], modality="all", batch_size=3,
+                      padding_side="left")
+    raw = P.collect(model, rows, processor=tok, sites=[site], modality="all", batch_size=3,
+                    input_format="raw")
+    for i, row in enumerate(rows):
+        full = tok(f"user {row['text']} </s> assistant {row['response']} </s>",
+                   return_tensors="pt", add_special_tokens=False)
+        mid = _full_mid(model, model.model.layers, 0, full)[0]
+        torch.testing.assert_close(every[site][i], mid.mean(0).float(), rtol=1e-4, atol=1e-5)
+        plain = tok(f"{row['text']} {row['response']}", return_tensors="pt")
+        mid = _full_mid(model, model.model.layers, 0, plain)[0]
+        torch.testing.assert_close(raw[site][i], mid.mean(0).float(), rtol=1e-4, atol=1e-5)
 
 
 def _tiny_llava():

@@ -13,6 +13,7 @@ from ..patching.registry import SITE_KINDS
 from ..patching.scales import is_scale_file
 from ..profile.auroc import check_labels
 from ..profile.data import load_rows, recorded_format
+from ..profile.directions import DIRECTION_METHODS, check_direction_options
 from ..profile.expertise import DEFAULT_FDR, SELECTIONS, check_selection, is_expertise_file
 from ..profile.inputs import MODALITIES
 from ..profile.pooling import POOLINGS
@@ -23,8 +24,9 @@ from ..profile.workflow import ProfileOptions, profile_model
 from .options import add_input_options, fraction, input_format_line, positive, size
 
 POOLED = {"sample": "each row's own tokens: its text and image, not the chat template's",
-          "all": "every token, the chat template's included", "text": "each row's text tokens",
-          "image": "each row's image tokens", "response": "each row's response tokens"}
+          "all": "every token, the chat template's and a row's response included",
+          "text": "each row's text tokens", "image": "each row's image tokens",
+          "response": "each row's response tokens"}
 
 
 def add_profile(sub):
@@ -77,11 +79,14 @@ def add_profile(sub):
 
 def add_method_options(p):
     """How the scales are made from the responses: ProfileOptions' second group."""
-    p.add_argument("--method", choices=METHODS + TRANSPORT_METHODS, default="aura",
+    p.add_argument("--method", choices=METHODS + TRANSPORT_METHODS + DIRECTION_METHODS,
+                   default="aura",
                    help="aura (default), det0, damp: scales from the AUROC; mean_ot, "
                    "gaussian_ot, linear_ot: AcT's transport maps (scales and shifts) from the "
                    "responses (Rodriguez et al., ICLR 2025); their scales may exceed 1, so "
-                   "patch them with allow_amplify=True")
+                   "patch them with allow_amplify=True; safe_vectors, toxic_direction, "
+                   "toxic_direction_neurons: from the rows' responses token by token (the "
+                   "recipes safe-vectors, toxic-direction, toxic-direction-neurons)")
     p.add_argument("--balanced", action="store_true",
                    help="subsample the larger class to the size of the smaller (seeded), as "
                    "ml-act does; linear_ot needs equal counts")
@@ -98,7 +103,16 @@ def add_method_options(p):
                    help="experts have AUROC above this (default 0.5)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k best experts; with "
                    "a transport method, only the maps of the k neurons whose classes are "
-                   "furthest apart (Cohen's d), every other neuron unchanged")
+                   "furthest apart (Cohen's d), every other neuron unchanged; with "
+                   "safe_vectors / toxic_direction_neurons, the number of neurons (default 10)")
+    p.add_argument("--hold-at", type=float, default=None, metavar="A",
+                   help="method safe_vectors: hold each chosen neuron at A times its own RMS "
+                   "activation over the rows' response tokens, signed to promote the benign "
+                   "tokens (default 10; scale 0 and shift a, so strength s gives "
+                   "(1 - s) m + s a)")
+    p.add_argument("--last-layers", type=int, default=None, metavar="L",
+                   help="method toxic_direction: subtract the direction on the down sites of "
+                   "the last L layers (default: the last quarter, rounded up)")
     p.add_argument("--strength", type=fraction, default=1.0)
     p.add_argument("--alpha", type=fraction, default=None, help="the factor of method damp")
 
@@ -114,7 +128,8 @@ def profile_options(args) -> ProfileOptions:
         truncate=not args.no_truncate, input_format=args.input_format,
         progress=not args.quiet, method=args.method, balanced=args.balanced,
         allow_amplify=args.allow_amplify, selection=args.selection, fdr=args.fdr,
-        threshold=args.threshold, top_k=args.top_k, strength=args.strength, alpha=args.alpha)
+        threshold=args.threshold, top_k=args.top_k, strength=args.strength, alpha=args.alpha,
+        hold_at=args.hold_at, last_layers=args.last_layers, recipe=args.recipe)
 
 
 def apply_recipe(args, say=print):
@@ -150,9 +165,15 @@ def apply_recorded_format(args, say=print):
 
 def check_profile_args(args):
     """Every option checked before the data is read or the model loaded."""
+    check_direction_options(args.method, sites=args.sites, pooling=args.pooling,
+                            modality=args.modality, top_k=args.top_k, hold_at=args.hold_at,
+                            last_layers=args.last_layers, alpha=args.alpha)
     if args.method in TRANSPORT_METHODS:
         if args.alpha is not None:
             raise ValueError(f"--alpha is for method damp only (method is {args.method})")
+    elif args.method in DIRECTION_METHODS:
+        if args.expertise_out:
+            raise ValueError(f"--expertise-out: method {args.method} measures no AUROC")
     else:
         check_method(args.method, args.alpha)
     check_selection(args.selection, args.fdr)
@@ -250,6 +271,8 @@ def _profile(args, rank, world, local_rank):
         return 0
     if found.options.transport:
         return _write_transport(args, found)
+    if found.options.method in DIRECTION_METHODS:
+        return _write_direction(args, found)
     found.scales.save(args.out)
     if args.expertise_out:
         found.expertise.save(args.expertise_out)
@@ -278,4 +301,18 @@ def _write_transport(args, found):
     print(f"wrote {args.out}: {scales!r} ({args.method}{kept}: {scales.changed()} neurons "
           f"moved) from {len(found.responses)} samples ({scales.metadata['n_toxic']} toxic); "
           f"{amplified} scales above 1: patch with allow_amplify=True")
+    return 0
+
+
+def _write_direction(args, found):
+    """profile --method safe_vectors | toxic_direction | toxic_direction_neurons: what the
+    method found (its lines) and the scale file."""
+    scales = found.scales
+    scales.save(args.out)
+    for line in found.lines:
+        print(line)
+    meta = scales.metadata
+    print(f"wrote {args.out}: {scales!r} ({args.method}: {scales.changed()} neurons changed) "
+          f"from {int(meta['n_toxic']) + int(meta['n_non_toxic'])} rows ({meta['n_toxic']} "
+          f"toxic); `sgm-ext calibrate` sets its strength for a fluency budget")
     return 0

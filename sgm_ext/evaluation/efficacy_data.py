@@ -1,6 +1,7 @@
 """Efficacy data: seeded raw-continuation prompts, the model's own continuations labelled by a
 judge (profiling rows with provenance), the RealToxicityPrompts-style toxic rate, and the
-random-position controls of the efficacy benchmark (bench/bench_efficacy.py).
+random controls of the efficacy benchmark (bench/bench_efficacy.py): the same changes at random
+positions, or a random direction of the same norm for a direction shift (matched_control picks).
 
 Every prompt text below was written for sgm-ext (templated sentence openers; nothing copied
 from a data set or another project). A prompt is a raw continuation (no chat template): a
@@ -327,3 +328,32 @@ def random_control(scales, seed=0):
     meta = dict(scales.metadata)
     meta.update(control="random positions", control_seed=seed)
     return ScaleSet(out_s, meta, shifts=out_b or None).validate(allow_amplify=True)
+
+
+def random_direction_control(scales, seed=0):
+    """The control of a direction shift (profile's toxic_direction): every shifted site's
+    shift replaced by a random direction of the same norm, one seeded Gaussian direction for
+    all sites of a width (as the recipe subtracts one direction on every layer); scales kept.
+    A random_control of the file would only permute the direction's coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    directions, shifts = {}, {}
+    for site in sorted(scales.shifts):
+        b = scales.shifts[site]
+        if b.numel() not in directions:
+            r = torch.randn(b.numel(), generator=g, dtype=torch.float64)
+            directions[b.numel()] = r / r.norm()
+        shifts[site] = (directions[b.numel()] * b.double().norm()).float()
+    meta = dict(scales.metadata)
+    meta.update(control="random direction of the same norm", control_seed=seed)
+    return ScaleSet(dict(scales.scales), meta, shifts=shifts or None).validate(
+        allow_amplify=True)
+
+
+def matched_control(scales, seed=0):
+    """The random control that matches how a scale file was made: random_direction_control
+    for a toxic direction shift (metadata method toxic_direction), random_control (the same
+    changes at random neurons of the same sites: safe vectors held at the same activations,
+    damped neurons, transport maps on random units) for every other file."""
+    if scales.metadata.get("method") == "toxic_direction":
+        return random_direction_control(scales, seed)
+    return random_control(scales, seed)

@@ -15,6 +15,9 @@ profiler's public face:
 - inputs.py: chat template, image tokens, batching;
 - expertise.py: AUROC per neuron (auroc.py) and the scales it gives (scale_math.py);
 - transport.py: AcT's transport maps (mean_ot, gaussian_ot, linear_ot) from the responses;
+- attribution.py: neurons ranked by their direct effect on the logits (and by gradients);
+- safe_vectors.py, directions.py: safe value vectors, the toxicity probe, its direction and
+  its neurons: the methods that read the rows' responses token by token;
 - workflow.py: the command line's profile workflow as one call (profile_model);
 - recipes.py: the peers' recipes by name (RECIPES; ProfileOptions.for_recipe).
 """

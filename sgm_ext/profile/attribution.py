@@ -3,6 +3,8 @@
 `gradient_attribution`: the first-order effect of damping each neuron on the likelihood of the
 toxic continuations against the benign ones. `direct_logit_attribution`: what each neuron
 writes into the logits of toxic tokens. `top_k_scales` turns either ranking into a ScaleSet.
+`LogitReadout` and `response_forwards` read the direct path during forwards over the rows'
+responses; safe_vectors.py ranks its neurons with them too.
 
 Direct logit attribution.
 
@@ -26,6 +28,7 @@ model's ordinary predictions. Architectures with a norm after the MLP (Gemma 2 /
 `post_feedforward_layernorm`) get that norm's gain and frozen scale on the way.
 Direct effects only: a neuron whose effect runs through later layers is not seen.
 """
+import contextlib
 import math
 
 import torch
@@ -38,7 +41,7 @@ from .pooling import resolve_sites
 POST_MLP_NORM = "post_feedforward_layernorm"  # Gemma 2 / 3: an RMS norm on the MLP's output
 
 
-def _rms_gain(norm, width, dtype):
+def rms_gain(norm, width, dtype):
     """(gain [width], eps) of an RMS norm module, read by applying it to a vector of ones:
     RMSNorm(1) = gain / sqrt(1 + eps), whichever way the class stores its weight."""
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -48,15 +51,91 @@ def _rms_gain(norm, width, dtype):
     return gain, eps
 
 
-def _post_mlp_norm(model, mlp_path):
+def post_mlp_norm(model, mlp_path):
     """The norm a decoder layer applies to its MLP's output before the residual sum, or None."""
     if "." not in mlp_path:
         return None
     return getattr(model.get_submodule(mlp_path.rsplit(".", 1)[0]), POST_MLP_NORM, None)
 
 
-def _inv_rms(x, eps):
+def inv_rms(x, eps):
     return torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
+
+
+class LogitReadout:
+    """The direct path from every `mid` neuron to the logits, read during forwards (the module
+    docstring's d): `hooks()` captures the mid activations (down's input), the post-MLP norm's
+    input where the layer has one, and the final norm's input; `directions(site, b, t, y)`
+    gives the rows g_f * (U[y] - mean U) / rms(h_t) (times the post-MLP norm's gain over its
+    frozen scale) at positions (b, t) for target tokens y. downs: {site: W_down float64}."""
+
+    def __init__(self, model):
+        self.sites = resolve_sites(model, ("mid",))
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.final_norm = getattr(decoder, "norm", None)
+        unembed = model.get_output_embeddings()
+        if self.final_norm is None or unembed is None:
+            raise ValueError(f"{type(model).__name__}: no final norm / output embedding to "
+                             "read direct logit effects through")
+        u = unembed.weight.detach().double()
+        self.u = u - u.mean(0, keepdim=True)
+        self.gain, self.eps = rms_gain(self.final_norm, u.shape[1], unembed.weight.dtype)
+        self.downs, self.posts, self._points = {}, {}, []
+        for site, (info, kind) in self.sites.items():
+            down = getattr(model.get_submodule(info.path), info.site_point(kind)[0])
+            self.downs[site] = down.weight.detach().double()
+            self._points.append((down, site))
+            post = post_mlp_norm(model, info.path)
+            if post is not None:
+                self.posts[site] = rms_gain(post, u.shape[1], unembed.weight.dtype)
+                self._points.append((post, site + "#post"))
+        self._points.append((self.final_norm, "#final"))
+        self.captured = {}
+
+    @contextlib.contextmanager
+    def hooks(self):
+        handles = [module.register_forward_pre_hook(
+            lambda m, args, key=key: self.captured.__setitem__(key, args[0].detach()))
+            for module, key in self._points]
+        try:
+            yield self.captured
+        finally:
+            for h in handles:
+                h.remove()
+
+    def final_directions(self, b, t, targets):
+        """[P, hidden] float64: g_f * U[y] / rms(h_t), the part every site shares."""
+        return self.gain * self.u[targets] * inv_rms(self.captured["#final"][b, t], self.eps)
+
+    def directions(self, site, shared, b, t):
+        """`shared` (final_directions) through the site's post-MLP norm, if it has one."""
+        if site not in self.posts:
+            return shared
+        gain, eps = self.posts[site]
+        return shared * gain * inv_rms(self.captured[site + "#post"][b, t], eps)
+
+    def activations(self, site, b, t):
+        """[P, intermediate] float64: the site's mid activations at positions (b, t)."""
+        return self.captured[site][b, t].double()
+
+
+def response_forwards(model, processor, rows, readout, *, batch_size=8, input_format="raw",
+                      limit=None):
+    """Forward the rows (prompt + response, left padded) under `readout`'s hooks, yielding per
+    batch (rows, next [B, T-1]: the token position t predicts, keep [B, T-1]: whether that
+    token is a response token, select [B, T]: the response tokens themselves); the captured
+    tensors are the batch's while its tuple is handled."""
+    device = input_device(model)
+    with readout.hooks():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            inputs, select = encode_batch(model, processor, batch, "response", "left", limit,
+                                          input_format)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            readout.captured.clear()
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+            yield batch, inputs["input_ids"].cpu()[:, 1:], select[:, 1:], select
 
 
 def direct_logit_attribution(model, processor, rows, toxic_ids, *, batch_size=8,
@@ -64,73 +143,37 @@ def direct_logit_attribution(model, processor, rows, toxic_ids, *, batch_size=8,
     """{mid site: [n] float64} scores as in the module docstring, and the number of toxic and
     benign targets seen ({"toxic": int, "benign": int}); ValueError when the toxic rows hold
     no toxic target or the model has no final RMS norm the ranking can read."""
-    sites = resolve_sites(model, ("mid",))
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    final_norm = getattr(decoder, "norm", None)
-    unembed = model.get_output_embeddings()
-    if final_norm is None or unembed is None:
-        raise ValueError(f"{type(model).__name__}: no final norm / output embedding to read "
-                         "direct logit effects through")
-    u = unembed.weight.detach().double()
-    u = u - u.mean(0, keepdim=True)
-    g_f, eps_f = _rms_gain(final_norm, u.shape[1], unembed.weight.dtype)
+    readout = LogitReadout(model)
     toxic_ids = torch.as_tensor(sorted(set(int(t) for t in toxic_ids)), dtype=torch.long)
-    captured, handles, downs, posts = {}, [], {}, {}
-    for site, (info, kind) in sites.items():
-        down = getattr(model.get_submodule(info.path), info.site_point(kind)[0])
-        downs[site] = down.weight.detach().double()
-        handles.append(down.register_forward_pre_hook(
-            lambda m, args, site=site: captured.__setitem__(site, args[0].detach())))
-        post = _post_mlp_norm(model, info.path)
-        if post is not None:
-            posts[site] = _rms_gain(post, u.shape[1], unembed.weight.dtype)
-            handles.append(post.register_forward_pre_hook(
-                lambda m, args, site=site: captured.__setitem__(site + "#post", args[0].detach())))
-    handles.append(final_norm.register_forward_pre_hook(
-        lambda m, args: captured.__setitem__("#final", args[0].detach())))
     sums = {label: {site: torch.zeros(w.shape[1], dtype=torch.float64)
-                    for site, w in downs.items()} for label in (0, 1)}
+                    for site, w in readout.downs.items()} for label in (0, 1)}
     counts = {0: 0, 1: 0}
-    device = input_device(model)
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            inputs, select = encode_batch(model, processor, batch, "response", "left", None,
-                                          input_format)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            captured.clear()
-            with torch.no_grad():
-                model(**inputs, use_cache=False)
-            ids = inputs["input_ids"].cpu()
-            nxt = ids[:, 1:]
-            # position t predicts token t + 1; a target is a response token (select) after it
-            keep = select[:, 1:].clone()
-            labels = torch.tensor([int(r.label) for r in batch])[:, None].expand_as(keep)
-            is_toxic = torch.isin(nxt, toxic_ids) & keep & labels.bool()
-            is_benign = keep & ~labels.bool()
-            for label, mask in ((1, is_toxic), (0, is_benign)):
-                b, t = mask.nonzero(as_tuple=True)
-                if len(b) == 0:
-                    continue
-                counts[label] += len(b)
-                h = captured["#final"][:, :-1][b, t]
-                direction = g_f * u[nxt[b, t]] * _inv_rms(h, eps_f)  # [P, hidden]
-                for site, w in downs.items():
-                    d = direction
-                    if site in posts:
-                        g_p, eps_p = posts[site]
-                        d = d * g_p * _inv_rms(captured[site + "#post"][:, :-1][b, t], eps_p)
-                    a = captured[site][:, :-1][b, t].double()
-                    sums[label][site] += (a * (d @ w)).sum(0)
-    finally:
-        for hd in handles:
-            hd.remove()
+    for batch, nxt, keep, _ in response_forwards(model, processor, rows, readout,
+                                                 batch_size=batch_size,
+                                                 input_format=input_format):
+        for label, mask in target_masks(batch, nxt, keep, toxic_ids).items():
+            b, t = mask.nonzero(as_tuple=True)
+            if len(b) == 0:
+                continue
+            counts[label] += len(b)
+            shared = readout.final_directions(b, t, nxt[b, t])
+            for site, w in readout.downs.items():
+                d = readout.directions(site, shared, b, t)
+                sums[label][site] += (readout.activations(site, b, t) * (d @ w)).sum(0)
     if counts[1] == 0:
         raise ValueError("no toxic target: none of the toxic rows' responses has a token of "
                          "the toxic token set")
     scores = {site: sums[1][site] / counts[1] - sums[0][site] / max(1, counts[0])
-              for site in downs}
+              for site in readout.downs}
     return scores, {"toxic": counts[1], "benign": counts[0]}
+
+
+def target_masks(batch, nxt, keep, toxic_ids):
+    """{1: toxic targets, 0: benign targets} [B, T-1] bool: a toxic target is a position of a
+    toxic row whose next token is a response token in `toxic_ids`, a benign one any position
+    of a non-toxic row whose next token is a response token."""
+    labels = torch.tensor([int(r.label) for r in batch], dtype=torch.bool)[:, None]
+    return {1: torch.isin(nxt, toxic_ids) & keep & labels, 0: keep & ~labels}
 
 
 def gradient_attribution(model, processor, rows, *, batch_size=8, sites=("mid",), safe=True):

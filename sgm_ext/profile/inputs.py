@@ -248,7 +248,10 @@ def encode_batch(model, processor, rows, modality, padding_side, limit=None, fmt
     """(inputs, select [B, T] bool): the model inputs and the tokens each sample pools over
     (see MODALITIES). limit: a LengthLimit for the rows, or None; fmt: see FORMATS."""
     images = [load_image(r.image) for r in rows]
-    with_response = modality == "response"
+    # "all" is every token the model reads, so a row's response too (the model's own
+    # continuation in rows `sgm-ext sample` writes); "sample" / "text" / "image": the row's own
+    # text and image tokens, without its response
+    with_response = modality in ("response", "all")
     encodings = [encode_row(processor, r, with_response, im, limit, fmt)
                  for r, im in zip(rows, images)]
     batch, lengths = collate(encodings, pad_token_id(processor), padding_side)
