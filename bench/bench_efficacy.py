@@ -358,7 +358,7 @@ def main(argv=None):
     control = f"random-{best}"
     scales, cal = made[best]
     test[control] = runner.run("test", splits["test"], control,
-                               ed.random_control(scales, seed=args.seed), cal.strength)
+                               ed.matched_control(scales, seed=args.seed), cal.strength)
     published = made[best][1].scales
     published.metadata.update(efficacy_recipe=best, efficacy_round="4")
     published.save(os.path.join(args.out, f"efficacy-{name}{suffix}.safetensors"))
