@@ -32,6 +32,13 @@ def cli(*args, env=None, cwd=ROOT):
 BEFORE_LOAD = {"SGM_EXT_TEST_PAUSE": "load"}
 
 
+def _ctrl_c_as_in_a_terminal():
+    # a test run started in the background (`pytest ... &` in a script, nohup) passes SIGINT
+    # on ignored, and Python then never raises KeyboardInterrupt: the program under test gets
+    # SIGINT as a user's terminal delivers it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted_at(pause, args, command=("-m", "sgm_ext")):
     """Run the CLI with SGM_EXT_TEST_PAUSE=pause; when it reports that it paused there, send
     Ctrl-C (SIGINT): (exit status, stdout, stderr). Waits on the program's line, never on
@@ -39,7 +46,8 @@ def interrupted_at(pause, args, command=("-m", "sgm_ext")):
     env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
                SGM_EXT_TEST_PAUSE=pause)
     proc = subprocess.Popen([sys.executable, *command, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     watchdog = threading.Timer(HANG_S, proc.kill)  # a hang fails the test, it does not block
     watchdog.start()
     try:
