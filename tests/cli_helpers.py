@@ -1,5 +1,6 @@
 """Running `python -m sgm_ext` in a fresh process as a user does, for the tests of the command
-line: its output, a refusal's one line, Ctrl-C at a known point, and the files it leaves."""
+line: its output, a refusal's one line, Ctrl-C at a known point, and the files it leaves. Every
+run is waited for however long the machine takes (cli_runs.HANG_S only ends a hang)."""
 import hashlib
 import os
 import signal
@@ -7,34 +8,42 @@ import subprocess
 import sys
 import threading
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_runs import HANG_S, ROOT, run_cli
+
+__all__ = ["BEFORE_LOAD", "ROOT", "cli", "interrupted_at", "refused", "snapshot"]
 
 
-def cli(*args, timeout=240, env=None, **kwargs):
-    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr). env: more
-    environment variables."""
-    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",  # as a user has it
-               **(env or {}))
-    res = subprocess.run([sys.executable, "-m", "sgm_ext", *map(str, args)], capture_output=True,
-                         text=True, timeout=timeout, cwd=kwargs.get("cwd", ROOT), env=env)
-    return res.returncode, res.stdout, res.stderr
+def cli(*args, env=None, cwd=ROOT):
+    """`python -m sgm_ext ARGS` in a fresh process, waited for however long it takes: (exit
+    status, stdout, stderr). env: more environment variables."""
+    return run_cli(*map(str, args), cwd=cwd,
+                   env={"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",  # as a user has it
+                        **(env or {})})
 
 
-# A command given this environment stops at its model load and waits there (core/pause.py):
-# a refusal that comes "before the model loads" ends the process before that, any other times
-# out.
+# A command given this environment stops at its model load (core/pause.py): a refusal that
+# comes "before the model loads" ends the process before that; a command that gets there is
+# killed at once (cli_runs.run_process) and fails the test.
 BEFORE_LOAD = {"SGM_EXT_TEST_PAUSE": "load"}
 
 
-def interrupted_at(pause, args, command=("-m", "sgm_ext"), timeout=240):
+def _ctrl_c_as_in_a_terminal():
+    # a test run started in the background (`pytest ... &` in a script, nohup) passes SIGINT
+    # on ignored, and Python then never raises KeyboardInterrupt: the program under test gets
+    # SIGINT as a user's terminal delivers it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupted_at(pause, args, command=("-m", "sgm_ext")):
     """Run the CLI with SGM_EXT_TEST_PAUSE=pause; when it reports that it paused there, send
     Ctrl-C (SIGINT): (exit status, stdout, stderr). Waits on the program's line, never on
     time."""
     env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
                SGM_EXT_TEST_PAUSE=pause)
     proc = subprocess.Popen([sys.executable, *command, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    watchdog = threading.Timer(timeout, proc.kill)  # a hang fails the test, it does not block
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
+    watchdog = threading.Timer(HANG_S, proc.kill)  # a hang fails the test, it does not block
     watchdog.start()
     try:
         seen = []

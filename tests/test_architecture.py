@@ -5,6 +5,8 @@ private names, no module is long, and test modules do not import each other."""
 import ast
 import pathlib
 
+from cli_runs import HANG_S
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = "sgm_ext"
 # sgm_ext.kernels is installed from the top-level kernels/ (setup.py maps it there)
@@ -266,5 +268,5 @@ def test_the_flat_layout_module_paths_still_import():
     import subprocess
     import sys
     res = subprocess.run([sys.executable, "-c", OLD_IMPORTS], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+                         cwd=ROOT, timeout=HANG_S)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr[-3000:]

@@ -5,13 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from _profile_models import planted_llama, planted_rows, tokenizer
 from cli_helpers import BEFORE_LOAD, ROOT, cli, interrupted_at, refused, snapshot
+from cli_runs import HANG_S, run_process
 
 from sgm_ext.app import synthetic
 from sgm_ext.patching.scales import ScaleSet, load_scales
@@ -33,7 +33,7 @@ def home(tmp_path_factory):
     rc, out, err = cli("profile", "--model", root / "model", "--data", root / "data.jsonl",
                        "--out", root / "scales.safetensors", "--quiet", "--no-plot",
                        "--threshold", "0.8")
-    assert rc == 0, err
+    assert rc == 0, out[-3000:] + err[-3000:]
     (root / "prompts.jsonl").write_text(json.dumps({"text": "word1 word2"}) + "\n")
     (root / "notes.txt").write_text("my notes\n")
     return root
@@ -252,13 +252,31 @@ def test_inspect_on_a_directory_an_empty_set_and_a_missing_file(home, tmp_path):
     refused(["inspect", empty], "holds no sites (an empty scale set)", empty)
 
 
+# The command line with every network connection refused and reported (exit status 99): a
+# test that nothing is downloaded or asked of the Hub, whatever the machine's speed.
+NO_NETWORK = ("import os, sys\n"
+              "def no_network(event, args):\n"
+              "    if event in ('socket.connect', 'socket.getaddrinfo'):\n"
+              "        print('error: the command used the network:', event, args, "
+              "file=sys.stderr, flush=True)\n"
+              "        os._exit(99)\n"
+              "sys.addaudithook(no_network)\n"
+              "from sgm_ext.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+
+
 def test_missing_model_directory_is_named_at_once_and_nothing_is_downloaded(home, tmp_path):
-    start = time.perf_counter()
-    refused(["profile", "--model", "does_not_exist_relative", "--data", home / "data.jsonl",
-             "--out", tmp_path / "s.safetensors"],
-            "no such model directory: does_not_exist_relative", tmp_path)
-    refused(["sites", "--model", "does_not_exist_relative"], "no such model directory", tmp_path)
-    assert time.perf_counter() - start < 60  # no Hub retries
+    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")
+    for args, message in (
+            (["profile", "--model", "does_not_exist_relative", "--data", home / "data.jsonl",
+              "--out", tmp_path / "s.safetensors"],
+             "no such model directory: does_not_exist_relative"),
+            (["sites", "--model", "does_not_exist_relative"], "no such model directory")):
+        rc, _, err = run_process([sys.executable, "-c", NO_NETWORK, *args], env=env)
+        assert rc == 2 and "the command used the network" not in err, err[-3000:]
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and message in lines[0], err[-3000:]
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_scale_key_without_dots_is_named_as_the_unknown_site(home, tmp_path):
@@ -310,7 +328,7 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     proc.stdout.readline()
     proc.stdout.close()  # `| head -1`
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141
+    assert proc.wait(timeout=HANG_S) == 141
     assert "Traceback" not in err and "Broken pipe" not in err, err
 
 
@@ -548,10 +566,9 @@ for judge in (strings, short):
     except ValueError as e:
         print('ValueError:', e)
 """
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=240, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.splitlines()
+    rc, out, err = run_process([sys.executable, "-c", script])
+    assert rc == 0, err[-3000:]
+    lines = out.splitlines()
     assert lines[0].startswith("ValueError: judge 'strings' (CallableJudge) returned str "
                                "'harmful' for answer 0; a judge returns a score in [0, 1] or "
                                "a bool"), lines
@@ -592,6 +609,88 @@ def test_the_real_demo_has_its_own_default_directory(home, tmp_path):
     assert "files in sgm-ext-demo-real" in out
     rc, out, _ = cli("demo", "--help")
     assert "with --real sgm-ext-demo-real" in " ".join(out.split())
+
+
+# ---------------------------------------------------------------- issue 32
+
+def test_prompt_files_without_a_label_column_are_sampled_and_evaluated(home, tmp_path):
+    """Item 3: README says a prompt's label is optional; a CSV whose header has text (or
+    prompt) alone is read by sample and eval. Profiling rows still need their label."""
+    texts = ["word1 word2 word3", "word4 tox1 word5", "word6 word7"]
+    for column in ("text", "prompt"):
+        prompts = tmp_path / f"{column}only.csv"
+        prompts.write_text(f"{column}\n" + "".join(f"{t}\n" for t in texts))
+        rows = tmp_path / f"{column}_rows.jsonl"
+        rc, out, err = cli("sample", "--model", home / "model", "--prompts", prompts, "--out",
+                           rows, "--samples", "2", "--max-new-tokens", "2", "--quiet")
+        assert rc == 0, err[-3000:]
+        written = [json.loads(line) for line in rows.open()]
+        assert sorted({r["text"] for r in written}) == sorted(texts)
+        report_dir = tmp_path / f"{column}_report"
+        rc, out, err = cli("eval", "--model", home / "model", "--scales",
+                           home / "scales.safetensors", "--prompts", prompts, "--out",
+                           report_dir, "--max-new-tokens", "2", "--latency-runs", "0",
+                           "--quiet")
+        assert rc == 0, err[-3000:]
+        report = json.loads((report_dir / "report.json").read_text())
+        assert [g["prompt"] for g in report["generations"]] == texts
+        assert report["n_harmful_prompts"] == len(texts)  # unlabelled: counted as harmful
+    refused(profile_args(home, tmp_path / "s.safetensors", data=tmp_path / "textonly.csv"),
+            "textonly.csv: the header has no label column", home, env=BEFORE_LOAD)
+
+
+def test_a_missing_prompt_or_data_file_is_named_on_one_line(home, tmp_path):
+    """Item 5: every file of prompts, rows or passages that is not there is named, before the
+    model loads, on one line without `[Errno 2]`; nothing is written."""
+    missing = tmp_path / "nope.jsonl"
+    evaluate = ["eval", "--model", home / "model", "--scales", home / "scales.safetensors",
+                "--out", tmp_path / "report", "--quiet"]
+    for args in (
+            ["sample", "--model", home / "model", "--prompts", missing, "--out",
+             tmp_path / "rows.jsonl"],
+            evaluate + ["--prompts", missing],
+            evaluate + ["--prompts", home / "prompts.jsonl", "--capability", missing],
+            evaluate + ["--prompts", home / "prompts.jsonl", "--reference", missing],
+            profile_args(home, tmp_path / "s.safetensors", data=missing),
+            profile_args(home, tmp_path / "s.safetensors", data=tmp_path / "nope.csv")):
+        name = missing if missing in args else tmp_path / "nope.csv"
+        err = refused(args, f"{name}: No such file or directory", home, tmp_path,
+                      env=BEFORE_LOAD)
+        assert "Errno" not in err, err
+        assert os.listdir(tmp_path) == []
+    refused(evaluate + ["--prompts", tmp_path], f"{tmp_path}: unknown data file type", home,
+            env=BEFORE_LOAD)
+    folder = tmp_path / "prompts.jsonl"
+    folder.mkdir()
+    refused(evaluate + ["--prompts", folder], f"{folder}: Is a directory", home, env=BEFORE_LOAD)
+
+
+def test_inspect_counts_damped_amplified_and_shifted_apart(tmp_path):
+    """Item 5: a transport map's scales above 1 are amplified, not damped; its shifts are
+    counted as the neurons they move."""
+    scales = torch.ones(10)
+    scales[[0, 1, 2]] = torch.tensor([0.0, 0.5, 0.99])  # 3 damped
+    scales[[7, 8]] = torch.tensor([1.01, 3.0])  # 2 amplified
+    shifts = torch.zeros(10)
+    shifts[[1, 4, 5, 9]] = torch.tensor([0.1, -2.0, 1e-3, 5.0])  # 4 shifted
+    path = tmp_path / "map.safetensors"
+    ScaleSet({"model.layers.0.mlp.mid": scales, "model.layers.1.mlp.mid": torch.ones(10)},
+             {"method": "linear_ot"}, shifts={"model.layers.0.mlp.mid": shifts}).save(path)
+    rc, out, err = cli("inspect", path)
+    assert rc == 0, err[-3000:]
+    lines = out.splitlines()
+    assert lines[0] == (f"{path}: ScaleSet(2 sites, 20 neurons, 3 damped, 2 amplified, 4 "
+                        "shifted on 1 sites)"), lines[0]
+    header = next(line for line in lines if line.split()[:2] == ["neurons", "damped"])
+    assert header.split()[2] == "amplif."
+    row = next(line for line in lines if line.endswith("  model.layers.0.mlp.mid"))
+    assert row.split()[:3] == ["10", "3", "2"], row
+    per_layer = lines[lines.index("damped per layer:") + 2]
+    assert per_layer.split() == ["0", "mid", "3"], per_layer
+    # a damping file says nothing of amplification
+    ScaleSet({"model.layers.0.mlp.mid": scales.clamp(max=1)}).save(tmp_path / "damp.safetensors")
+    rc, out, _ = cli("inspect", tmp_path / "damp.safetensors")
+    assert out.splitlines()[0].endswith(": ScaleSet(1 sites, 10 neurons, 3 damped)"), out
 
 
 # ---------------------------------------------------------------- sgm-ext export

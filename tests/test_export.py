@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from _profile_models import planted_llama
+from cli_runs import HANG_S
 from patch_models import build, logits
 from safetensors import safe_open
 
@@ -238,7 +239,7 @@ def test_plain_transformers_loads_it_without_sgm_ext_and_inspect_says_what_was_f
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
     res = subprocess.run([sys.executable, "-m", "sgm_ext", "export", "--model", src, "--scales",
                           tmp_path / "s.safetensors", "--out", tmp_path / "out", "--strength",
-                          str(STRENGTH)], capture_output=True, text=True, cwd=ROOT, timeout=240)
+                          str(STRENGTH)], capture_output=True, text=True, cwd=ROOT, timeout=HANG_S)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "wrote" in res.stdout and "biases added" in res.stdout
     script = (  # sgm_ext cannot be imported in this process
@@ -250,7 +251,7 @@ def test_plain_transformers_loads_it_without_sgm_ext_and_inspect_says_what_was_f
         "    out = m(input_ids=torch.tensor([[2, 5, 9, 13, 40, 7]])).logits\n"
         f"torch.save(out, {str(tmp_path / 'logits.pt')!r})\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, timeout=240)
+                         cwd=tmp_path, env=env, timeout=HANG_S)
     assert res.returncode == 0, res.stderr[-3000:]
     reference = type(model).from_pretrained(src, dtype="auto").eval()
     sgm_ext.patch(reference, scales, mode="fold", strength=STRENGTH)
@@ -258,7 +259,7 @@ def test_plain_transformers_loads_it_without_sgm_ext_and_inspect_says_what_was_f
                        logits(reference, {"input_ids": torch.tensor([[2, 5, 9, 13, 40, 7]])}))
 
     res = subprocess.run([sys.executable, "-m", "sgm_ext", "inspect", tmp_path / "out"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=240)
+                         capture_output=True, text=True, cwd=ROOT, timeout=HANG_S)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sha(tmp_path / "s.safetensors") in res.stdout and "strength: 0.7" in res.stdout
     assert "model.layers.1.mlp.down_proj: down, 0 damped, shifted" in res.stdout

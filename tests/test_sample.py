@@ -9,11 +9,10 @@ words) is toxic about half the time and both classes come out of a few prompts."
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from _sample_models import RUDE, tiny_llama, word_tokenizer
+from cli_runs import run_cli
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sgm_ext.cli import main
@@ -48,12 +47,10 @@ def home(tmp_path_factory):
     return root
 
 
-def cli(*args, env=None, timeout=120):
-    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr)."""
-    env = dict(os.environ, **(env or {}))
-    res = subprocess.run([sys.executable, "-m", "sgm_ext", *map(str, args)],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    return res.returncode, res.stdout, res.stderr
+def cli(*args, env=None):
+    """`python -m sgm_ext ARGS` in a fresh process, waited for: (exit status, stdout,
+    stderr)."""
+    return run_cli(*args, env=env)
 
 
 def digest(path):
@@ -280,14 +277,16 @@ def test_profile_reads_the_rows_in_their_format(home, tmp_path, capsys, fmt):
 
 # ------------------------------------------------------------------ bad input
 
-BEFORE_LOAD = {"SGM_EXT_TEST_PAUSE": "load"}  # the load waits: a refusal must come before
+# the load pauses: a refusal must come before it (a command that gets there is stopped at once)
+BEFORE_LOAD = {"SGM_EXT_TEST_PAUSE": "load"}
 
 
 def refused(args, message, *unchanged):
     """One `error:` line with `message`, exit status 2, no traceback, before the model loads
-    (the load pauses: a later refusal times out), the files in `unchanged` as they were."""
+    (the load pauses: a command that gets there is stopped and fails), the files in
+    `unchanged` as they were."""
     before = {p: digest(p) if os.path.isfile(p) else None for p in unchanged}
-    rc, out, err = cli(*args, env=BEFORE_LOAD, timeout=90)
+    rc, out, err = cli(*args, env=BEFORE_LOAD)
     assert rc == 2, (rc, out[-2000:], err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if "error:" in line]
@@ -306,7 +305,7 @@ def bad(home):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"--model": "nowhere"}, "no such model directory"),
-    ({"--prompts": "missing.jsonl"}, "No such file or directory"),
+    ({"--prompts": "missing.jsonl"}, "missing.jsonl: No such file or directory"),
     ({"--prompts": "empty.jsonl"}, "empty.jsonl: no prompts"),
     ({"--prompts": "broken.jsonl"}, "broken.jsonl row 2 (line 2): not valid JSON"),
     ({"--prompts": "image.jsonl"}, "image 'x.png' not found"),

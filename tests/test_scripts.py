@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -39,7 +40,7 @@ def run_tests(tmp_path, *args, cuda, xdist=True, pytest_status=0, **env):
     base.update(PYTHON=str(fake), FAKE_LOG=str(log), FAKE_CUDA="0" if cuda else "1",
                 FAKE_XDIST="0" if xdist else "1", FAKE_PYTEST=str(pytest_status), **env)
     res = subprocess.run(["bash", os.path.join(SCRIPTS, "run_tests.sh"), *args], env=base,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=HANG_S)
     runs = log.read_text().splitlines() if log.exists() else []
     return res, runs
 
@@ -112,10 +113,10 @@ def test_gpu_run_fails_where_the_gpu_tests_skip():
     env = {k: v for k, v in os.environ.items() if k != "SGM_EXT_GPU_RUN"}
     env.update(TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "pytest", node, "-q", "-p", "no:cacheprovider"]
-    plain = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    plain = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=HANG_S)
     assert plain.returncode == 0 and "1 skipped" in plain.stdout, plain.stdout[-2000:]
     gpu_run = subprocess.run(cmd, env={**env, "SGM_EXT_GPU_RUN": "1"}, capture_output=True,
-                             text=True, cwd=ROOT, timeout=300)
+                             text=True, cwd=ROOT, timeout=HANG_S)
     assert gpu_run.returncode != 0, gpu_run.stdout[-2000:]
     assert "skipped in the GPU run" in gpu_run.stdout and "no CUDA GPU" in gpu_run.stdout
 
@@ -128,7 +129,7 @@ def _gpu_check(tmp_path, path):
     out = tmp_path / "out"
     env = {**os.environ, "PATH": path, "SGM_EXT_GPU_CHECK_OUT": str(out)}
     res = subprocess.run(["/bin/bash", str(script)], env=env, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=HANG_S)
     return res, out
 
 
@@ -164,7 +165,7 @@ def test_gpu_check_refuses_without_nvidia_smi(tmp_path):
 def test_bench_gpu_refuses_without_a_gpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--quick"],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "torch sees no CUDA GPU here" in res.stderr
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import HANG_S
 from patch_models import build
 from torch import nn
 
@@ -285,7 +286,7 @@ def test_start_up_checks_name_the_bad_entry(tmp_path):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "sgm_ext", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
 
 
 def test_serve_checks_everything_before_vllm(tmp_path):
@@ -458,14 +459,67 @@ def test_run_server_puts_a_file_changed_during_start_up_last(tmp_path):
     noisy = ("import sys\nfor i in range(50): print('Traceback', i, file=sys.stderr)\n"
              f"open({str(scales)!r}, 'wb').write(b'other')\nsys.exit(1)")
     r = launched(tmp_path, noisy, scales, digest)
-    _, err = r.communicate(timeout=60)
+    _, err = r.communicate(timeout=HANG_S)
     last = err.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("sgm-ext serve: error: ")
     assert "changed on disk while the server was starting" in last
     # the server failing for another reason: its own status, nothing added
     r = launched(tmp_path, "raise SystemExit(3)", scales, serving.file_sha256(scales))
-    _, err = r.communicate(timeout=60)
+    _, err = r.communicate(timeout=HANG_S)
     assert r.returncode == 3 and "error" not in err
+
+
+def test_run_server_waits_for_the_servers_processes_before_its_last_line(tmp_path):
+    """Issue 32 item 7: vLLM's engine core outlives its front end and prints its tracebacks
+    after it; the one line comes after theirs. The server here leaves a process behind that
+    prints only once the server has exited."""
+    scales = tmp_path / "s.safetensors"
+    scales.write_bytes(b"checked")
+    digest = serving.file_sha256(scales)
+    engine = ("import os, sys, time\n"
+              "while os.getppid() == int(sys.argv[1]):  # until the server is gone\n"
+              "    time.sleep(0.05)\n"
+              "print('Traceback: the engine core, after the server', file=sys.stderr)\n")
+    server = ("import os, subprocess, sys\n"
+              f"subprocess.Popen([sys.executable, '-c', {engine!r}, str(os.getpid())])\n"
+              f"open({str(scales)!r}, 'wb').write(b'other')\n"
+              "sys.exit(1)\n")
+    r = launched(tmp_path, server, scales, digest)
+    _, err = r.communicate(timeout=HANG_S)
+    lines = err.strip().splitlines()
+    assert r.returncode == 2, err
+    assert "Traceback: the engine core, after the server" in lines[:-1], lines
+    assert lines[-1].startswith("sgm-ext serve: error: ") and \
+        "changed on disk while the server was starting" in lines[-1], lines
+
+
+def test_serve_refuses_a_file_changed_while_it_checked_it(tmp_path):
+    """Issue 32 item 7: the file replaced between serve's hash and its check (a test pause
+    there) is refused on one line before anything starts, rather than served unchecked."""
+    hf, _ = build("llama")
+    hf.save_pretrained(tmp_path / "model")
+    scales = tmp_path / "s.safetensors"
+    ScaleSet(scales_for(hf, ("mid",))).save(scales)
+    other = ScaleSet(scales_for(hf, ("up",)))
+    resume = tmp_path / "resume"
+    env = dict(os.environ, SGM_EXT_TEST_PAUSE="serve-check", SGM_EXT_TEST_RESUME=str(resume))
+    proc = subprocess.Popen([sys.executable, "-m", "sgm_ext", "serve", "--model",
+                             str(tmp_path / "model"), "--scales", str(scales), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("sgm-ext: paused at serve-check"):
+            other.save(scales)  # a valid scale file, but not the one hashed
+            resume.touch()
+            break
+    out, err = proc.communicate(timeout=HANG_S)
+    err = "".join(seen) + err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert proc.returncode == 2, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("sgm-ext serve: error: ") and \
+        f"{scales} changed on disk while sgm-ext serve was checking it" in lines[0], err
+    assert "Traceback" not in err and "vLLM" not in lines[0]
 
 
 def test_run_server_hands_sigterm_to_the_server(tmp_path):
@@ -479,5 +533,5 @@ def test_run_server_hands_sigterm_to_the_server(tmp_path):
     r = launched(tmp_path, child, scales, serving.file_sha256(scales))
     assert r.stdout.readline().strip() == "ready"  # the child's own report, not a clock
     r.send_signal(signal.SIGTERM)
-    out, _ = r.communicate(timeout=60)
+    out, _ = r.communicate(timeout=HANG_S)
     assert r.returncode == 0 and out.strip() == "stopping"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -16,7 +17,7 @@ def triton_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "static_gpu_report.py"),
-                    "--no-cuda", "--json", str(out)], check=True, env=env, cwd=ROOT, timeout=900)
+                    "--no-cuda", "--json", str(out)], check=True, env=env, cwd=ROOT, timeout=HANG_S)
     return json.loads(out.read_text())
 
 

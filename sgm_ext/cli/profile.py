@@ -21,7 +21,14 @@ from ..profile.recipes import RECIPES, describe, recipe
 from ..profile.responses import DEFAULT_RAM_BUDGET
 from ..profile.transport import TRANSPORT_METHODS
 from ..profile.workflow import ProfileOptions, profile_model
-from .options import add_input_options, fraction, input_format_line, positive, size
+from .options import (
+    add_device_options,
+    add_input_options,
+    fraction,
+    input_format_line,
+    positive,
+    size,
+)
 
 POOLED = {"sample": "each row's own tokens: its text and image, not the chat template's",
           "all": "every token, the chat template's and a row's response included",
@@ -40,7 +47,9 @@ def add_profile(sub):
     p.add_argument("--out", required=True, help="scale file to write (.safetensors)")
     p.add_argument("--sites", nargs="+", default=["mid"],
                    help=f"site kinds ({', '.join(kinds)}) or full site names (default: mid)")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean",
+                   help="how a neuron's values over a row's tokens become one response: mean "
+                   "(default; the SGM authors' code), max (AurA), last (the last token's)")
     p.add_argument("--modality", choices=MODALITIES, default="sample",
                    help="the tokens pooled: sample (default: the row's own text and image "
                    "tokens, not the chat template's), all, text, image, response")
@@ -51,21 +60,23 @@ def add_profile(sub):
                    + "; ".join(f"{name}: {text.split(':')[0]}" for name, (text, _)
                                in RECIPES.items()))
     add_method_options(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto",
-                   help="auto (GPU(s) if any: device_map='auto', one GPU per rank under "
-                   "torchrun), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: the checkpoint's dtype on GPU, float32 on CPU")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows in one forward pass (default 8)")
+    add_device_options(p, "auto (default: GPU(s) if any, device_map='auto', one GPU per rank "
+                       "under torchrun; else the CPU), cpu, cuda, cuda:N")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="profile the first N good rows only (default: every row)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip rows with empty text, unknown label or missing image (counted)")
-    p.add_argument("--padding-side", choices=("left", "right"), default=None)
+    p.add_argument("--padding-side", choices=("left", "right"), default=None,
+                   help="where a batch's shorter rows are padded (default: the tokenizer's "
+                   "side); padding is masked out of the pooling either way")
     p.add_argument("--ram-budget", type=size, default=DEFAULT_RAM_BUDGET,
                    help="responses kept in RAM before spilling to disk (default 4G)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="save progress here; rerunning the same command resumes")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="batches between checkpoints (default 50)")
     p.add_argument("--expertise-out", default=None,
                    help="also write the per-neuron AUROC (safetensors) here")
     add_input_options(p)
@@ -113,7 +124,9 @@ def add_method_options(p):
     p.add_argument("--last-layers", type=int, default=None, metavar="L",
                    help="method toxic_direction: subtract the direction on the down sites of "
                    "the last L layers (default: the last quarter, rounded up)")
-    p.add_argument("--strength", type=fraction, default=1.0)
+    p.add_argument("--strength", type=fraction, default=1.0,
+                   help="lambda in [0, 1], written into the scales: 1 - lambda (1 - alpha) "
+                   "(default 1: the full scales)")
     p.add_argument("--alpha", type=fraction, default=None, help="the factor of method damp")
 
 

@@ -23,6 +23,7 @@ from ..profile.data import PROVENANCE_SUFFIX
 from ..profile.inputs import resolve_format
 from ..version import __version__
 from .options import (
+    add_device_options,
     add_format_option,
     add_judge_options,
     add_sampling_options,
@@ -63,9 +64,9 @@ def add_sample(sub):
     add_judge_options(p, what="a continuation is toxic (label 1)")
     add_format_option(p, default="raw")
     p.add_argument("--batch-size", type=int, default=16,
-                   help="prompts sampled together (K rows each; the draws depend on it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+                   help="prompts sampled together (K rows each; the draws depend on it; "
+                   "default 16)")
+    add_device_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing --out that sgm-ext did not write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -5,6 +5,7 @@ import os
 import sys
 
 from ..app.loading import check_model_dir
+from ..core.pause import pause_point
 from ..core.scale_math import check_strength
 from ..serving.launch import check_listen_address, run_server
 from ..serving.settings import (
@@ -12,6 +13,7 @@ from ..serving.settings import (
     SETTINGS_KEY,
     check_for_serving,
     file_sha256,
+    file_state,
     read_settings,
 )
 
@@ -33,7 +35,8 @@ def add_serve(sub):
     p.add_argument("--per-request", action="store_true",
                    help='let each request set its own strength ("vllm_xargs": '
                    '{"sgm_strength": x} in an OpenAI request)')
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (CPU: processes)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs (CPU: processes) the model is split over (default 1)")
     p.add_argument("--allow-amplify", action="store_true", help="accept scales above 1")
     p.set_defaults(func=run_serve, vllm_args=[])
 
@@ -67,9 +70,18 @@ def run_serve(args):
     check_listen_address(args.vllm_args)  # a port in use: now, not after vLLM's start-up
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     settings = read_settings(json.loads(command[command.index("--additional-config") + 1]))
-    # the errors vLLM would stop with, now; then the file checked is the file served
+    # the hash is taken before the check and compared after it, so the file checked is the
+    # file served: vLLM refuses any other contents (scales_sha256)
+    try:
+        digest = file_sha256(settings.scales)
+    except OSError:  # missing or unreadable: the check below says so, in its words
+        digest = None
+    pause_point("serve-check")  # tests: the file changed between the hash and the check
+    # the errors vLLM would stop with, now
     targets = check_for_serving(config, settings, amplify_option=AMPLIFY_FLAG)
-    digest = file_sha256(settings.scales)
+    if file_state(settings.scales, digest) != "as loaded":
+        raise ValueError(f"{settings.scales} changed on disk while sgm-ext serve was checking "
+                         "it: nothing was started; start the server again")
     command = serve_command(args, scales_sha256=digest)
     if importlib.util.find_spec("vllm") is None:
         raise ValueError(f"vLLM is not installed in this Python ({sys.executable}): "

@@ -11,7 +11,9 @@ the block ends (a model's weights folded or restored whole, never half).
 
 `pause_point(name)`: with SGM_EXT_TEST_PAUSE=name in the environment the program says on
 stderr that it paused there, then waits for a signal; a test interrupts it at that known point
-instead of after a guessed time. Unset (always, outside the tests), it does nothing.
+instead of after a guessed time. With SGM_EXT_TEST_RESUME=FILE as well, it goes on once FILE
+exists: a test changes something at that point (a file the program checked) and lets it run
+on. Unset (always, outside the tests), it does nothing.
 """
 import contextlib
 import os
@@ -21,15 +23,19 @@ import threading
 import time
 
 PAUSE_ENV = "SGM_EXT_TEST_PAUSE"
+RESUME_ENV = "SGM_EXT_TEST_RESUME"
 
 
 def pause_point(name):
-    """Wait here for a signal when SGM_EXT_TEST_PAUSE is `name` (tests only)."""
+    """Wait here for a signal when SGM_EXT_TEST_PAUSE is `name` (tests only); with
+    SGM_EXT_TEST_RESUME=FILE, until FILE exists."""
     if os.environ.get(PAUSE_ENV) != name:
         return
     print(f"sgm-ext: paused at {name} ({PAUSE_ENV})", file=sys.stderr, flush=True)
-    while True:
-        time.sleep(60)
+    resume = os.environ.get(RESUME_ENV)
+    while not (resume and os.path.exists(resume)):
+        time.sleep(0.1 if resume else 60)
+    print(f"sgm-ext: resumed at {name} ({RESUME_ENV})", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

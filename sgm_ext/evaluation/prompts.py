@@ -6,9 +6,13 @@ file) and `category`; bad rows are refused with their row and line, as profiling
 import os
 from typing import Any, NamedTuple, Optional
 
-from ..profile.data import check_image, parse_label, records
+from ..profile.data import check_image, open_input, parse_label, records
 
 BENIGN_TEXT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources", "benign.txt")
+# The columns a CSV header must have (one name of each group): a prompt needs only its text
+# (the label is optional); a capability item its question and reference answer.
+PROMPT_COLUMNS = (("text", "prompt"),)
+CAPABILITY_COLUMNS = (("question", "text", "prompt"), ("answer", "reference"))
 
 
 class Prompt(NamedTuple):
@@ -32,7 +36,7 @@ def load_prompts(prompts, max_prompts=None, what="prompts"):
     is_path = isinstance(prompts, (str, os.PathLike))
     base_dir = os.path.dirname(os.path.abspath(os.fspath(prompts))) if is_path else "."
     rows = []
-    for number, where, record in records(prompts):
+    for number, where, record in records(prompts, PROMPT_COLUMNS):
         if max_prompts is not None and len(rows) >= max_prompts:
             break
         if isinstance(record, str):
@@ -79,7 +83,7 @@ def load_capability(path, max_items=None):
     options, appended to the question as lines "A. ...", "B. ...")."""
     base_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
     rows, references = [], []
-    for number, where, record in records(path):
+    for number, where, record in records(path, CAPABILITY_COLUMNS):
         if max_items is not None and len(rows) >= max_items:
             break
         try:
@@ -129,7 +133,7 @@ def load_reference(reference=None, what="reference text"):
             texts = [p.text for p in load_prompts(path, what=what)]
         else:
             try:
-                with open(path, encoding="utf-8") as f:
+                with open_input(path, "r", encoding="utf-8") as f:
                     texts = [line.strip() for line in f if line.strip()]
             except UnicodeDecodeError:
                 raise ValueError(f"{what} {path}: not UTF-8 text") from None

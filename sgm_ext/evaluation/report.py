@@ -36,9 +36,13 @@ def scale_report(scales, path):
     histogram of all scales; the damped neurons per layer and site kind."""
     lines = [f"{path}: {scales!r}"]
     lines += [f"  {key}: {value}" for key, value in sorted(scales.metadata.items())]
-    lines.append(f"{'neurons':>8} {'damped':>7} {'min':>7} {'mean':>7} {'max':>7}  site")
+    # damped: scales below 1; those above 1 (a transport map's) get a column of their own
+    amplifies = any(bool((s > 1).any()) for _, s in scales.items())
+    extra = f" {'amplif.':>7}" if amplifies else ""
+    lines.append(f"{'neurons':>8} {'damped':>7}{extra} {'min':>7} {'mean':>7} {'max':>7}  site")
     for site, s in scales.items():
-        lines.append(f"{s.numel():>8} {int((s != 1).sum()):>7} {float(s.min()):>7.4f} "
+        extra = f" {int((s > 1).sum()):>7}" if amplifies else ""
+        lines.append(f"{s.numel():>8} {int((s < 1).sum()):>7}{extra} {float(s.min()):>7.4f} "
                      f"{float(s.mean()):>7.4f} {float(s.max()):>7.4f}  {site}")
     if scales.shifts:
         lines.append(f"{'neurons':>8} {'shifted':>7} {'min':>7} {'mean':>7} {'max':>7}  "
@@ -60,7 +64,7 @@ def scale_report(scales, path):
     per_layer = {}
     for site, s in scales.items():
         key = (site_layer(site), site_kind(site))
-        per_layer[key] = per_layer.get(key, 0) + int((s != 1).sum())
+        per_layer[key] = per_layer.get(key, 0) + int((s < 1).sum())
     lines.append(f"damped per layer:\n{'layer':>7} {'site':<10} {'damped':>7}")
     lines += [f"{'-' if layer is None else layer:>7} {kind:<10} {n:>7}"
               for (layer, kind), n in sorted(per_layer.items(),

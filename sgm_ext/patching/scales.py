@@ -98,9 +98,14 @@ class ScaleSet:
         sites = self.sites()
         n = sum((self.scales.get(s) if s in self.scales else self.shifts[s]).numel()
                 for s in sites)
-        damped = sum(int((t != 1).sum()) for t in self.scales.values())
-        shifted = f", {len(self.shifts)} shifted sites" if self.shifts else ""
-        return f"ScaleSet({len(sites)} sites, {n} neurons, {damped} damped{shifted})"
+        # damped: a scale below 1; a transport map's scales above 1 amplify, and its shifts
+        # move neurons whatever their scale: counted apart, not as damped
+        damped = sum(int((t < 1).sum()) for t in self.scales.values())
+        amplified = sum(int((t > 1).sum()) for t in self.scales.values())
+        shifted = sum(int((b != 0).sum()) for b in self.shifts.values())
+        more = (f", {amplified} amplified" if amplified else "") + \
+            (f", {shifted} shifted on {len(self.shifts)} sites" if self.shifts else "")
+        return f"ScaleSet({len(sites)} sites, {n} neurons, {damped} damped{more})"
 
     def changed(self) -> int:
         """How many neurons the set changes: a scale other than 1 or a shift other than 0."""

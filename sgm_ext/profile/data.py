@@ -110,15 +110,22 @@ def check_row(record, number, base_dir="."):
     return Row(number, text, label, check_image(record.get("image"), base_dir), response)
 
 
-def records(data):
-    """(row number, where, record or the error reading it) for a path or an iterable."""
+# The columns a CSV header must have: one name of each group (a reader takes the first it
+# finds). Labelled rows need text and label; prompt files (evaluation/prompts.py) only text.
+ROW_COLUMNS = (("text",), ("label",))
+
+
+def records(data, columns=ROW_COLUMNS):
+    """(row number, where, record or the error reading it) for a path or an iterable.
+    columns: the groups of names a CSV header must have one of (ROW_COLUMNS: text and label).
+    A file that cannot be opened is a ValueError naming it, not a bare [Errno 2]."""
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
         ext = os.path.splitext(path)[1].lower()
         if ext in (".jsonl", ".json", ".ndjson"):
             yield from _jsonl(path)
         elif ext in (".csv", ".tsv"):
-            yield from _csv(path, "\t" if ext == ".tsv" else ",")
+            yield from _csv(path, "\t" if ext == ".tsv" else ",", columns)
         else:
             raise ValueError(f"{path}: unknown data file type {ext!r} (use .jsonl or .csv)")
     else:
@@ -130,7 +137,7 @@ def _jsonl(path):
     """Rows of a JSONL file, decoded line by line: a line that is not UTF-8 is that row's
     error (skippable), not the whole file's; a UTF-8 byte order mark is accepted."""
     number = 0
-    with open(path, "rb") as f:
+    with open_input(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
@@ -155,14 +162,24 @@ def _not_utf8(error):
                       f"{error.start + 1}); save the file as UTF-8")
 
 
-def _csv(path, delimiter):
+def open_input(path, mode, **kwargs):
+    """open(), with a file that cannot be opened (missing, a directory, no permission) a
+    one-line ValueError naming it."""
+    try:
+        return open(path, mode, **kwargs)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+
+
+def _csv(path, delimiter, columns):
     # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the row holding
     # them can be named (and skipped) instead of the whole file failing
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with open_input(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        missing = {"text", "label"} - set(reader.fieldnames or ())
+        missing = [" or ".join(group) for group in columns
+                   if not set(group) & set(reader.fieldnames or ())]
         if missing:
-            raise ValueError(f"{path}: the header has no {' / '.join(sorted(missing))} column "
+            raise ValueError(f"{path}: the header has no {' / '.join(missing)} column "
                              f"(columns: {reader.fieldnames})")
         for number, record in enumerate(reader, 1):
             where = f"{path} row {number} (line {reader.line_num})"

@@ -8,6 +8,7 @@ file is checked against the model, then run_server(command, scales, sha256) in p
 os.execv.
 """
 import errno
+import os
 import signal
 import socket
 import subprocess
@@ -82,6 +83,33 @@ def check_listen_address(vllm_args: Sequence[str]) -> None:
 
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def _adopt_orphans() -> bool:
+    """Make this process the subreaper of its descendants (Linux prctl): a process of the
+    server's left running when the server exits (vLLM's engine core, its workers, still
+    printing their tracebacks) becomes our child, so that we can wait for it. False where
+    the call is not there (another OS)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _wait_for_orphans() -> None:
+    """Wait until every descendant the subreaper adopted has exited: after that nothing of
+    the server's can print any more."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:  # none left
+            return
+        except InterruptedError:  # pragma: no cover (PEP 475 retries)
+            continue
 
 
 def run_server(command: Sequence[str], scales: str, scales_sha256: str) -> int:
@@ -92,7 +120,10 @@ def run_server(command: Sequence[str], scales: str, scales_sha256: str) -> int:
 
     When the server failed and the scale file is no longer the one checked (scales_sha256:
     the hash pinned into the settings before the check), ValueError with the one true cause:
-    the caller prints it as its last line (exit status 2), below vLLM's tracebacks."""
+    the caller prints it as its last line (exit status 2), below vLLM's tracebacks: the
+    server's processes that outlive it (vLLM's engine core exits after its front end) are
+    waited for first, so nothing of theirs comes after that line."""
+    adopting = _adopt_orphans()
     child = subprocess.Popen(list(command), start_new_session=True)  # signals: ours only
     received = []
 
@@ -117,6 +148,8 @@ def run_server(command: Sequence[str], scales: str, scales_sha256: str) -> int:
     if status != 0 and not received:
         state = file_state(scales, scales_sha256)
         if state != "as loaded":
+            if adopting:
+                _wait_for_orphans()
             what = "was deleted" if state == "missing" else "changed on disk"
             raise ValueError(f"{scales} {what} while the server was starting, after sgm-ext "
                              "serve checked it: nothing was served; start the server again "

@@ -36,6 +36,7 @@ import json
 import logging
 import sys
 
+from ..core.pause import pause_point
 from ..core.scale_math import check_strength
 from .modules import patch_vllm_model
 from .settings import (
@@ -134,6 +135,7 @@ def _patched_load(original):
         settings = read_settings(vllm_config.additional_config)
         if settings is None or prefix:  # prefix: a draft or sub-model
             return model
+        pause_point("worker-load")  # tests: the file changed between the check and here
         if file_state(settings.scales, settings.scales_sha256) != "as loaded":
             raise ValueError(f"{settings.scales} changed on disk while vLLM was starting (its "
                              "content is not the one checked at start-up): nothing was "
