@@ -10,13 +10,13 @@ from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, e
 from ..evaluation.judges import SCORINGS, resolve_scoring
 from ..evaluation.prompts import load_capability, load_prompts, read_text_file
 from ..evaluation.report import summary_table, write_report
-from ..patching.scales import load_scales
 from .options import (
     add_input_options,
     add_judge_options,
     add_sampling_options,
     check_judge_args,
     check_sampling_args,
+    checked_scales,
     input_format_line,
     judge_from_args,
     positive,
@@ -135,20 +135,6 @@ def check_eval_args(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; eval writes a directory of report files")
     eval_texts(args)
-
-
-def checked_scales(path, allow_amplify):
-    """The scale file, its values checked before the model loads (scales above 1 need
-    --allow-amplify)."""
-    scales = load_scales(path)
-    amplified = next((site for site, s in scales.items() if bool((s > 1).any())), None)
-    if amplified is not None and not allow_amplify:
-        raise ValueError(f"{path}: scales[{amplified!r}] has scales above 1 (they amplify "
-                         "neurons); pass --allow-amplify to evaluate them")
-    try:
-        return scales.validate(allow_amplify)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
 
 def run_eval(args):

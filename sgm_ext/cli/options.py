@@ -7,6 +7,7 @@ import re
 from ..core.scale_math import check_fraction
 from ..evaluation.judges import get_judge, read_template
 from ..evaluation.options import check_sampling
+from ..patching.scales import load_scales
 from ..profile.inputs import FORMATS, resolve_format
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -112,3 +113,17 @@ def add_sampling_options(p, when=""):
 def check_sampling_args(args):
     check_sampling(args.temperature, args.top_p, args.top_k,
                    ("--temperature", "--top-p", "--top-k"))
+
+
+def checked_scales(path, allow_amplify, use="evaluate them"):
+    """The scale file, its values checked before the model loads (scales above 1 need
+    --allow-amplify: the command's flag named, not the library's argument)."""
+    scales = load_scales(path)
+    amplified = next((site for site, s in scales.items() if bool((s > 1).any())), None)
+    if amplified is not None and not allow_amplify:
+        raise ValueError(f"{path}: scales[{amplified!r}] has scales above 1 (they amplify "
+                         f"neurons); pass --allow-amplify to {use}")
+    try:
+        return scales.validate(allow_amplify)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
