@@ -802,11 +802,32 @@ def _gate_as_i8(reader):  # same bytes (576 x 1536 Q4_1 = 576 x 1152 I8), a type
     field.parts[4][:] = 24  # GGML_TYPE_I8
 
 
+def _as_qwen2(reader):  # same length as "llama": the entries keep their llama. prefix
+    reader.fields["general.architecture"].parts[-1][:] = np.frombuffer(b"qwen2", np.uint8)
+
+
+def _truncated(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 5000)
+    return path
+
+
+def _gemma3_metadata_only(path):
+    """A GGUF file of architecture gemma3 with metadata only (no tensors)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="gemma3")
+    writer.add_block_count(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def test_export_gguf_refuses_what_it_cannot_handle(tmp_path):
     gguf_scales = tmp_path / "s.safetensors"
     ScaleSet({"model.layers.0.mlp.gate_proj": torch.rand(1536)}).save(gguf_scales)
-    ScaleSet({}, shifts={"model.layers.0.mlp.down_proj": torch.ones(576)}).save(
-        tmp_path / "shift.safetensors")
     mamba = _gguf_copy(tmp_path, "mamba.gguf", _as_mamba)
     i8 = _gguf_copy(tmp_path, "i8.gguf", _gate_as_i8)
     files = sorted(os.listdir(tmp_path))
@@ -814,10 +835,47 @@ def test_export_gguf_refuses_what_it_cannot_handle(tmp_path):
             (mamba, gguf_scales, tmp_path / "o.gguf", "GGUF architecture 'mamba' is not one"),
             (i8, gguf_scales, tmp_path / "o.gguf",
              "tensor blk.0.ffn_gate.weight is I8, a type export cannot dequantize"),
-            (i8, tmp_path / "shift.safetensors", tmp_path / "o.gguf",
-             "cannot export the shift of site model.layers.0.mlp.down_proj to GGUF"),
             (i8, gguf_scales, i8, "is (or contains, or lies inside) the input"),
             (i8, gguf_scales, tmp_path / "s.safetensors", "exists and is not a file")):
         refused(["export", "--gguf", source, "--scales", scales, "--out", out], message,
                 tmp_path)
         assert sorted(os.listdir(tmp_path)) == files
+
+
+def test_export_gguf_refuses_before_loading(tmp_path):
+    """Refusals that need only the file's metadata and the scale file: before the model loads
+    (the command pauses at its load: a later refusal would time out)."""
+    rand, down, mid = torch.rand(1536), torch.randn(576), torch.randn(1536)
+    files = {
+        "other": ScaleSet({"model.layers.0.mlp.gate_proj": rand},
+                          {"config_fingerprint": "0123456789abcdef", "model_type": "qwen2"}),
+        "amplify": ScaleSet({"model.layers.3.mlp.up_proj": rand + 0.5}),
+        "shift": ScaleSet({}, shifts={"model.layers.1.mlp.down_proj": down}),
+        "mid0": ScaleSet({}, shifts={"model.layers.0.mlp.mid": mid}),
+        "gate_shift": ScaleSet({}, shifts={"model.layers.2.mlp.gate_proj": mid}),
+    }
+    for name, scales in files.items():
+        scales.save(tmp_path / f"{name}.safetensors")
+    source = _gguf_copy(tmp_path, "smollm2.gguf", lambda reader: None)
+    qwen2 = _gguf_copy(tmp_path, "qwen2.gguf", _as_qwen2)
+    truncated = _truncated(_gguf_copy(tmp_path, "truncated.gguf", lambda reader: None))
+    gemma3 = _gemma3_metadata_only(tmp_path / "gemma3.gguf")
+    listing = sorted(os.listdir(tmp_path))
+    cv = ["--control-vector", tmp_path / "cv.gguf"]
+    for gguf_file, scales, more, message in (
+            (source, "other", [], "the scales were made for a model with config fingerprint "
+             "0123456789abcdef (qwen2); "),
+            (source, "amplify", [], "has scales above 1 (they amplify neurons); pass "
+             "--allow-amplify to export them"),
+            (truncated, "shift", [], f"{truncated} is truncated: its tensor data ends at byte"),
+            (qwen2, "shift", [], "cannot export the shift of site model.layers.1.mlp.down_proj "
+             "to GGUF: llama.cpp's qwen2 graph reads no feed-forward bias tensors; its mid / "
+             "down shifts can go in a control vector"),
+            (gemma3, "shift", cv, "as a control vector for a gemma3 GGUF: its feed-forward "
+             "output goes through a post-feed-forward norm"),
+            (source, "mid0", cv, "llama.cpp adds no control vector to layer 0"),
+            (source, "gate_shift", cv, "--control-vector: the scale file has no mid or down "
+             "shift")):
+        refused(["export", "--gguf", gguf_file, "--scales", tmp_path / f"{scales}.safetensors",
+                 "--out", tmp_path / "o.gguf", *more], message, tmp_path, env=BEFORE_LOAD)
+        assert sorted(os.listdir(tmp_path)) == listing

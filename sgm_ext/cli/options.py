@@ -129,15 +129,14 @@ def check_sampling_args(args):
                    ("--temperature", "--top-p", "--top-k"))
 
 
-def checked_scales(path, allow_amplify, what="evaluate"):
+def checked_scales(path, allow_amplify, use="evaluate them"):
     """The scale file, its values checked before the model loads (scales above 1 need
-    --allow-amplify: the flag named, not the library's allow_amplify=True); `what` the
-    command's verb for the message."""
+    --allow-amplify: the command's flag named, not the library's argument)."""
     scales = load_scales(path)
     amplified = next((site for site, s in scales.items() if bool((s > 1).any())), None)
     if amplified is not None and not allow_amplify:
         raise ValueError(f"{path}: scales[{amplified!r}] has scales above 1 (they amplify "
-                         f"neurons); pass --allow-amplify to {what} them")
+                         f"neurons); pass --allow-amplify to {use}")
     try:
         return scales.validate(allow_amplify)
     except ValueError as e:

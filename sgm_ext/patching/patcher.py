@@ -119,15 +119,19 @@ def check_fingerprint(config, scales):
     """ValueError unless the scale file was made for a model of this config's sizes (a file
     without a recorded fingerprint passes). Cheap: callers run it on a config read from
     config.json, before the weights load."""
+    if config is not None:
+        check_config_fingerprint(scales, config_fingerprint(config),
+                                 getattr(config, "model_type", "?"))
+
+
+def check_config_fingerprint(scales, have, model_type, what="this model's"):
+    """ValueError unless the scale file's config fingerprint (where it records one) is `have`,
+    the fingerprint of a model of `model_type` (`what`: whose it is, for the message)."""
     want = scales.metadata.get("config_fingerprint")
-    if not want or config is None:
-        return
-    have = config_fingerprint(config)
-    if want != have:
+    if want and want != have:
         made_for = scales.metadata.get("model_type", "another model")
         raise ValueError(f"the scales were made for a model with config fingerprint {want} "
-                         f"({made_for}); this model's is {have} "
-                         f"({getattr(config, 'model_type', '?')})")
+                         f"({made_for}); {what} is {have} ({model_type})")
 
 
 # ---------------------------------------------------------------- public API
