@@ -21,7 +21,7 @@ from ..patching.patcher import MODES, check_scales
 from ..patching.scales import is_scale_file
 from ..serving.settings import skeleton
 from .eval import checked_scales
-from .options import positive
+from .options import add_device_options, positive
 
 
 def add_calibrate(sub):
@@ -56,9 +56,7 @@ def add_calibrate(sub):
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"the patch mode measured in (default {DEFAULT_MODE}, as eval's; fold "
                    "folds the scales into the weights again for each strength)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: the checkpoint's dtype on GPU, float32 on CPU")
+    add_device_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing --out that sgm-ext did not write")
     p.set_defaults(func=run_calibrate)
