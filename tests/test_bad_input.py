@@ -654,8 +654,10 @@ def test_a_missing_prompt_or_data_file_is_named_on_one_line(home, tmp_path):
             profile_args(home, tmp_path / "s.safetensors", data=missing),
             profile_args(home, tmp_path / "s.safetensors", data=tmp_path / "nope.csv")):
         name = missing if missing in args else tmp_path / "nope.csv"
-        err = refused(args, f"{name}: No such file or directory", home, tmp_path,
-                      env=BEFORE_LOAD)
+        # reference passages are read by prompts.load_reference, whose words calibrate shares
+        message = f"no such reference text file: {name}" if "--reference" in args else \
+            f"{name}: No such file or directory"
+        err = refused(args, message, home, tmp_path, env=BEFORE_LOAD)
         assert "Errno" not in err, err
         assert os.listdir(tmp_path) == []
     refused(evaluate + ["--prompts", tmp_path], f"{tmp_path}: unknown data file type", home,
