@@ -136,7 +136,7 @@ def test_ordinary_wheel_is_pure_python_and_ships_the_sources(wheel):
     assert shipped <= names, sorted(shipped - names)
     assert {"sgm_ext/__init__.py", "sgm_ext/ops/build.py", "sgm_ext/kernels/__init__.py",
             "sgm_ext/cli/__init__.py", "sgm_ext/serving/vllm_plugin.py",
-            "sgm_ext/resources/benign.txt"} <= names
+            "sgm_ext/resources/benign.txt", "sgm_ext/resources/calibration.txt"} <= names
     binaries = [n for n in names if n.endswith((".so", ".pyd", ".o", ".dll", ".dylib"))]
     assert not binaries, binaries
     assert not [n for n in names if n.startswith(("kernels/", "csrc/"))]  # nothing top-level
@@ -153,7 +153,8 @@ def test_sdist_ships_the_sources(source_tree, tmp_path):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert {f"csrc/{rel}" for rel in build.source_files(CSRC)} <= names
     assert {"setup.py", "pyproject.toml", "MANIFEST.in", "sgm_ext/ops/build.py",
-            "kernels/__init__.py", "sgm_ext/resources/benign.txt"} <= names
+            "kernels/__init__.py", "sgm_ext/resources/benign.txt",
+            "sgm_ext/resources/calibration.txt"} <= names
     assert not [n for n in names if n.endswith((".so", ".o"))]
 
 
