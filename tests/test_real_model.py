@@ -70,7 +70,8 @@ def test_checkpoint_is_a_plain_local_model(checkpoint):
     assert model.config.num_hidden_layers == 30 and model.config.intermediate_size == 1536
     assert not hasattr(model.config, "quantization_config")
     assert tok.chat_template  # an instruct model
-    assert len(sgm_ext.sites(model)) == 30 * 4
+    # gate, up, mid, down and the MLP's input in each of the 30 layers
+    assert len(sgm_ext.sites(model)) == 30 * 5
     # the cached conversion is found again, not redone
     assert realmodel.checkpoint(cache=os.path.dirname(checkpoint)) == checkpoint
 
