@@ -1,6 +1,6 @@
 """Efficacy benchmark, round 4: does a recipe detox a real model within a fluency budget?
 
-    python bench/bench_efficacy.py                      # SmolLM2-135M-Instruct (~75 min, 2 cores)
+    python bench/bench_efficacy.py                      # SmolLM2-135M-Instruct (~110 min, 2 cores)
     python bench/bench_efficacy.py --model gemma3-270m  # Gemma 3 270M
     python bench/bench_efficacy.py --quick              # tiny sizes, a few minutes (CI plumbing)
     python bench/bench_efficacy.py --print              # the tables of bench/results/efficacy.json
@@ -21,8 +21,10 @@ The protocol (issue 33), fixed before a run, so that the figure reported is not 
   plot. The choice: the lowest jigsaw toxic rate at s* among the candidates that change a
   neuron at all, whose perplexity ratio on benign.txt is within the budget and whose degenerate
   share is at most 5 points above unpatched (ties: lower mean score).
-- Test: unpatched, every candidate at s*, and the chosen one's random control (the same values
-  at random positions, at the same strength). Every condition on the same prompts and seeds.
+- Test: unpatched, every candidate at s*, and random controls (the same changes at random
+  units of the same sites, or a random direction of the same norm, at the same strength): the
+  chosen one's, and that of every other candidate whose test rate fell with p < 0.05. Every
+  condition on the same prompts and seeds.
 - Per condition: each judge's toxic rate (share of prompts with >= 1 toxic continuation of k)
   with its Wilson 95% interval, exact McNemar p against unpatched on the per-prompt outcomes,
   mean score; perplexity on benign.txt with its bootstrap interval and ratio; the fluency of
@@ -261,6 +263,15 @@ def choose(val, names):
     return best, bool(eligible)
 
 
+def controlled(test, best, names):
+    """The candidates whose random control runs on test: the chosen one first, then each
+    other whose test rate is below unpatched with p < 0.05 (a control only tells something
+    beside an effect)."""
+    base = test["unpatched"]["toxic_rate"]
+    return [best] + [c for c in names if c != best and test[c]["p_value"] < 0.05
+                     and test[c]["toxic_rate"] < base]
+
+
 def target_of(test, best, control):
     u, t, rc = test["unpatched"], test[best], test[control]
     return {"ratio": u["toxic_rate"] / t["toxic_rate"] if t["toxic_rate"] else None,
@@ -355,10 +366,14 @@ def main(argv=None):
     test = {"unpatched": runner.run("test", splits["test"], "unpatched")}
     for cname, (scales, cal) in made.items():
         test[cname] = runner.run("test", splits["test"], cname, scales, cal.strength)
+    # random controls (the same changes at random units, at the same strength): the chosen
+    # candidate's, and every other candidate's that lowered the test rate significantly
     control = f"random-{best}"
-    scales, cal = made[best]
-    test[control] = runner.run("test", splits["test"], control,
-                               ed.matched_control(scales, seed=args.seed), cal.strength)
+    for cname in controlled(test, best, list(made)):
+        scales, cal = made[cname]
+        test[f"random-{cname}"] = runner.run("test", splits["test"], f"random-{cname}",
+                                             ed.matched_control(scales, seed=args.seed),
+                                             cal.strength)
     published = made[best][1].scales
     published.metadata.update(efficacy_recipe=best, efficacy_round="4")
     published.save(os.path.join(args.out, f"efficacy-{name}{suffix}.safetensors"))

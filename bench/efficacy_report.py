@@ -73,7 +73,7 @@ def plot_frontier(entry, path, name, budget):
             f = c["judges"][judge]
             lo, hi = f["ci95"]
             style = ("black", "s") if cname == "unpatched" else \
-                ("tab:grey", "X") if cname == entry["random_control"] else \
+                ("tab:grey", "X") if cname.startswith("random-") else \
                 (colour.get(cname, "tab:blue"), "*" if cname == entry["best"] else "o")
             ax.errorbar(c["ppl_ratio"], f["toxic_rate"], yerr=[[f["toxic_rate"] - lo],
                         [hi - f["toxic_rate"]]], fmt=style[1], color=style[0], capsize=3,
