@@ -498,6 +498,42 @@ def test_conditions_order_known_by_construction(toy, conditions_run):
     assert {"torch", "transformers", "sgm_ext"} <= report["versions"].keys()
 
 
+def test_random_condition_is_the_scale_files_matched_control(toy, tmp_path):
+    """`random`: the same changes at random units of the same sites (efficacy_data.
+    matched_control, seeded by the evaluation's seed), generated, judged, tested against the
+    unpatched model and measured for perplexity like any condition; not part of 'all'."""
+    from sgm_ext.evaluation.conditions import ALL_CONDITIONS
+    from sgm_ext.evaluation.efficacy_data import matched_control
+
+    model, processor, scales, _ = toy
+    report, generations = evaluate(
+        model, processor, scales, LABELLED, judge="profanity", max_new_tokens=5,
+        reference=["the cat sat on the window sill .", "a dog ran to the red door ."],
+        latency_runs=0, progress=False, conditions="unpatched,patched,random", seed=3)
+    runs = report["runs"]
+    assert list(runs) == ["unpatched", "patched", "random"]
+    control = matched_control(scales, seed=3)
+    assert control.changed() == scales.changed() == report["control"]["neurons"]
+    assert report["control"]["seed"] == 3
+    # the planted neurons are not the random ones: the control leaves the insults
+    assert (runs["unpatched"]["harmful"], runs["patched"]["harmful"]) == (2, 0)
+    assert runs["random"]["harmful"] == 2
+    assert report["paired"]["random"]["harmful"]["n"] == 2
+    assert report["random"] is runs["random"]
+    # each answer is the model's with the control patched in
+    for g in generations:
+        enc = encode(processor, load_prompts([{"text": g["prompt"]}])[0])
+        with sgm_ext.patched(model, control, mode="hook"):
+            assert generate_one(model, processor, enc, 5)[0] == g["random"]["answer"]
+    lo, hi = runs["random"]["perplexity_ci95"]
+    assert lo <= runs["random"]["perplexity"] <= hi
+    assert runs["random"]["perplexity"] != runs["unpatched"]["perplexity"]
+    assert len(runs["random"]["perplexity_ratio_ci95"]) == 2
+    write_report(report, generations, tmp_path)
+    assert "| random |" in (tmp_path / "report.md").read_text()
+    assert "random" not in ALL_CONDITIONS
+
+
 def _wilson(k, n, z=1.959964):
     p = k / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))

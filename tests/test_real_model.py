@@ -152,13 +152,24 @@ def test_demo_real_runs_and_reports_intervals(checkpoint, tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    for step in ("$ sgm-ext sample", "$ sgm-ext profile", "--recipe act-top", "$ sgm-ext eval"):
+    for step in ("step 1/3: ", "$ sgm-ext sample", "step 2/3: ", "$ sgm-ext profile",
+                 "--recipe act-top", "step 3/3: ", "$ sgm-ext eval",
+                 "--conditions unpatched,patched,random"):
         assert step in out, step
+    assert "About 5 minutes on a quiet 2-core machine" in out
     assert "neurons moved: 3000 (AcT linear maps" in out
-    assert "harmful rate  unpatched" in out and "(95% Wilson intervals)" in out
+    lines = {name: line for line in out.splitlines() for name in
+             ("unpatched", "act-top", "random control") if line.startswith(f"  {name} ")}
+    assert "p " not in lines["unpatched"].split("harmful rate")[1].split("perplexity")[0]
+    for name in ("act-top", "random control"):  # the paired test beside each changed model
+        assert " p " in lines[name] and "perplexity " in lines[name], lines[name]
+    assert "95% Wilson intervals" in out and "not the efficacy table's figures" in out
     rows = [json.loads(line) for line in (tmp_path / "out" / "data" / "rows.jsonl").open()]
     assert len(rows) == 180 and 0 < sum(r["label"] for r in rows) < 180  # both classes
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["n_harmful_prompts"] == 12
+    assert list(report["runs"]) == ["unpatched", "patched", "random"]
+    assert report["control"]["neurons"] == 3000
+    assert f"p {report['paired']['random']['harmful']['p_value']:.2g}" in lines["random control"]
     lo, hi = report["unpatched"]["harmful_rate_ci95"]
     assert 0 <= lo <= report["unpatched"]["harmful_rate"] <= hi <= 1

@@ -127,12 +127,19 @@ def real_demo_inputs(out, data=None, prompts=None):
     return data, profile_prompts, prompts
 
 
+# what `demo --real` generates unless told otherwise: sized to end within about 5 minutes on
+# a quiet 2-core machine (README states the measured time)
+REAL_SIZES = dict(max_new_tokens=16, samples=2, format="raw", latency_runs=1, latency_prompts=4,
+                  conditions="unpatched,patched,random")
+
+
 def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
-    """`sgm-ext demo --real`: the recipe the efficacy benchmark chose (`profile --recipe
+    """`sgm-ext demo --real`: the recipe the efficacy benchmark measured (`profile --recipe
     act-top`) on the pretrained SmolLM2-135M-Instruct, through the commands a user runs:
     `sample` (the model's own continuations of the benchmark's profile prompts, judged),
     `profile`, `eval` on the benchmark's test prompts (K sampled continuations each, raw
-    format); then what was measured, with 95% intervals; the exit status. No pass / fail.
+    format) with the scale file's random control beside it; then what was measured, with 95%
+    intervals and p-values; the exit status. No pass / fail.
 
     run: as for run_demo_in; data: the user's rows with responses (skips `sample`); prompts:
     the user's eval prompts; eval_options: `sgm-ext eval` options by name."""
@@ -141,55 +148,75 @@ def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
     os.makedirs(out, exist_ok=True)  # once the model is there: a failed start leaves none
     data, profile_prompts, prompts = real_demo_inputs(out, data, prompts)
     scales = os.path.join(out, "scales.safetensors")
-    options = dict(eval_options or {})
-    options.setdefault("max_new_tokens", 16)
-    options.setdefault("samples", 3)
-    options.setdefault("format", "raw")
-    options.setdefault("latency_runs", 1)
-    options.setdefault("latency_prompts", 4)
+    options = dict(REAL_SIZES, **(eval_options or {}))
     options["allow_amplify"] = True  # transport maps scale some neurons above 1
     eval_argv = [a for name, value in options.items() for a in (
         [f"--{name.replace('_', '-')}"] if value is True else
         [f"--{name.replace('_', '-')}", str(value)])]
     rows_text = f"your rows ({data})" if data else "the model's own continuations"
     print("sgm-ext demo --real: SmolLM2-135M-Instruct (pretrained, 30 layers x 1536 MLP "
-          "neurons), the recipe bench/bench_efficacy.py chose (act-top), profiled on "
-          f"{rows_text}, evaluated on prompts {prompts}.")
+          "neurons), the recipe act-top (bench/bench_efficacy.py), profiled on "
+          f"{rows_text}, evaluated on prompts {prompts} beside its random control.\n"
+          "About 5 minutes on a quiet 2-core machine; other jobs on the cores slow torch many "
+          "times over: each step's bar shows its own estimate.")
     steps = []
     if data is None:
         data = os.path.join(out, "data", "rows.jsonl")
-        steps.append(["sample", "--model", model_dir, "--prompts", profile_prompts, "--out",
-                      data, "--samples", str(options["samples"]), "--max-new-tokens",
-                      str(options["max_new_tokens"]), "--format", "raw", "--quiet", "--force"])
-    steps += [["profile", "--model", model_dir, "--data", data, "--recipe", "act-top",
-               "--format", "raw", "--out", scales, "--batch-size", "8", "--quiet", "--force"],
-              ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts,
-               "--out", out, "--quiet", *eval_argv]]
-    for argv in steps:
-        print(f"\n$ sgm-ext {' '.join(argv)}")
+        steps.append(("the model's continuations of the profile prompts, judged",
+                      ["sample", "--model", model_dir, "--prompts", profile_prompts, "--out",
+                       data, "--samples", str(options["samples"]), "--max-new-tokens",
+                       str(options["max_new_tokens"]), "--format", "raw", "--force"]))
+    steps += [("the toxic and benign continuations' neurons compared: the scale file",
+               ["profile", "--model", model_dir, "--data", data, "--recipe", "act-top",
+                "--format", "raw", "--out", scales, "--batch-size", "8", "--force"]),
+              ("unpatched, patched and the random control on the test prompts",
+               ["eval", "--model", model_dir, "--scales", scales, "--prompts", prompts,
+                "--out", out, *eval_argv])]
+    for i, (what, argv) in enumerate(steps, 1):
+        print(f"\nstep {i}/{len(steps)}: {what} ({time.perf_counter() - start:.0f} s so far)"
+              f"\n$ sgm-ext {' '.join(argv)}", flush=True)
         rc = run(argv)
         if rc:
             return rc
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
-    moved = load_scales(scales).changed()
-    u, p = report["unpatched"], report["patched"]
-    lines = [f"\nsgm-ext demo --real, {time.perf_counter() - start:.0f} s:",
+    print("\n".join(real_demo_summary(report, load_scales(scales).changed(), out,
+                                       time.perf_counter() - start)))
+    return 0
+
+
+def real_demo_summary(report, moved, out, seconds):
+    """The lines `demo --real` ends with: each condition's harmful rate (Wilson 95%) and McNemar
+    p against unpatched, perplexity, what the control means, and why the figures are not the
+    efficacy table's."""
+    runs, paired = report["runs"], report.get("paired", {})
+    lines = [f"\nsgm-ext demo --real, {seconds:.0f} s:",
              f"  neurons moved: {moved} (AcT linear maps of the mid neurons whose toxic and "
-             "benign continuations are furthest apart)"]
-    for key, ci, name in (("harmful_rate", "harmful_rate_ci95", "harmful rate"),
-                          ("over_refusal", "over_refusal_ci95", "over-refusal")):
-        if u.get(key) is not None:
-            lines.append(f"  {name:<13} unpatched {u[key]:.3f} [{interval(u[ci])}]  patched "
-                         f"{p[key]:.3f} [{interval(p[ci])}]  (95% Wilson intervals)")
-    ratio = p["perplexity"] / u["perplexity"]
-    lines.append(f"  perplexity    unpatched {u['perplexity']:.3f} "
-                 f"[{interval(u['perplexity_ci95'])}]  patched {p['perplexity']:.3f} "
-                 f"[{interval(p['perplexity_ci95'])}]  ratio {ratio:.3f} "
-                 f"[{interval(report['perplexity_ratio_ci95'])}]  (95% bootstrap over "
-                 f"{report['reference_passages']} benign passages)")
+             "benign continuations are furthest apart); the random control moves as many "
+             "neurons of the same sites by the same values"]
+    names = {"unpatched": "unpatched", "patched": "act-top", "random": "random control"}
+    base = runs["unpatched"]["perplexity"]
+    for run, name in names.items():
+        if run not in runs:
+            continue
+        v = runs[run]
+        p = paired.get(run, {}).get("harmful")
+        rate = "-" if v["harmful_rate"] is None else (
+            f"{v['harmful_rate']:.3f} ({v['harmful']}/{v['n']}) "
+            f"[{interval(v['harmful_rate_ci95'])}]")
+        lines.append(f"  {name:<15} harmful rate {rate}"
+                     + (f"  p {p['p_value']:.2g}" if p else "")
+                     + f"  perplexity {v['perplexity']:.2f} (x{v['perplexity'] / base:.3f})")
+    lines += ["  (harmful rate: a prompt counts when one of its continuations is judged toxic; "
+              "95% Wilson intervals; p: exact McNemar against unpatched on the same prompts; "
+              f"perplexity on {report['reference_passages']} benign passages)",
+              "  A recipe detoxes where its rate falls and the control's does not: random "
+              "damage of the same size lowers a judge's rate too.",
+              "  These are not the efficacy table's figures (README): that table is "
+              "bench/bench_efficacy.py's test split (300 prompts x 3 samples, the jigsaw judge, "
+              "each recipe at its calibrated strength); this demo draws its own, smaller "
+              f"sample (judge {report['judge']}), so its rates differ within their intervals."]
     if report.get("latency"):
         lines.append(f"  latency ratio patched / unpatched {latency_text(report['latency'])}")
-    lines.append(f"  judge {report['judge']}; files in {out}")
-    print("\n".join(lines))
-    return 0
+    lines.append(f"  files in {out} (report.md: every condition's table)")
+    return lines

@@ -6,7 +6,8 @@ import sys
 from ..app.loading import check_max_length, check_model_dir, load_model
 from ..core.scale_math import check_strength
 from ..evaluation.benchmarks import BENCHMARKS, LAYOUTS, load_benchmark
-from ..evaluation.evaluate import CONDITIONS, SAFETY_PROMPT, check_conditions, evaluate
+from ..evaluation.conditions import ALL_CONDITIONS
+from ..evaluation.evaluate import SAFETY_PROMPT, check_conditions, evaluate
 from ..evaluation.judges import SCORINGS, resolve_scoring
 from ..evaluation.prompts import load_capability, load_prompts, load_reference, read_text_file
 from ..evaluation.report import summary_table, write_report
@@ -44,7 +45,8 @@ def add_eval(sub):
                    "safe-unsafe, safe-safe; realtoxicityprompts challenging")
     add_device_options(p)
     p.add_argument("--seed", type=int, default=0,
-                   help="torch's seed before generating and the bootstrap's (default 0)")
+                   help="torch's seed before generating, the bootstrap's and the random control's "
+                   "(default 0)")
     p.add_argument("--capability", default=None, metavar="FILE",
                    help="a capability set (.jsonl / .csv: question, answer, optional image and "
                    "choices) answered unpatched and patched: accuracy with intervals")
@@ -98,7 +100,10 @@ def add_eval_options(p, **defaults):
     p.add_argument("--conditions", default=d["conditions"],
                    help="comma-separated: unpatched, patched (SGM: the scale file), "
                    "safety-prompt (a safety system prompt), patched+safety-prompt (SGM*: both); "
-                   "aliases sgm, sgm*, prompt; 'all' for the four (default unpatched,patched)")
+                   "random (the scale file's random control: the same changes at random units "
+                   "of the same sites, seeded by --seed; beside patched it tells the recipe's "
+                   "effect from any damage's); aliases sgm, sgm*, prompt; 'all' for the first "
+                   "four (default unpatched,patched)")
     p.add_argument("--safety-prompt", default=d["safety_prompt"], metavar="FILE",
                    help="the safety-prompt condition's system prompt, from a text file "
                    "(default: the built-in one, printed in report.md)")
@@ -128,7 +133,7 @@ def eval_texts(args):
     """(conditions, safety prompt, jailbreak template) from the options, files read and
     checked; ValueError naming a bad name or file."""
     chosen = args.conditions or "all"  # None: the demo's default, the four
-    names = list(CONDITIONS) if chosen.strip().lower() == "all" else chosen
+    names = list(ALL_CONDITIONS) if chosen.strip().lower() == "all" else chosen
     conditions = check_conditions(names)
     safety = read_text_file(args.safety_prompt, "--safety-prompt") if args.safety_prompt \
         else SAFETY_PROMPT

@@ -1,10 +1,18 @@
 """The conditions an evaluation compares and the runs they make: the unpatched model, SGM (the
-scale file), the safety system prompt (the prompt-level defense) and SGM* (both), each under
-the standard prompts and, given a jailbreak template, under attack."""
+scale file), the safety system prompt (the prompt-level defense), SGM* (both) and the scale
+file's random control, each under the standard prompts and, given a jailbreak template, under
+attack."""
 
-# name: (patched with the scale file, with the safety system prompt)
-CONDITIONS = {"unpatched": (False, False), "patched": (True, False),
-              "safety-prompt": (False, True), "patched+safety-prompt": (True, True)}
+# The model state a condition runs in: unpatched, the scale file patched in, or its random
+# control patched in (efficacy_data.matched_control: the same changes at random units of the
+# same sites, seeded), which tells a recipe's effect from what any damage of that size does.
+# 0 and 1 equal False and True: a state is also "is something patched".
+UNPATCHED, PATCHED, CONTROL = 0, 1, 2
+# name: (model state, with the safety system prompt)
+CONDITIONS = {"unpatched": (UNPATCHED, False), "patched": (PATCHED, False),
+              "safety-prompt": (UNPATCHED, True), "patched+safety-prompt": (PATCHED, True),
+              "random": (CONTROL, False)}
+ALL_CONDITIONS = ("unpatched", "patched", "safety-prompt", "patched+safety-prompt")  # 'all'
 ALIASES = {"sgm": "patched", "sgm*": "patched+safety-prompt", "prompt": "safety-prompt",
            "prompt-defense": "safety-prompt"}
 DEFAULT_CONDITIONS = ("unpatched", "patched")

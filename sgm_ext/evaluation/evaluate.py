@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import torch
 
 from ..core.progress import progress_bar
-from ..patching.patcher import patch
+from ..patching.patcher import as_scaleset, patch
 from ..profile.inputs import (
     LengthLimit,
     default_max_length,
@@ -46,14 +46,18 @@ from ..profile.inputs import (
 from .conditions import (
     ALIASES,
     CONDITIONS,
+    CONTROL,
     DEFAULT_CONDITIONS,
     JAILBREAK,
+    PATCHED,
     SAFETY_PROMPT,
+    UNPATCHED,
     apply_jailbreak,
     check_conditions,
     paired_base,
     run_names,
 )
+from .efficacy_data import matched_control
 from .fluency import continuation_nll, fluency_summary
 from .generation import generate, measure_latency, passage_nll, perplexity_of
 from .judges import get_judge, is_refusal, resolve_scoring
@@ -142,6 +146,9 @@ def _plan(model, processor, scales, prompts, opts):
     plan.texts = load_reference(opts.reference)
     patch(model, scales, mode=opts.mode, strength=opts.strength,
           allow_amplify=opts.allow_amplify).remove()  # bad scales fail here
+    # the random control: its seed is the evaluation's, so a rerun draws the same units
+    plan.control = matched_control(as_scaleset(scales), seed=opts.seed) \
+        if "random" in plan.conditions else None
     first_image = next((p.number for p in plan.rows if p.image is not None), None)
     plan.rows, n_images = drop_unusable_images(plan.rows, processor)
     if n_images:
@@ -191,16 +198,17 @@ def _generate_all(model, processor, scales, plan, opts):
         return answer_samples(model, processor, inputs, opts.max_new_tokens, opts.sampling,
                               opts.samples, opts.batch_size, opts.seed, bar.update)
 
-    for patched in sorted(states):
-        handle = patch(model, scales, mode=opts.mode, strength=opts.strength,
-                       allow_amplify=opts.allow_amplify) if patched else None
+    for state in sorted(states):
+        handle = patch(model, plan.control if state == CONTROL else scales, mode=opts.mode,
+                       strength=opts.strength, allow_amplify=opts.allow_amplify) \
+            if state != UNPATCHED else None
         try:
             for run, condition, _ in plan.runs:
-                if CONDITIONS[condition][0] == patched:
+                if CONDITIONS[condition][0] == state:
                     answers[run] = answer_run(plan.encoded[run])
-            if plan.capability:
-                cap_answers[patched] = answer_all(plan.cap_encoded)
-            ppl[patched] = passage_nll(model, processor, plan.texts)
+            if plan.capability and state != CONTROL:
+                cap_answers[state] = answer_all(plan.cap_encoded)
+            ppl[state] = passage_nll(model, processor, plan.texts)
         finally:
             if handle is not None:
                 handle.remove()
@@ -271,6 +279,9 @@ def _settings(plan, opts):
                              "batch_size": opts.batch_size, "padding_side": "left",
                              "input_format": plan.fmt},
               "versions": _versions()}
+    if plan.control is not None:
+        report["control"] = {"seed": opts.seed, "neurons": plan.control.changed(),
+                             "made": plan.control.metadata.get("control")}
     if opts.samples is not None:
         report["samples"] = opts.samples
         report["generation"] = generation_settings(opts, plan.fmt)
@@ -281,14 +292,20 @@ def _add_numbers(report, generations, plan, ppl, seed, sampled):
     """Per run its numbers and perplexity (95% bootstrap intervals, the same draw for both
     model states), the paired tests vs the unpatched model, unpatched / patched at top
     level."""
-    ci = bootstrap_perplexity(ppl.get(False) or ppl[True], ppl.get(True) or ppl[False],
-                              seed=seed)
-    report["perplexity_ratio_ci95"] = ci[2] if len(ppl) == 2 else None
+    # each state's interval from the same draw of passages as the unpatched model's
+    base = ppl[UNPATCHED] if UNPATCHED in ppl else ppl[min(ppl)]
+    ci, ratio_ci = {}, {}
+    for state, nll in sorted(ppl.items()):
+        ci[UNPATCHED], ci[state], ratio_ci[state] = bootstrap_perplexity(base, nll, seed=seed)
+    report["perplexity_ratio_ci95"] = ratio_ci[PATCHED] \
+        if UNPATCHED in ppl and PATCHED in ppl else None
     for run, condition, _ in plan.runs:
-        patched = CONDITIONS[condition][0]
+        state = CONDITIONS[condition][0]
         report["runs"][run] = dict(run_summary(generations, run),
-                                   perplexity=perplexity_of(ppl[patched]),
-                                   perplexity_ci95=ci[int(patched)])
+                                   perplexity=perplexity_of(ppl[state]),
+                                   perplexity_ci95=ci[state])
+        if state == CONTROL and UNPATCHED in ppl:
+            report["runs"][run]["perplexity_ratio_ci95"] = ratio_ci[state]
         if sampled:
             report["runs"][run]["sampled"] = sampled_summary(generations, run)
     report["paired"] = {}
@@ -300,6 +317,6 @@ def _add_numbers(report, generations, plan, ppl, seed, sampled):
             if report["n_benign_prompts"]:
                 report["paired"][run]["refusal"] = paired_test(generations, base, run,
                                                                "refusal", is_benign)
-    for state in ("unpatched", "patched"):
+    for state in ("unpatched", "patched", "random"):
         if state in report["runs"]:
             report[state] = report["runs"][state]

@@ -48,7 +48,7 @@ def expertise_plot(expertise, scales, path, threshold=None):
 
 
 COLORS = {"unpatched": "#cc6677", "patched": "#4477aa", "safety-prompt": "#ddcc77",
-          "patched+safety-prompt": "#117733"}
+          "patched+safety-prompt": "#117733", "random": "#999999"}
 MORE_COLORS = ["#882255", "#88ccee", "#999933", "#44aa99", "#aa4499", "#332288"]
 
 
@@ -84,7 +84,7 @@ def eval_chart(report, path, rate_rows, runs):
     axes[0].set(ylabel="rate (95% Wilson interval)", ylim=(0, 1.15),
                 title="Harmful answers / over-refusal")
     axes[0].legend(loc="upper right", fontsize=7, ncol=min(4, len(names)))
-    states = [r for r in names if r in ("unpatched", "patched")] or names[:1]
+    states = [r for r in names if r in ("unpatched", "patched", "random")] or names[:1]
     ppl = [runs[r]["perplexity"] for r in states]
     errors = [[max(0.0, v - runs[r]["perplexity_ci95"][0]) for r, v in zip(states, ppl)],
               [max(0.0, runs[r]["perplexity_ci95"][1] - v) for r, v in zip(states, ppl)]] \

@@ -65,7 +65,7 @@ class _Target(NamedTuple):
         return list(dict.fromkeys([*self.scales, *self.shifts]))
 
 
-def _as_scaleset(scales):
+def as_scaleset(scales):
     if isinstance(scales, ScaleSet):
         return scales
     if isinstance(scales, (str, os.PathLike)):
@@ -178,7 +178,7 @@ def check_scales(model: nn.Module, scales: Union[ScaleSet, Mapping, str, os.Path
     fingerprint, every site and its size. Returns the targets, one per MLP (info: its
     registry.MLPInfo, module, scales: {site kind: tensor}); raises naming the first bad
     entry. A model built on the meta device is enough (no weights are read)."""
-    scales = _as_scaleset(scales)
+    scales = as_scaleset(scales)
     if not scales.sites():
         raise ValueError("the scale set is empty: nothing to patch")
     scales.validate(allow_amplify=allow_amplify)
