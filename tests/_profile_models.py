@@ -12,7 +12,13 @@ neurons fires on "toxic" words and no other neuron can tell toxic from non-toxic
 """
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>"]
 TOXIC_WORDS = [f"tox{i}" for i in range(8)]
@@ -84,3 +90,33 @@ def planted_rows(n_per_class=24, seed=0):
 def planted_sites():
     """{site name: set of planted neuron indices} for the mid sites."""
     return {f"model.layers.{layer}.mlp.mid": set(idx) for layer, idx in PLANTED.items()}
+
+
+def readout_llama(seed, layers=3):
+    """A random tiny Llama over VOCAB for the read-out recipes (attribution, safe vectors, toxic
+    directions): untied unembedding, a final norm gain other than 1 so that a test can see it
+    missing."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(VOCAB),
+                      tie_word_embeddings=False, pad_token_id=0, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def readout_gemma(seed):
+    """A random tiny Gemma 3 over VOCAB: a post-feed-forward norm between the MLP and the
+    residual stream, and gains around 0 (Gemma's norms scale by 1 + weight)."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           vocab_size=len(VOCAB), pad_token_id=0, sliding_window=16,
+                           max_position_embeddings=64)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_feedforward_layernorm.weight.uniform_(-0.5, 0.5)
+        model.model.norm.weight.uniform_(-0.5, 0.5)
+    return model

@@ -3,8 +3,7 @@ to the neurons that separate the classes (profile/transport.py), the toxic token
 (evaluation/efficacy_data.py), and the table of real models (app/realmodel.py)."""
 import pytest
 import torch
-from _profile_models import VOCAB, tokenizer
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from _profile_models import VOCAB, readout_gemma, readout_llama, tokenizer
 
 from sgm_ext.app import realmodel
 from sgm_ext.evaluation import efficacy_data as ed
@@ -16,31 +15,6 @@ from sgm_ext.profile.responses import Responses
 from sgm_ext.profile.transport import keep_top_maps, separation
 
 TOXIC = ["tox0", "tox3", "tox5"]
-
-
-def _llama(seed):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(VOCAB),
-                      tie_word_embeddings=False, pad_token_id=0, rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # a final norm gain other than 1, so that a test can see it missing
-        model.model.norm.weight.uniform_(0.5, 1.5)
-    return model
-
-
-def _gemma(seed):
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                           vocab_size=len(VOCAB), pad_token_id=0, sliding_window=16,
-                           max_position_embeddings=64)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.post_feedforward_layernorm.weight.uniform_(-0.5, 0.5)
-        model.model.norm.weight.uniform_(-0.5, 0.5)
-    return model
 
 
 def _rows(seed, n=10):
@@ -113,7 +87,7 @@ def final_eps(norm):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_direct_logit_attribution_matches_a_per_position_reference(arch, seed):
-    model = _llama(seed) if arch == "llama" else _gemma(seed)
+    model = readout_llama(seed) if arch == "llama" else readout_gemma(seed)
     if arch == "llama":
         def gains(norm):
             return norm.weight.detach().double()
@@ -137,7 +111,7 @@ def test_direct_logit_attribution_matches_a_per_position_reference(arch, seed):
 def test_direct_logit_attribution_refuses_rows_without_a_toxic_target():
     rows = _rows(3)
     with pytest.raises(ValueError, match="no toxic target"):
-        direct_logit_attribution(_llama(0), tokenizer(), rows, [VOCAB["word0"] + 1000])
+        direct_logit_attribution(readout_llama(0), tokenizer(), rows, [VOCAB["word0"] + 1000])
 
 
 def test_top_k_scales_marks_the_k_highest_over_all_sites():

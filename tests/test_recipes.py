@@ -6,9 +6,15 @@ import json
 
 import pytest
 import torch
-from _profile_models import VOCAB, planted_llama, planted_rows, tokenizer
+from _profile_models import (
+    VOCAB,
+    planted_llama,
+    planted_rows,
+    readout_gemma,
+    readout_llama,
+    tokenizer,
+)
 from cli_helpers import BEFORE_LOAD, cli, refused
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 import sgm_ext
 from sgm_ext.evaluation import efficacy_data as ed
@@ -24,31 +30,6 @@ from sgm_ext.profile.directions import (
 from sgm_ext.profile.safe_vectors import contrast_tokens, safe_vector_scales, safe_vector_scores
 
 TOXIC = ["tox0", "tox3", "tox5"]
-
-
-def _llama(seed, layers=3):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(VOCAB),
-                      tie_word_embeddings=False, pad_token_id=0, rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # a final norm gain other than 1, so that a test can see it missing
-        model.model.norm.weight.uniform_(0.5, 1.5)
-    return model
-
-
-def _gemma(seed):
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                           vocab_size=len(VOCAB), pad_token_id=0, sliding_window=16,
-                           max_position_embeddings=64)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.post_feedforward_layernorm.weight.uniform_(-0.5, 0.5)
-        model.model.norm.weight.uniform_(-0.5, 0.5)
-    return model
 
 
 def _rows(seed, n=12):
@@ -134,7 +115,7 @@ def _reference_scores(model, tok, rows, toxic_ids):
 
 
 def test_safe_vector_scores_match_a_per_position_reference_and_find_a_planted_vector():
-    model, tok, rows = _llama(0), tokenizer(), _rows(4)
+    model, tok, rows = readout_llama(0), tokenizer(), _rows(4)
     toxic_ids = {VOCAB[w] for w in TOXIC}
     # neuron 7 of layer 2 writes the benign tokens' mean unembedding minus the toxic ones'
     u = model.lm_head.weight.detach()
@@ -199,7 +180,7 @@ def _class_projection(x, labels, w):
 
 
 def test_direction_shift_moves_the_toxic_mean_onto_the_benign_mean():
-    model, tok, rows = _llama(1), tokenizer(), _rows(5, n=16)
+    model, tok, rows = readout_llama(1), tokenizer(), _rows(5, n=16)
     x, labels, _ = final_hidden_states(model, tok, rows, batch_size=5)
     w, _ = fit_probe(x, labels)
     toxic_before, benign_before = _class_projection(x, labels, w)
@@ -222,7 +203,7 @@ def test_direction_shift_moves_the_toxic_mean_onto_the_benign_mean():
 
 
 def test_direction_shift_goes_through_gemmas_post_feedforward_norm():
-    model, tok, rows = _gemma(2), tokenizer(), _rows(6, n=16)
+    model, tok, rows = readout_gemma(2), tokenizer(), _rows(6, n=16)
     x, labels, _ = final_hidden_states(model, tok, rows, batch_size=5)
     w, _ = fit_probe(x, labels)
     toxic_before, benign_before = _class_projection(x, labels, w)
@@ -237,7 +218,7 @@ def test_direction_shift_goes_through_gemmas_post_feedforward_norm():
 
 
 def test_direction_neurons_are_the_output_vectors_closest_to_the_direction():
-    model = _llama(3, layers=2)
+    model = readout_llama(3, layers=2)
     w = torch.randn(32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     w /= w.norm()
     with torch.no_grad():
@@ -250,7 +231,7 @@ def test_direction_neurons_are_the_output_vectors_closest_to_the_direction():
     assert chosen == [("model.layers.1.mlp.mid", 7), ("model.layers.0.mlp.mid", 2)]
     assert s.changed() == 2 and float(s.scales["model.layers.0.mlp.mid"][9]) == 1.0
     # Gemma: read through the post-MLP norm's gain (1 + weight)
-    gemma = _gemma(4)
+    gemma = readout_gemma(4)
     gain = 1 + gemma.model.layers[1].post_feedforward_layernorm.weight.detach().double()
     with torch.no_grad():
         gemma.model.layers[1].mlp.down_proj.weight[:, 5] = (w / gain).float()
@@ -269,7 +250,7 @@ def test_options_a_direction_method_does_not_take_are_refused():
                              (dict(method="safe_vectors", modality="all"),
                               "modality (--modality) is all")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            profile_model(_llama(0), rows, ProfileOptions(**{"modality": "response",
+            profile_model(readout_llama(0), rows, ProfileOptions(**{"modality": "response",
                                                              **options}), processor=tokenizer())
 
 
