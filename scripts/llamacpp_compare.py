@@ -195,6 +195,13 @@ def main(argv=None):
                "llama_out": llama_perplexity(args, exported, text, cv),
                "llama_f32": llama_perplexity(args, exported32, text, cv32),
                "hf_in": hf_perplexity(model, tokens, args.ctx, bos)}
+        # the exported file read back by transformers: does it hold the patched weights? (its
+        # reader drops GGUF bias tensors, so with shifts this is the scales only)
+        read_back = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(os.path.abspath(exported)), gguf_file=os.path.basename(exported),
+            dtype=torch.float32).eval()
+        ppl["hf_file"] = hf_perplexity(read_back, tokens, args.ctx, bos)
+        del read_back
     if "greedy" in args.parts:
         greedy["hf_in"] = [hf_greedy(model, tokenizer, p, args.tokens) for p in PROMPTS]
     if args.parts & {"ppl", "greedy"}:
@@ -254,6 +261,9 @@ def report_perplexity(args, tokens, ppl):
                         ("export --gguf-type f32 / fold-patched", ppl["llama_f32"],
                          ppl["hf_out"])):
         print(f"| {label} | {a:.4f} | {b:.4f} | {a - b:+.4f} ({(a - b) / b:+.2%}) |")
+    a, b = ppl["hf_file"], ppl["hf_out"]
+    print(f"\ntransformers reading the exported file: {a:.4f}, fold-patched {b:.4f} "
+          f"({(a - b) / b:+.3%}; bias tensors are not read by transformers)")
 
 
 def report_greedy(args, greedy, tokenizer):
