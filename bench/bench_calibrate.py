@@ -30,7 +30,7 @@ from sgm_ext.evaluation.generation import passage_nll
 from sgm_ext.patching.scales import load_scales
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCALES = os.path.join(HERE, "results", "efficacy-smollm2-135m-instruct.safetensors")
+SCALES = os.path.join(HERE, "results", "efficacy-smollm2-135m-instruct-round4-run1.safetensors")
 STRENGTHS = (0.25, 0.75)
 
 
