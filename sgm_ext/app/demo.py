@@ -123,12 +123,14 @@ def real_demo_inputs(out, data=None, prompts=None):
         profile_prompts = _write_prompts(os.path.join(data_dir, "profile_prompts.jsonl"),
                                          splits["profile"])
     if prompts is None:
-        prompts = _write_prompts(os.path.join(data_dir, "test_prompts.jsonl"), splits["test"])
+        prompts = _write_prompts(os.path.join(data_dir, "test_prompts.jsonl"),
+                                 splits["test"][:REAL_TEST_PROMPTS])
     return data, profile_prompts, prompts
 
 
 # what `demo --real` generates unless told otherwise: sized to end within about 5 minutes on
 # a quiet 2-core machine (README states the measured time)
+REAL_TEST_PROMPTS = 96  # the first 96 of the benchmark's 120 test prompts: 6 batches of 16
 REAL_SIZES = dict(max_new_tokens=16, samples=2, format="raw", latency_runs=1, latency_prompts=4,
                   conditions="unpatched,patched,random")
 
@@ -211,11 +213,13 @@ def real_demo_summary(report, moved, out, seconds):
               "95% Wilson intervals; p: exact McNemar against unpatched on the same prompts; "
               f"perplexity on {report['reference_passages']} benign passages)",
               "  A recipe detoxes where its rate falls and the control's does not: random "
-              "damage of the same size lowers a judge's rate too.",
+              "damage of the same size lowers a judge's rate too, the more so the more it breaks "
+              "the text (compare their perplexities).",
               "  These are not the efficacy table's figures (README): that table is "
               "bench/bench_efficacy.py's test split (300 prompts x 3 samples, the jigsaw judge, "
               "each recipe at its calibrated strength); this demo draws its own, smaller "
-              f"sample (judge {report['judge']}), so its rates differ within their intervals."]
+              f"sample (judge {report['judge']}, act-top at strength 1), so its rates differ "
+              "from the table's by sampling error and by those choices."]
     if report.get("latency"):
         lines.append(f"  latency ratio patched / unpatched {latency_text(report['latency'])}")
     lines.append(f"  files in {out} (report.md: every condition's table)")
