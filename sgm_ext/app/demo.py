@@ -5,7 +5,7 @@ import os
 import time
 
 from ..evaluation import efficacy_data
-from ..evaluation.report import condition_table, interval, latency_text
+from ..evaluation.report import condition_table, latency_text, rate_text
 from ..patching.scales import load_scales
 from ..profile.expertise import Expertise
 from . import realmodel, synthetic, synthetic_data
@@ -108,6 +108,13 @@ def _write_prompts(path, prompts):
     return path
 
 
+# what `demo --real` generates unless told otherwise: sized to end within about 5 minutes on
+# a quiet 2-core machine (README states the measured time)
+REAL_TEST_PROMPTS = 96  # the first 96 of the benchmark's 120 test prompts: 6 batches of 16
+REAL_SIZES = dict(max_new_tokens=16, samples=2, format="raw", latency_runs=1, latency_prompts=4,
+                  conditions="unpatched,patched,random")
+
+
 def real_demo_inputs(out, data=None, prompts=None):
     """(rows file or None when `sample` must write it, its prompts file, eval's prompts file):
     the user's files, or the efficacy benchmark's profile and test splits written into
@@ -126,13 +133,6 @@ def real_demo_inputs(out, data=None, prompts=None):
         prompts = _write_prompts(os.path.join(data_dir, "test_prompts.jsonl"),
                                  splits["test"][:REAL_TEST_PROMPTS])
     return data, profile_prompts, prompts
-
-
-# what `demo --real` generates unless told otherwise: sized to end within about 5 minutes on
-# a quiet 2-core machine (README states the measured time)
-REAL_TEST_PROMPTS = 96  # the first 96 of the benchmark's 120 test prompts: 6 batches of 16
-REAL_SIZES = dict(max_new_tokens=16, samples=2, format="raw", latency_runs=1, latency_prompts=4,
-                  conditions="unpatched,patched,random")
 
 
 def run_real_demo(out, *, run, data=None, prompts=None, eval_options=None):
@@ -203,9 +203,8 @@ def real_demo_summary(report, moved, out, seconds):
             continue
         v = runs[run]
         p = paired.get(run, {}).get("harmful")
-        rate = "-" if v["harmful_rate"] is None else (
-            f"{v['harmful_rate']:.3f} ({v['harmful']}/{v['n']}) "
-            f"[{interval(v['harmful_rate_ci95'])}]")
+        rate = "-" if v["harmful_rate"] is None else rate_text(
+            (v["harmful_rate"], v["harmful"], v["n"], v["harmful_rate_ci95"]))
         lines.append(f"  {name:<15} harmful rate {rate}"
                      + (f"  p {p['p_value']:.2g}" if p else "")
                      + f"  perplexity {v['perplexity']:.2f} (x{v['perplexity'] / base:.3f})")

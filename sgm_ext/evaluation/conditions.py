@@ -12,7 +12,8 @@ UNPATCHED, PATCHED, CONTROL = 0, 1, 2
 CONDITIONS = {"unpatched": (UNPATCHED, False), "patched": (PATCHED, False),
               "safety-prompt": (UNPATCHED, True), "patched+safety-prompt": (PATCHED, True),
               "random": (CONTROL, False)}
-ALL_CONDITIONS = ("unpatched", "patched", "safety-prompt", "patched+safety-prompt")  # 'all'
+# what 'all' names: every condition but the random control
+ALL_CONDITIONS = tuple(c for c, (state, _) in CONDITIONS.items() if state != CONTROL)
 ALIASES = {"sgm": "patched", "sgm*": "patched+safety-prompt", "prompt": "safety-prompt",
            "prompt-defense": "safety-prompt"}
 DEFAULT_CONDITIONS = ("unpatched", "patched")

@@ -293,10 +293,11 @@ def _add_numbers(report, generations, plan, ppl, seed, sampled):
     model states), the paired tests vs the unpatched model, unpatched / patched at top
     level."""
     # each state's interval from the same draw of passages as the unpatched model's
-    base = ppl[UNPATCHED] if UNPATCHED in ppl else ppl[min(ppl)]
+    base = UNPATCHED if UNPATCHED in ppl else min(ppl)
     ci, ratio_ci = {}, {}
-    for state, nll in sorted(ppl.items()):
-        ci[UNPATCHED], ci[state], ratio_ci[state] = bootstrap_perplexity(base, nll, seed=seed)
+    for state in [s for s in sorted(ppl) if s != base] or [base]:
+        ci[base], ci[state], ratio_ci[state] = bootstrap_perplexity(ppl[base], ppl[state],
+                                                                    seed=seed)
     report["perplexity_ratio_ci95"] = ratio_ci[PATCHED] \
         if UNPATCHED in ppl and PATCHED in ppl else None
     for run, condition, _ in plan.runs:

@@ -142,7 +142,7 @@ def _cell(entry, rate, count):
     return entry[rate], entry.get(count), entry["n"], entry.get("ci95")
 
 
-def _rate(cell, with_ci=True):
+def rate_text(cell, with_ci=True):
     """"0.250 (1/4) [0.046-0.699]" of a (rate, count, n, ci95) cell."""
     rate, k, n, ci = cell
     text = f"{rate:.3f}" + ("" if k is None else f" ({k}/{n})")
@@ -185,14 +185,14 @@ def condition_rows(report):
         for attack in attacks:
             v = runs[c + attack]
             cells += ["-" if v["harmful_rate"] is None else
-                      _rate((v["harmful_rate"], v["harmful"], v["n"],
+                      rate_text((v["harmful_rate"], v["harmful"], v["n"],
                              v.get("harmful_rate_ci95"))), _p(report, c + attack)]
             if sampled:
                 score = v["sampled"]["expected_max_score"]
                 cells.append("-" if score is None else f"{score:.3f}")
         v = runs[c]
         if benign:
-            cells.append(_rate((v["over_refusal"], v["refusals"], v["n_benign"],
+            cells.append(rate_text((v["over_refusal"], v["refusals"], v["n_benign"],
                                 v.get("over_refusal_ci95"))))
         cells.append(f"{v['perplexity']:.3f}")
         if fluency:
@@ -303,7 +303,7 @@ def markdown(report):
     header, rows = condition_rows(report)
     lines += _md_table(header, [[c] + cells for c, cells in rows])
     lines += ["", "Per run and category (rate (count/prompts) [Wilson 95%]):", ""]
-    lines += _md_table(["", *runs], [[name] + [_rate(cells[r]) for r in runs]
+    lines += _md_table(["", *runs], [[name] + [rate_text(cells[r]) for r in runs]
                                      for name, cells in rate_rows(report)])
     u = runs.get("unpatched")
     p = runs.get("patched")
@@ -338,8 +338,8 @@ def capability_line(cap):
     """One line on the capability set: accuracy unpatched vs patched, with intervals."""
     u, p = cap["unpatched"], cap["patched"]
     return (f"Capability ({cap['n']} questions, {cap['scoring']}): accuracy unpatched "
-            f"{_rate((u['accuracy'], u['correct'], cap['n'], u['ci95']))}, patched "
-            f"{_rate((p['accuracy'], p['correct'], cap['n'], p['ci95']))}, McNemar p "
+            f"{rate_text((u['accuracy'], u['correct'], cap['n'], u['ci95']))}, patched "
+            f"{rate_text((p['accuracy'], p['correct'], cap['n'], p['ci95']))}, McNemar p "
             f"{cap['paired']['p_value']:.3g}")
 
 
