@@ -5,17 +5,16 @@ strength 0 is the unpatched model exactly, and remove restores it bit for bit.""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from cli_runs import run_process
 
 import sgm_ext
 from sgm_ext.app import realmodel
 from sgm_ext.app.loading import load_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI") == "true"
 
 # Labelled rows written for this test: insults and hostile demands (toxic), ordinary requests
@@ -79,13 +78,12 @@ def test_checkpoint_is_a_plain_local_model(checkpoint):
 @pytest.mark.parametrize("fmt", ["chat", "raw"])
 def test_profile_in_both_formats(checkpoint, data, tmp_path, fmt):
     out = tmp_path / "scales.safetensors"
-    res = subprocess.run([sys.executable, "-m", "sgm_ext", "profile", "--model", checkpoint,
-                          "--data", data, "--out", out, "--format", fmt, "--quiet",
-                          "--batch-size", "8"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"input format: {fmt}" in res.stderr
-    assert "with the labels shuffled (the noise floor, one permutation)" in res.stdout
+    rc, stdout, stderr = run_process([sys.executable, "-m", "sgm_ext", "profile", "--model",
+                                      checkpoint, "--data", data, "--out", out, "--format", fmt,
+                                      "--quiet", "--batch-size", "8"])
+    assert rc == 0, stderr[-3000:]
+    assert f"input format: {fmt}" in stderr
+    assert "with the labels shuffled (the noise floor, one permutation)" in stdout
     scales = sgm_ext.load_scales(out)
     assert len(scales) == 30 and scales.metadata["input_format"] == fmt
     assert scales.metadata["modality"] == "sample" and scales.metadata["selection"] == "fdr"
@@ -146,12 +144,10 @@ def test_demo_real_runs_and_reports_intervals(checkpoint, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": p["text"], "label": "harmful"}) + "\n"
                                for p in test))
-    res = subprocess.run([sys.executable, "-m", "sgm_ext", "demo", "--real", "--out",
-                          tmp_path / "out", "--prompts", prompts, "--samples", "1",
-                          "--max-new-tokens", "4", "--latency-runs", "0"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = res.stdout
+    rc, out, stderr = run_process([sys.executable, "-m", "sgm_ext", "demo", "--real", "--out",
+                                   tmp_path / "out", "--prompts", prompts, "--samples", "1",
+                                   "--max-new-tokens", "4", "--latency-runs", "0"], env=env)
+    assert rc == 0, out[-3000:] + stderr[-3000:]
     for step in ("step 1/3: ", "$ sgm-ext sample", "step 2/3: ", "$ sgm-ext profile",
                  "--recipe act-top", "step 3/3: ", "$ sgm-ext eval",
                  "--conditions unpatched,patched,random"):
