@@ -6,13 +6,12 @@ non-gated MLP), alone and beside the MLP's other sites; unpatch; bad input; wher
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers as T
 from _profile_models import planted_llama, planted_rows, tokenizer
+from cli_helpers import cli, refused
 from patch_models import TEXT, build, param_hash
 
 import sgm_ext
@@ -20,8 +19,6 @@ from sgm_ext.patching.registry import find_mlps
 from sgm_ext.patching.scales import ScaleSet, config_fingerprint
 from sgm_ext.profile.pooling import Pooler, language_mlps, pooling_hooks, resolve_sites
 from sgm_ext.serving import settings as serving
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _gemma2():
@@ -239,22 +236,6 @@ def test_bad_input_sites_are_named_and_the_model_is_untouched(make, message):
         with pytest.raises(ValueError, match=message):
             sgm_ext.patch(model, make("model.layers.0.mlp.input"), mode=mode)
         assert param_hash(model) == before and torch.equal(_out(model, inputs), base)
-
-
-def cli(*args, timeout=240):
-    """`python -m sgm_ext ARGS` in a fresh process: (exit status, stdout, stderr)."""
-    res = subprocess.run([sys.executable, "-m", "sgm_ext", *map(str, args)], capture_output=True,
-                         text=True, timeout=timeout, cwd=ROOT)
-    return res.returncode, res.stdout, res.stderr
-
-
-def refused(args, message):
-    """Run the CLI: exit status 2, no traceback, one error line on stderr holding `message`
-    (progress bars may share stderr)."""
-    rc, out, err = cli(*args)
-    assert rc == 2 and "Traceback" not in err, (rc, err[-3000:])
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and message in lines[0], err[-3000:]
 
 
 @pytest.fixture(scope="module")
