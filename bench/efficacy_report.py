@@ -33,10 +33,23 @@ def check_result(result, budget):
         best, control = entry["best"], entry["random_control"]
         if best not in entry["test"] or control not in entry["test"]:
             raise ValueError(f"{model}: best {best} or its control not reported on test")
-        if entry["test"][control]["neurons"] != entry["test"][best]["neurons"] or \
-                entry["test"][control]["strength"] != entry["test"][best]["strength"]:
-            raise ValueError(f"{model}: the random control changes another neuron count or "
-                             "strength")
+        # a control changes as many neurons as its candidate, at the same strength, or (the
+        # control at the same fluency cost, "@ppl") at the strength calibrated to its ratio
+        pairs = entry.get("random_controls") or {best: {"same_strength": control}}
+        for cname, pair in pairs.items():
+            cand = entry["test"][cname]
+            same, matched = pair["same_strength"], pair.get("same_ppl")
+            for c in filter(None, (same, matched)):
+                if entry["test"][c]["neurons"] != cand["neurons"]:
+                    raise ValueError(f"{model}: {c} changes another neuron count")
+            if entry["test"][same]["strength"] != cand["strength"]:
+                raise ValueError(f"{model}: {same} runs at another strength than {cname}")
+            if matched and entry["test"][matched]["strength"] != \
+                    pair["same_ppl_calibration"]["strength"]:
+                raise ValueError(f"{model}: {matched} runs at another strength than calibrated")
+        if control not in {c for pair in pairs.values() for c in pair.values()
+                           if isinstance(c, str)}:
+            raise ValueError(f"{model}: {control} is not {best}'s control")
         for name, cal in entry["calibration"].items():
             if cal["ratio"] > budget + 1e-12:
                 raise ValueError(f"{model} {name}: calibrated over the budget")

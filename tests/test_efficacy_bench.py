@@ -81,6 +81,7 @@ def test_check_result_fails_on_inconsistent_output():
              "test": {"unpatched": _condition(), "x": _condition(**x),
                       "random-x": _condition(**x)},
              "best": "x", "random_control": "random-x",
+             "random_controls": {"x": {"same_strength": "random-x", "same_ppl": None}},
              "calibration": {"x": {"strength": 0.4, "ratio": 1.09}}}
     good = {"models": {"m": entry}}
     report.check_result(copy.deepcopy(good), 1.10)
@@ -96,6 +97,22 @@ def test_check_result_fails_on_inconsistent_output():
                    lambda e: e["calibration"]["x"].update(strength=0.5),
                    lambda e: e["test"]["x"].pop("fluency")):
         bad = copy.deepcopy(good)
+        breaks(bad["models"]["m"])
+        with pytest.raises(ValueError):
+            report.check_result(bad, 1.10)
+    # with a control at the candidate's fluency cost: at its calibrated strength, the same
+    # neurons, and the target's control one of the candidate's
+    matched = copy.deepcopy(good)
+    e = matched["models"]["m"]
+    e["test"]["random-x@ppl"] = _condition(neurons=5, strength=0.1)
+    e["random_controls"]["x"].update(same_ppl="random-x@ppl", same_ppl_calibration={
+        "strength": 0.1, "ratio": 1.08, "budget": 1.09})
+    e["random_control"] = "random-x@ppl"
+    report.check_result(copy.deepcopy(matched), 1.10)
+    for breaks in (lambda e: e["test"]["random-x@ppl"].update(strength=0.2),
+                   lambda e: e["test"]["random-x@ppl"].update(neurons=4),
+                   lambda e: e.update(random_control="random-y")):
+        bad = copy.deepcopy(matched)
         breaks(bad["models"]["m"])
         with pytest.raises(ValueError):
             report.check_result(bad, 1.10)
@@ -163,7 +180,19 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     assert (tmp_path / "efficacy-smollm2-135m-instruct-quick.safetensors").is_file()
     assert (tmp_path / "efficacy-smollm2-135m-instruct-quick.png").stat().st_size > 10_000
     best, names = entry["best"], entry["candidates"]["names"]
-    assert set(entry["test"]) == {"unpatched", f"random-{best}", *names}
+    controls = entry["random_controls"]
+    assert controls[best]["same_strength"] == f"random-{best}"
+    assert entry["random_control"] in (controls[best]["same_strength"],
+                                       controls[best]["same_ppl"])
+    assert set(entry["test"]) == {"unpatched", *names, *(
+        c for pair in controls.values() for c in (pair["same_strength"], pair["same_ppl"]) if c)}
+    for cname, pair in controls.items():  # a control at the candidate's fluency cost where
+        over = entry["test"][pair["same_strength"]]["ppl_ratio"] > 1.10  # the same-strength
+        assert ("same_ppl_calibration" in pair) == over  # one breaks the budget
+        if pair["same_ppl"]:
+            cal = pair["same_ppl_calibration"]
+            assert 0 < cal["strength"] < entry["test"][cname]["strength"]
+            assert cal["ratio"] <= cal["budget"] == max(entry["calibration"][cname]["ratio"], 1)
     for name in names:  # every candidate at its calibrated strength, within the budget
         cal = entry["calibration"][name]
         assert entry["test"][name]["strength"] == cal["strength"] and cal["ratio"] <= 1.10
@@ -173,3 +202,36 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, BENCH, "--quick", "--print", "--out",
                            str(tmp_path)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "answers' ppl ratio" in proc.stdout, proc.stderr[-3000:]
+
+    # a stopped run goes on where it stopped: the checkpoint without its last steps, resumed,
+    # gives the figures of the whole run (seconds aside), computing only what is missing
+    ckpt = data / "checkpoint.json"
+    saved = json.loads(ckpt.read_text())
+    tests_done = [k for k in saved["steps"] if k.startswith("test/")]
+    assert tests_done and all(f"validation/{n}" in saved["steps"] for n in names)
+    for key in tests_done[-2:]:
+        del saved["steps"][key]
+    ckpt.write_text(json.dumps(saved))
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--resume", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(saved['steps'])} steps done" in proc.stderr
+    calibrations = [k for k in saved["steps"] if k.startswith("calibration/")]
+    assert len(calibrations) >= len(names)  # none calibrated again
+    assert proc.stderr.count("calibration from the checkpoint") == len(calibrations)
+    resumed = json.loads((tmp_path / "efficacy-quick.json").read_text())
+    resumed = resumed["models"]["smollm2-135m-instruct"]
+
+    def figures(e):
+        return {split: {c: {k: v for k, v in f.items() if k != "seconds"}
+                        for c, f in e[split].items()} for split in ("validation", "test")}
+
+    assert figures(resumed) == figures(entry)
+    # another version's checkpoint is refused, in one line, and left as it was
+    saved = json.loads(ckpt.read_text())
+    ckpt.write_text(json.dumps(dict(saved, fingerprint="0" * 64)))
+    before = ckpt.read_bytes()
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--resume", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=HANG_S)
+    assert proc.returncode == 1 and ckpt.read_bytes() == before
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --resume: ")

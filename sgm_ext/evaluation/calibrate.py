@@ -166,8 +166,8 @@ def calibrate(model, processor, scales: Union[ScaleSet, str, os.PathLike], texts
         warnings.warn(f"the perplexity ratio is over the budget {budget:g} already at strength "
                       f"{over:g}: the answer is strength 0 (the scale file changes nothing); "
                       "raise the budget or use another scale file", stacklevel=2)
-    calibrated = _calibrated_scales(source, chosen, base, budget, tolerance, texts, max_length,
-                                    mode)
+    calibrated = calibrated_scales(source, chosen, base, budget, tolerance, texts, max_length,
+                                   mode)
     calibrated.metadata.update(origin)
     return Calibration(chosen.strength, chosen.ratio, chosen.perplexity, base, curve,
                        calibrated, budget, tolerance)
@@ -189,8 +189,11 @@ def _search(measure, tolerance):
     return lo
 
 
-def _calibrated_scales(source, chosen, base, budget, tolerance, texts, max_length, mode):
-    """The source at the chosen strength, with the calibration recorded in its metadata."""
+def calibrated_scales(source, chosen, base, budget, tolerance, texts,
+                      max_length=DEFAULT_MAX_LENGTH, mode=DEFAULT_MODE):
+    """The source at the chosen CalibrationPoint's strength, with the calibration recorded in
+    its metadata (base: the unpatched perplexity). What calibrate returns as `scales`; public so
+    that a stopped benchmark resumed from its recorded points rebuilds the same file."""
     scales = source.at_strength(chosen.strength)
     scales.metadata.update({
         META + "strength": repr(chosen.strength), META + "budget": repr(budget),
