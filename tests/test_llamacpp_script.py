@@ -5,10 +5,10 @@ runs the real build's binaries where `scripts/llamacpp.sh build` has made them, 
 otherwise, saying so."""
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+from cli_runs import run_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "llamacpp.sh")
@@ -20,9 +20,7 @@ def script(*args, cache, path=None):
     env = dict(os.environ, SGM_EXT_CACHE=str(cache), PYTHON=sys.executable)
     if path is not None:
         env["PATH"] = str(path)
-    res = subprocess.run([shutil.which("bash"), SCRIPT, *map(str, args)], env=env,
-                         capture_output=True, text=True, timeout=120)
-    return res.returncode, res.stdout, res.stderr
+    return run_process([shutil.which("bash"), SCRIPT, *map(str, args)], env=env)
 
 
 def fake_build(cache):
@@ -109,6 +107,5 @@ def test_the_real_build_runs_where_it_says():
         pytest.skip(f"llama.cpp is not built here (scripts/llamacpp.sh build): {err.strip()}")
     bin_dir = out.strip()
     for name in TARGETS:
-        res = subprocess.run([os.path.join(bin_dir, name), "--help"], capture_output=True,
-                             text=True, timeout=60)
-        assert "usage" in (res.stdout + res.stderr).lower(), (name, res.stderr[-500:])
+        _, out, err = run_process([os.path.join(bin_dir, name), "--help"])
+        assert "usage" in (out + err).lower(), (name, err[-500:])
