@@ -145,7 +145,7 @@ def code_fingerprint(extra):
                                   sort_keys=True, default=str).encode())
     for path in sorted(glob.glob(os.path.join(root, "sgm_ext", "**", "*.py"), recursive=True)) \
             + [os.path.abspath(__file__)]:
-        h.update(os.path.relpath(path, root).encode() + b"\0" + open(path, "rb").read())
+        h.update(f"{os.path.relpath(path, root)}\0{file_sha256(path)}\0".encode())
     return h.hexdigest()
 
 
@@ -523,7 +523,7 @@ def main(argv=None):
             rcal = calibrated(model, tok, same, rand, calibration_texts, max(cal.ratio, 1.0),
                               sizes, checkpoint)
             controls[cname]["same_ppl_calibration"] = {
-                "strength": rcal.strength, "ratio": rcal.ratio, "budget": max(cal.ratio, 1.0)}
+                "strength": rcal.strength, "ratio": rcal.ratio, "budget": rcal.budget}
             if rcal.strength > 0:  # at strength 0 it would change nothing: no control at all
                 matched = f"{same}@ppl"
                 test[matched] = runner.run("test", splits["test"], matched, rand, rcal.strength)

@@ -95,7 +95,9 @@ def plot_frontier(entry, path, name, budget):
                         f"p={f['p_value']:.2g}, x{c['ppl_ratio']:.3f}, degenerate "
                         f"{c['fluency']['degenerate_share']:.2f}")
         ax.axvline(budget, ls="--", color="tab:green", lw=1)
-        ax.set_xlabel("perplexity on held-out benign text / unpatched")
+        # log: a broken model's x1e6 beside the x1.0-1.2 where the candidates sit
+        ax.set_xscale("log")
+        ax.set_xlabel("perplexity on held-out benign text / unpatched (log)")
         ax.set_ylabel(f"toxic rate ({judge} judge)")
         ax.set_title(f"{judge} judge: test points (markers, 95% Wilson), validation sweeps "
                      "(dashed, labelled by strength)", fontsize=8)
