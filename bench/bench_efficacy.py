@@ -99,10 +99,11 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def load_candidates(path, model_name, quick):
+def load_candidates(path, model_name, quick, supplement=False):
     """({name: (ProfileOptions, source)}, the file's record): the candidates the committed file
-    fixes for this model (its `quick` list under --quick). SystemExit naming the problem: the
-    file changed since its last commit (full runs), no list for the model, an unknown name."""
+    fixes for this model (its `quick` list under --quick; its `supplements` list, or
+    `quick_supplement`, for a supplementary run). SystemExit naming the problem: the file changed
+    since its last commit (full runs), no list for the model, an unknown name."""
     if not quick:
         status = subprocess.run(["git", "status", "--porcelain", "--", path], cwd=HERE,
                                 capture_output=True, text=True)
@@ -112,9 +113,14 @@ def load_candidates(path, model_name, quick):
                              "candidates are fixed in a commit before it runs")
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
-    names = spec["quick"] if quick else spec["models"].get(model_name)
+    if supplement:
+        names = spec.get("quick_supplement") if quick else \
+            spec.get("supplements", {}).get(model_name)
+    else:
+        names = spec["quick"] if quick else spec["models"].get(model_name)
     if not names:
-        raise SystemExit(f"error: {path} fixes no candidates for {model_name}")
+        raise SystemExit(f"error: {path} fixes no {'supplementary ' if supplement else ''}"
+                         f"candidates for {model_name}")
     out = {}
     for name in names:
         definition = spec["definitions"].get(name)
@@ -447,6 +453,11 @@ def main(argv=None):
                     "(the same code, options and candidates; its commit is recorded there)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a loaded 2-core machine 2 threads stall)")
+    ap.add_argument("--supplement", action="store_true",
+                    help="measure the candidates file's `supplements` for the model (those its "
+                    "finished run in efficacy.json left out) under the same protocol, beside "
+                    "that run: its choice and published file are kept (own checkpoint: "
+                    "checkpoint-supplement.json)")
     args = ap.parse_args(argv)
     suffix = "-quick" if args.quick else ""
     out_path = os.path.join(args.out, f"efficacy{suffix}.json")
@@ -461,7 +472,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     sizes = SIZES["quick" if args.quick else "full"]
     model, tok, name = load_model(args.model)
-    cands, candidates_record = load_candidates(args.candidates, name, args.quick)
+    cands, candidates_record = load_candidates(args.candidates, name, args.quick, args.supplement)
+    finished = finished_run(out_path, name, sizes, args.seed) if args.supplement else None
+    part = "-supplement" if args.supplement else ""
+    plot_path = os.path.join(args.out, f"efficacy-{name}{suffix}.png")
     judges = [get_judge(j) for j in JUDGES]
     passages = load_reference(None)[:sizes["passages"]]
     calibration_texts = load_texts(None)[:sizes["calibration_passages"]]
@@ -480,57 +494,57 @@ def main(argv=None):
                                    data_dir, name)
     log(f"profile rows: {len(rows)}, toxic {sum(r['label'] for r in rows)} ({judges[0].name})")
     checkpoint = Checkpoint(
-        os.path.join(data_dir, "checkpoint.json"),
+        os.path.join(data_dir, f"checkpoint{part}.json"),
         code_fingerprint({"model": name, "seed": args.seed, "sizes": sizes,
                           "threads": args.threads, "candidates": candidates_record["sha256"],
                           "rows": file_sha256(rows_path)}), args.resume)
     made = calibrated_candidates(model, tok, rows_path, cands, calibration_texts, sizes,
                                  checkpoint)
     runner = Runner(model, tok, judges, sizes, args.seed, passages)
-    runner.partial, runner.checkpoint = os.path.join(data_dir, "conditions.jsonl"), checkpoint
+    runner.partial, runner.checkpoint = os.path.join(data_dir, f"conditions{part}.jsonl"), \
+        checkpoint
     if os.path.exists(runner.partial):
         os.remove(runner.partial)
 
-    val = {"unpatched": runner.run("validation", splits["validation"], "unpatched")}
-    sweeps = {}
-    for cname, (scales, cal) in made.items():
-        val[cname] = runner.run("validation", splits["validation"], cname, scales, cal.strength)
-        sweeps[cname] = {f"{cal.strength:.4f}": cname}
-        for s in sweep(cal.strength):
-            if abs(s - cal.strength) > 1e-4:
-                label = f"{cname}@{s:g}"
-                val[label] = runner.run("validation", splits["validation"], label, scales, s)
-                sweeps[cname][f"{s:.4f}"] = label
-    best, within = choose(val, list(made))
-    log(f"chosen on validation: {best} ({'eligible' if within else 'none eligible'})")
+    def calibrate_control(cname, rand, budget):
+        return calibrated(model, tok, cname, rand, calibration_texts, budget, sizes, checkpoint)
 
-    test = {"unpatched": runner.run("test", splits["test"], "unpatched")}
-    for cname, (scales, cal) in made.items():
-        test[cname] = runner.run("test", splits["test"], cname, scales, cal.strength)
-    # random controls (the same changes at random units, at the same strength): the chosen
-    # candidate's, and every other candidate's that lowered the test rate significantly. Where
-    # that control breaks the budget (transport maps fitted to other units throw random units
-    # far off: x3.5 to x17 on SmolLM2), broken text scores clean, so a second control is made
-    # at the same fluency cost: the control calibrated to the candidate's own calibration ratio
-    controls = {}
-    for cname in controlled(test, best, list(made)):
-        scales, cal = made[cname]
-        rand = ed.matched_control(scales, seed=args.seed)
-        same = f"random-{cname}"
-        test[same] = runner.run("test", splits["test"], same, rand, cal.strength)
-        controls[cname] = {"same_strength": same, "same_ppl": None}
-        if test[same]["ppl_ratio"] > PPL_BUDGET:
-            rcal = calibrated(model, tok, same, rand, calibration_texts, max(cal.ratio, 1.0),
-                              sizes, checkpoint)
-            controls[cname]["same_ppl_calibration"] = {
-                "strength": rcal.strength, "ratio": rcal.ratio, "budget": rcal.budget}
-            if rcal.strength > 0:  # at strength 0 it would change nothing: no control at all
-                matched = f"{same}@ppl"
-                test[matched] = runner.run("test", splits["test"], matched, rand, rcal.strength)
-                controls[cname]["same_ppl"] = matched
-            else:
-                log(f"{same}: over the candidate's fluency cost already at strength "
-                    f"{sizes['tolerance']:g}; no control at the same fluency cost")
+    val, sweeps = validate(runner, splits["validation"], made)
+    if args.supplement:
+        # the choice the finished run would have made with these candidates in its list: that
+        # one's random control runs on test, as the chosen one's does (nothing is published)
+        names = list(finished["calibration"]) + list(made)
+        would, _ = choose({**finished["validation"], **without_unpatched(val)}, names)
+        log(f"with the supplement, validation would choose: {would}")
+        best = would if would in made else None
+    else:
+        best, within = choose(val, list(made))
+        log(f"chosen on validation: {best} ({'eligible' if within else 'none eligible'})")
+    test, controls = test_with_controls(runner, splits["test"], made, best, args.seed,
+                                        calibrate_control)
+    common = {"recipes": {c: src for c, (_, src) in cands.items()},
+              "calibration": {c: {"strength": cal.strength, "ratio": cal.ratio,
+                                  "curve": [list(p[:3]) for p in cal.curve]}
+                              for c, (_, cal) in made.items()},
+              "sweeps": sweeps, "candidates": candidates_record,
+              "minutes": round((time.monotonic() - t0) / 60, 1),
+              "command": "python bench/bench_efficacy.py" + (" --quick" if args.quick else "") +
+              ("" if args.model == "smollm2" else f" --model {args.model}") +
+              (" --supplement" if args.supplement else "")}
+    if args.supplement:
+        same = {s: unpatched_figures((val, test)[i]) == unpatched_figures(finished[s])
+                for i, s in enumerate(("validation", "test"))}
+        finished["supplement"] = dict(
+            common, validation=val, test=test, random_controls=controls,
+            would_have_chosen=would, same_unpatched=same,
+            note="candidates the finished run left out, measured after it under the same "
+            "protocol (the same prompts, seeds, budget and calibration texts); the finished "
+            "run's choice and published file are kept")
+        if best is not None:
+            finished["supplement"]["target_if_chosen"] = target_of(
+                test, best, controls[best]["same_ppl"] or controls[best]["same_strength"])
+        log(f"supplement: unpatched repeats the finished run's figures: {same}")
+        return write_result(name, finished, out_path, plot_path)
     # the target's control: the one at the candidate's fluency cost where the same-strength one
     # breaks the budget (issue 33: broken text counts as detox), else (or where none could be
     # made at that cost) the same-strength one
@@ -539,41 +553,114 @@ def main(argv=None):
     published.metadata.update(efficacy_recipe=best, efficacy_round="4")
     published.save(os.path.join(args.out, f"efficacy-{name}{suffix}.safetensors"))
 
-    entry = {"round": 4, "validation": val, "test": test, "conditions": test, "best": best,
-             "random_control": control, "random_controls": controls,
-             "target": target_of(test, best, control),
-             "target_same_strength_control": target_of(test, best,
-                                                       controls[best]["same_strength"]),
-             "recipes": {c: src for c, (_, src) in cands.items()},
-             "calibration": {c: {"strength": cal.strength, "ratio": cal.ratio,
-                                 "curve": [list(p[:3]) for p in cal.curve]}
-                             for c, (_, cal) in made.items()},
-             "sweeps": sweeps, "candidates": candidates_record, "budget": PPL_BUDGET,
-             "degenerate_margin": DEGENERATE_MARGIN,
-             "selection_rule": f"lowest validation {judges[0].name} toxic rate at the "
-             "calibrated strength among candidates that change a neuron, with benign ppl "
-             f"ratio <= {PPL_BUDGET} and "
-             f"degenerate share <= unpatched + {DEGENERATE_MARGIN}; ties: mean score",
-             "eligible": within, "sizes": sizes, "seed": args.seed, "sampling": ed.SAMPLING,
-             "judge": judges[0].name, "judges": list(JUDGES), "format": "raw",
-             "calibration_texts": len(calibration_texts), "profile_rows": len(rows),
-             "profile_toxic": sum(r["label"] for r in rows),
-             "minutes": round((time.monotonic() - t0) / 60, 1),
-             "command": "python bench/bench_efficacy.py" + (" --quick" if args.quick else "") +
-             ("" if args.model == "smollm2" else f" --model {args.model}")}
+    entry = dict(common, round=4, validation=val, test=test, conditions=test, best=best,
+                 random_control=control, random_controls=controls,
+                 target=target_of(test, best, control),
+                 target_same_strength_control=target_of(test, best,
+                                                        controls[best]["same_strength"]),
+                 budget=PPL_BUDGET, degenerate_margin=DEGENERATE_MARGIN,
+                 selection_rule=f"lowest validation {judges[0].name} toxic rate at the "
+                 "calibrated strength among candidates that change a neuron, with benign ppl "
+                 f"ratio <= {PPL_BUDGET} and "
+                 f"degenerate share <= unpatched + {DEGENERATE_MARGIN}; ties: mean score",
+                 eligible=within, sizes=sizes, seed=args.seed, sampling=ed.SAMPLING,
+                 judge=judges[0].name, judges=list(JUDGES), format="raw",
+                 calibration_texts=len(calibration_texts), profile_rows=len(rows),
+                 profile_toxic=sum(r["label"] for r in rows))
+    return write_result(name, entry, out_path, plot_path)
+
+
+def write_result(name, entry, out_path, plot_path):
+    """Writes the model's entry into out_path (one file for every model: the other models'
+    round-4 entries are kept), draws its frontier plot and prints the tables."""
     result = {"models": {name: entry}}
-    if os.path.exists(out_path):  # one file for every model: keep the others' round 4 entries
+    if os.path.exists(out_path):
         with open(out_path) as f:
             kept = {k: v for k, v in json.load(f)["models"].items() if v.get("round") == 4}
         result["models"] = dict(kept, **result["models"])
     check_result(result, PPL_BUDGET)
     write_json(out_path, result, indent=1)
-    log(f"wrote {out_path} ({entry['minutes']} min)")
-    plot_frontier(entry, os.path.join(args.out, f"efficacy-{name}{suffix}.png"), name,
-                  PPL_BUDGET)
+    log(f"wrote {out_path}")
+    plot_frontier(entry, plot_path, name, PPL_BUDGET)
     print_table(result)
     return result
 
+
+def finished_run(out_path, name, sizes, seed):
+    """The round-4 entry of `name` in out_path that a supplementary run adds to, made with the
+    same sizes and seed (so on the same prompts)."""
+    try:
+        with open(out_path) as f:
+            entry = json.load(f)["models"].get(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --supplement: cannot read {out_path}: {e}") from None
+    if not entry or entry.get("round") != 4:
+        raise SystemExit(f"error: --supplement: {out_path} has no finished round-4 run of "
+                         f"{name} to add to")
+    if entry["sizes"] != json.loads(json.dumps(sizes)) or entry["seed"] != seed:
+        raise SystemExit(f"error: --supplement: {name}'s finished run in {out_path} was made "
+                         "with other sizes or another seed")
+    return entry
+
+
+def without_unpatched(split):
+    return {c: v for c, v in split.items() if c != "unpatched"}
+
+
+def unpatched_figures(split):
+    """What a supplementary run's unpatched must repeat of the finished run's (sampling and
+    perplexity are seeded: the same prompts, seeds and code give the same figures)."""
+    u = split["unpatched"]
+    return ({j: (f["toxic"], f["n"], round(f["mean_score"], 9)) for j, f in u["judges"].items()},
+            round(u["ppl"], 6), round(u["fluency"]["continuation_ppl"], 6),
+            u["fluency"]["degenerate_share"])
+
+
+def validate(runner, prompts, made):
+    """Validation: unpatched, then every candidate at its calibrated strength s*, and at s*/2
+    and 1 for the frontier ({condition: figures}, {candidate: {strength: condition}})."""
+    val = {"unpatched": runner.run("validation", prompts, "unpatched")}
+    sweeps = {}
+    for cname, (scales, cal) in made.items():
+        val[cname] = runner.run("validation", prompts, cname, scales, cal.strength)
+        sweeps[cname] = {f"{cal.strength:.4f}": cname}
+        for s in sweep(cal.strength):
+            if abs(s - cal.strength) > 1e-4:
+                label = f"{cname}@{s:g}"
+                val[label] = runner.run("validation", prompts, label, scales, s)
+                sweeps[cname][f"{s:.4f}"] = label
+    return val, sweeps
+
+
+def test_with_controls(runner, prompts, made, best, seed, calibrate_control):
+    """Test: unpatched, every candidate at s*, then the random controls (the same changes at
+    random units, at the same strength) of `best` and of every other candidate that lowered
+    the test rate significantly. Where such a control breaks the budget (transport maps fitted
+    to other units throw random units far off: x3.5 to x17 on SmolLM2), broken text scores
+    clean, so a second one is made at the same fluency cost: the control calibrated to the
+    candidate's own calibration ratio ("random-X@ppl")."""
+    test = {"unpatched": runner.run("test", prompts, "unpatched")}
+    for cname, (scales, cal) in made.items():
+        test[cname] = runner.run("test", prompts, cname, scales, cal.strength)
+    controls = {}
+    for cname in controlled(test, best, list(made)):
+        scales, cal = made[cname]
+        rand = ed.matched_control(scales, seed=seed)
+        same = f"random-{cname}"
+        test[same] = runner.run("test", prompts, same, rand, cal.strength)
+        controls[cname] = {"same_strength": same, "same_ppl": None}
+        if test[same]["ppl_ratio"] > PPL_BUDGET:
+            rcal = calibrate_control(same, rand, max(cal.ratio, 1.0))
+            controls[cname]["same_ppl_calibration"] = {
+                "strength": rcal.strength, "ratio": rcal.ratio, "budget": rcal.budget}
+            if rcal.strength > 0:  # at strength 0 it would change nothing: no control at all
+                matched = f"{same}@ppl"
+                test[matched] = runner.run("test", prompts, matched, rand, rcal.strength)
+                controls[cname]["same_ppl"] = matched
+            else:
+                log(f"{same}: over the candidate's fluency cost already at the smallest step; "
+                    "no control at the same fluency cost")
+    return test, controls
 
 if __name__ == "__main__":
     main()
