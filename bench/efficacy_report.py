@@ -55,8 +55,11 @@ def _check_run(model, run, budget):
     # a control changes as many neurons as its candidate, at the same strength, or (the
     # control at the same fluency cost, "@ppl") at the strength calibrated to its ratio
     for cname, pair in (run.get("random_controls") or {}).items():
-        cand = run["test"][cname]
         same, matched = pair["same_strength"], pair.get("same_ppl")
+        missing = [c for c in (cname, same, matched) if c and c not in run["test"]]
+        if missing:
+            raise ValueError(f"{model}: {', '.join(missing)} not reported on test")
+        cand = run["test"][cname]
         for c in filter(None, (same, matched)):
             if run["test"][c]["neurons"] != cand["neurons"]:
                 raise ValueError(f"{model}: {c} changes another neuron count")
@@ -66,6 +69,8 @@ def _check_run(model, run, budget):
                 pair["same_ppl_calibration"]["strength"]:
             raise ValueError(f"{model}: {matched} runs at another strength than calibrated")
     for name, cal in run["calibration"].items():
+        if name not in run["test"]:
+            raise ValueError(f"{model} {name}: not reported on test")
         if cal["ratio"] > budget + 1e-12:
             raise ValueError(f"{model} {name}: calibrated over the budget")
         if run["test"][name]["strength"] != cal["strength"]:

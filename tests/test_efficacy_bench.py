@@ -116,6 +116,31 @@ def test_check_result_fails_on_inconsistent_output():
         breaks(bad["models"]["m"])
         with pytest.raises(ValueError):
             report.check_result(bad, 1.10)
+    # a supplement (candidates the run left out) is checked as a run of its own, adds no
+    # candidate twice, and the one validation would have chosen from it has its control
+    y = dict(neurons=7, strength=1.0)
+    supplemented = copy.deepcopy(good)
+    supplemented["models"]["m"]["supplement"] = {
+        "validation": {"unpatched": _condition(), "y": _condition(**y)},
+        "test": {"unpatched": _condition(), "y": _condition(**y), "random-y": _condition(**y)},
+        "random_controls": {"y": {"same_strength": "random-y", "same_ppl": None}},
+        "calibration": {"y": {"strength": 1.0, "ratio": 1.02}}, "would_have_chosen": "y",
+        "sweeps": {"y": {"1.0000": "y"}}}
+    supplemented["models"]["m"]["sweeps"] = {"x": {"0.4000": "x"}}
+    report.check_result(copy.deepcopy(supplemented), 1.10)
+    merged = report.with_supplement(supplemented["models"]["m"])
+    assert set(merged["test"]) == {"unpatched", "x", "random-x", "y", "random-y"}
+    assert merged["test"]["unpatched"] is supplemented["models"]["m"]["test"]["unpatched"]
+    assert set(merged["sweeps"]) == {"x", "y"}
+    for breaks in (lambda s: s["calibration"].update(x={"strength": 0.4, "ratio": 1.09}),
+                   lambda s: s.update(random_controls={}),
+                   lambda s: s["test"]["random-y"].update(neurons=6),
+                   lambda s: s["calibration"]["y"].update(ratio=1.2),
+                   lambda s: s["validation"].pop("unpatched")):
+        bad = copy.deepcopy(supplemented)
+        breaks(bad["models"]["m"]["supplement"])
+        with pytest.raises(ValueError):
+            report.check_result(bad, 1.10)
 
 
 def test_the_candidates_are_those_of_the_committed_file(tmp_path):
@@ -130,6 +155,13 @@ def test_the_candidates_are_those_of_the_committed_file(tmp_path):
         assert bench.load_candidates(bench.CANDIDATES, model, True)[1]["names"] == spec["quick"]
     for name in {n for names in spec["models"].values() for n in names}:
         assert name in spec["definitions"], name
+    # a model's supplementary candidates: defined, and none its run already had
+    for model, extra in spec["supplements"].items():
+        assert list(bench.load_candidates(bench.CANDIDATES, model, False, True)[0]) == extra
+        assert set(extra) <= set(spec["definitions"]) and not set(extra) & set(
+            spec["models"][model])
+    with pytest.raises(SystemExit, match="fixes no supplementary candidates"):
+        bench.load_candidates(bench.CANDIDATES, "smollm2-135m-instruct", False, True)
     changed = tmp_path / "candidates.json"
     changed.write_text(json.dumps(dict(spec, quick=["default", "nope"])))
     with pytest.raises(SystemExit, match="not committed"):
@@ -235,3 +267,35 @@ def test_quick_bench_runs_end_to_end(tmp_path):
                           capture_output=True, text=True, env=env, timeout=HANG_S)
     assert proc.returncode == 1 and ckpt.read_bytes() == before
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --resume: ")
+
+    # a supplementary run measures the candidates the run left out beside it, on the same
+    # prompts and seeds (its unpatched repeats the run's figures), and keeps the run's choice
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--supplement", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((tmp_path / "efficacy-quick.json").read_text())
+    after = after["models"]["smollm2-135m-instruct"]
+    sup = after.pop("supplement")
+    assert figures(after) == figures(resumed) and after["best"] == resumed["best"]
+    extra = json.loads(open(os.path.join(ROOT, "bench", "efficacy_candidates.json")).read())[
+        "quick_supplement"]
+    assert sup["candidates"]["names"] == extra and sup["same_unpatched"] == {
+        "validation": True, "test": True}
+    assert sup["would_have_chosen"] in [*names, *extra]
+    assert set(sup["test"]) == {"unpatched", *extra, *(
+        c for pair in sup["random_controls"].values() for c in (pair["same_strength"],
+                                                                pair["same_ppl"]) if c)}
+    if sup["would_have_chosen"] in extra:
+        assert sup["would_have_chosen"] in sup["random_controls"]
+    assert (data / "checkpoint-supplement.json").is_file()
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--print", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "supplement (" in proc.stdout, proc.stderr[-3000:]
+    # and refuses, in one line, where there is no finished run to add to
+    empty = tmp_path / "empty"
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--supplement", "--out",
+                           str(empty)], capture_output=True, text=True, env=env,
+                          timeout=HANG_S)
+    assert proc.returncode == 1 and not empty.exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --supplement: cannot read")
