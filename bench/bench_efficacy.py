@@ -39,6 +39,12 @@ The protocol (issue 33), fixed before a run, so that the figure reported is not 
   fingerprint of the code, versions, sizes, seed, threads and candidates; `--resume` goes on from
   there (a full Gemma 3 run is longer than one sitting here). Resume with the same options from
   a checkout of the commit the checkpoint records.
+- Supplementary runs (`--supplement`): the candidates file's `supplements` for a model, those
+  its finished run left out, measured under the same protocol beside that run (its sizes and
+  seed; its unpatched figures must come out the same), with the controls of those significant
+  on test and of the one validation would have chosen had they been in the run's list. The
+  finished run's choice, published file and target are kept; the figures go to its entry's
+  `supplement` (own checkpoint: checkpoint-supplement.json).
 Output: bench/results/efficacy.json, the chosen recipe at its calibrated strength
 (efficacy-<model>.safetensors, for patching at strength 1) and the frontier plot (.png).
 """
@@ -401,12 +407,14 @@ def choose(val, names):
 
 
 def controlled(test, best, names):
-    """The candidates whose random control runs on test: the chosen one first, then each
-    other whose test rate is below unpatched with p < 0.05 (a control only tells something
-    beside an effect)."""
+    """The candidates whose random control runs on test: the chosen one first (None: a
+    supplementary run whose candidates validation would not choose), then each other whose
+    test rate is below unpatched with p < 0.05 (a control only tells something beside an
+    effect)."""
     base = test["unpatched"]["toxic_rate"]
-    return [best] + [c for c in names if c != best and test[c]["p_value"] < 0.05
-                     and test[c]["toxic_rate"] < base]
+    return [best] * (best is not None) + [c for c in names if c != best
+                                          and test[c]["p_value"] < 0.05
+                                          and test[c]["toxic_rate"] < base]
 
 
 def target_of(test, best, control):
