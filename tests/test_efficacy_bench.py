@@ -180,6 +180,13 @@ def test_sweep_and_choice():
            "c": _condition(0.1, fluency={"degenerate_share": 0.06})}  # too degenerate
     val["b"]["neurons"] = val["c"]["neurons"] = 5
     assert bench.choose(val, ["a", "b", "c", "z"]) == ("a", True)
+    # controls: the chosen one's first, then every other that lowered the rate with p < 0.05;
+    # a supplementary run with none of its own chosen (None) runs only the latter
+    test = {"unpatched": _condition(0.5), "a": _condition(0.3, p_value=0.01),
+            "b": _condition(0.45, p_value=0.2), "c": _condition(0.7, p_value=0.001)}
+    assert bench.controlled(test, "b", ["a", "b", "c"]) == ["b", "a"]
+    assert bench.controlled(test, None, ["a", "b", "c"]) == ["a"]
+    assert bench.controlled(test, None, ["b", "c"]) == []
 
 
 def _real_model_available():
