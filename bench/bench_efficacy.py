@@ -417,6 +417,13 @@ def controlled(test, best, names):
                                           and test[c]["toxic_rate"] < base]
 
 
+def target_control(controls, best):
+    """The target's control: the one at the candidate's fluency cost where the same-strength
+    one breaks the budget (issue 33: broken text counts as detox), else (or where none could be
+    made at that cost) the same-strength one."""
+    return controls[best]["same_ppl"] or controls[best]["same_strength"]
+
+
 def target_of(test, best, control):
     u, t, rc = test["unpatched"], test[best], test[control]
     return {"ratio": u["toxic_rate"] / t["toxic_rate"] if t["toxic_rate"] else None,
@@ -540,8 +547,8 @@ def main(argv=None):
               ("" if args.model == "smollm2" else f" --model {args.model}") +
               (" --supplement" if args.supplement else "")}
     if args.supplement:
-        same = {s: unpatched_figures((val, test)[i]) == unpatched_figures(finished[s])
-                for i, s in enumerate(("validation", "test"))}
+        same = {s: unpatched_figures(figures) == unpatched_figures(finished[s])
+                for s, figures in (("validation", val), ("test", test))}
         finished["supplement"] = dict(
             common, validation=val, test=test, random_controls=controls,
             would_have_chosen=would, same_unpatched=same,
@@ -550,13 +557,10 @@ def main(argv=None):
             "run's choice and published file are kept")
         if best is not None:
             finished["supplement"]["target_if_chosen"] = target_of(
-                test, best, controls[best]["same_ppl"] or controls[best]["same_strength"])
+                test, best, target_control(controls, best))
         log(f"supplement: unpatched repeats the finished run's figures: {same}")
         return write_result(name, finished, out_path, plot_path)
-    # the target's control: the one at the candidate's fluency cost where the same-strength one
-    # breaks the budget (issue 33: broken text counts as detox), else (or where none could be
-    # made at that cost) the same-strength one
-    control = controls[best]["same_ppl"] or controls[best]["same_strength"]
+    control = target_control(controls, best)
     published = made[best][1].scales
     published.metadata.update(efficacy_recipe=best, efficacy_round="4")
     published.save(os.path.join(args.out, f"efficacy-{name}{suffix}.safetensors"))
